@@ -1,0 +1,169 @@
+"""The stage contract: fingerprinted, atomic, cached outputs.
+
+A stage writes into `<workspace>/<stage>/<fingerprint>/` and returns a small `Ref`.
+The fingerprint hashes the upstream fingerprints, the stage's own config and the
+stage's code version, so an unchanged stage is found on disk and skipped. Outputs
+are built in a temporary sibling directory, fsynced and renamed into place, so a
+crash never leaves a directory that looks complete; a per-fingerprint lock makes
+two runs racing on the same output wait for each other instead of colliding.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ("torch", "tokenizers", "datasets", "pyarrow", "numpy", "rensa", "prefect", "mlflow")
+
+
+class StageError(RuntimeError):
+    """A problem the user can fix (bad input, bad config); its message is shown as is."""
+
+
+class Ref(BaseModel):
+    """What a stage hands to the next one: where its output is and what it holds."""
+
+    stage: str
+    path: str
+    fingerprint: str
+    counts: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.dir / MANIFEST).read_text())
+
+
+def workspace(path: str | os.PathLike | None = None) -> Path:
+    """The workspace: the argument, else $TINYSEEK_WORKSPACE, else `data/` in the repo."""
+    chosen = path or os.environ.get("TINYSEEK_WORKSPACE") or REPO_ROOT / "data"
+    root = Path(chosen).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise StageError(f"workspace {root} is not writable ({exc.strerror}); pass --workspace DIR") from None
+    return root
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def code_version(*modules: Any) -> str:
+    """Hash of the source files of the given modules: editing a stage's code reruns it."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def fingerprint(stage: str, config: Any, upstream: list[str] | tuple[str, ...] = (), code: str = "") -> str:
+    payload = canonical_json({"stage": stage, "config": config, "upstream": list(upstream), "code": code})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def find(stage: str, fp: str, root: Path) -> Ref | None:
+    """The finished output of `stage` with fingerprint `fp`, or None."""
+    out = root / stage / fp
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = json.loads((out / MANIFEST).read_text())
+    return Ref(stage=stage, path=str(out), fingerprint=fp, counts=manifest.get("counts", {}))
+
+
+def run_stage(
+    stage: str,
+    fp: str,
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    root: Path,
+    inputs: dict[str, Any] | None = None,
+    config: Any = None,
+) -> Ref:
+    """Return the stage's output for `fp`, building it with `build(tmp_dir)` if needed.
+
+    `build` writes its files into the directory it is given and returns extra
+    manifest fields; `counts` among them becomes `Ref.counts`.
+    """
+    done = find(stage, fp, root)
+    if done:
+        return done
+    with _locked(root / stage / f".{fp}.lock"):
+        done = find(stage, fp, root)
+        if done:
+            return done
+        tmp = root / stage / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            started = time.time()
+            extra = build(tmp) or {}
+            manifest = {
+                "stage": stage,
+                "fingerprint": fp,
+                "inputs": inputs or {},
+                "config": config,
+                "started": started,
+                "seconds": round(time.time() - started, 3),
+                "tools": tool_versions(),
+                **extra,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            _fsync_tree(tmp)
+            os.rename(tmp, root / stage / fp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return find(stage, fp, root)  # type: ignore[return-value]
