@@ -1,0 +1,1 @@
+"""The DeepSeek-V3-style network and its engine, in plain PyTorch (no Prefect, no MLflow)."""

@@ -1,0 +1,114 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3.
+
+Keys and values are compressed into one latent of `kv_lora_rank` numbers per token,
+plus a single shared rope key of `qk_rope_head_dim`. Training expands the latent
+with `kv_b_proj` and runs ordinary scaled-dot-product attention (the naive path).
+Generation caches only the latent and the rope key, and absorbs `kv_b_proj` into
+the query (for scores) and into the output (for values), as DeepSeek-V3's own
+inference code does, so the cache per token is `kv_lora_rank + qk_rope_head_dim`
+numbers per layer instead of `2 * heads * head_dim`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.norm import RMSNorm
+from model.rope import apply_rope
+
+
+class LatentCache:
+    """Per-layer decode cache: normalised kv latents and rope keys, [B, max_len, dim]."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
+        self.kv = torch.zeros(batch, max_len, config.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(batch, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+
+    def bytes_per_token(self) -> int:
+        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.qk_dim = config.qk_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        self.scale = config.softmax_scale
+        h = config.hidden_size
+        if config.q_lora_rank == 0:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head (nope, rope) query parts, each [B, T, H, d]."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:2], self.n_heads, self.qk_dim)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised kv latent [B, T, kv_rank] and the un-rotated rope key [B, T, rope]."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Training path: expand the latent to per-head keys/values, causal SDPA."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self._queries(x)
+        kv, k_pe = self._latent(x)
+        q_pe = apply_rope(q_pe.transpose(1, 2), cos, sin)  # [B, H, T, rope]
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # [B, 1, T, rope]
+        kv = self.kv_b_proj(kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope.transpose(1, 2), q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache,
+        start: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode path over the latent cache with `kv_b_proj` absorbed.
+
+        x: [B, T, hidden] new tokens written at cache slots [start, start+T);
+        cos/sin: [B, T, rope] for their positions; mask: [B, T, start+T] bool, True = may attend.
+        """
+        B, T, _ = x.shape
+        end = start + T
+        q_nope, q_pe = self._queries(x)
+        kv, k_pe = self._latent(x)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # [B, T, H, rope]
+        cache.kv[:B, start:end] = kv.to(cache.kv.dtype)
+        cache.pe[:B, start:end] = apply_rope(k_pe, cos, sin).to(cache.pe.dtype)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope_dim])
+        latents, rope_keys = cache.kv[:B, :end].to(x.dtype), cache.pe[:B, :end].to(x.dtype)
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, latents)
+        scores = (scores + torch.einsum("bthr,bsr->bhts", q_pe, rope_keys)) * self.scale
+        scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        out = torch.einsum("bhts,bsc->bthc", probs, latents)
+        out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope_dim :])
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))

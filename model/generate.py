@@ -1,0 +1,131 @@
+"""Text generation over the latent (MLA) cache: greedy, temperature, top-k, top-p,
+stop tokens, a batch of prompts (left-padded) and a token-by-token stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from model.transformer import Transformer
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (always keep the first)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_steps(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, step by step ([B] per step)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={limit}"
+        )
+    device = model.embed_tokens.weight.device
+    total = longest + max_new_tokens
+    pads = torch.tensor([longest - len(p) for p in prompts], device=device)
+    ids = torch.tensor(
+        [[model.config.pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device
+    )
+    slots = torch.arange(total, device=device)
+    visible = slots[None, :] >= pads[:, None]  # [B, total]: slots holding real tokens
+    caches = model.new_caches(len(prompts), total)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    positions = (slots[None, :longest] - pads[:, None]).clamp(min=0)
+    causal = slots[:longest, None] >= slots[None, :longest]
+    # real tokens never see padding; a pad token sees only itself (so no row is empty)
+    mask = (visible[:, None, :longest] & causal[None]) | torch.eye(longest, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model.forward_cached(ids, positions, caches, 0, mask)[:, -1]
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            yield token
+            if step + 1 == max_new_tokens:
+                break
+            start = longest + step
+            positions = (start - pads)[:, None]
+            logits = model.forward_cached(token[:, None], positions, caches, start, visible[:, None, : start + 1])[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Completions (without the prompt) for a batch of prompts; each stops after a stop id
+    (the stop id itself is not returned)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stops = set(stop_ids)
+    for tokens in decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stops:
+                done[row] = True
+            else:
+                out[row].append(token)
+        if all(done):
+            break
+    return out
+
+
+def stream(
+    model: Transformer,
+    prompt: Sequence[int],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield one prompt's completion token by token, ending at a stop id."""
+    for tokens in decode_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed):
+        token = int(tokens[0])
+        if token in stop_ids:
+            return
+        yield token

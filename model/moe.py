@@ -1,0 +1,144 @@
+"""Feed-forward layers: the dense SwiGLU MLP and DeepSeekMoE.
+
+DeepSeekMoE = shared experts that see every token plus many fine-grained routed
+experts, of which each token uses `num_experts_per_tok`. The router scores experts
+with a sigmoid; a per-expert bias, used only to *select* experts and never to
+weight them, is nudged after every optimizer step towards equal load
+(auxiliary-loss-free balancing). A small sequence-wise balance loss is optional.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid top-k router with group-limited selection and a selection-only bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k], expert ids [N, k], scores [N, E]); routing in fp32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            groups = choice.view(x.shape[0], self.n_group, -1)
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = groups.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids, scores
+
+
+class Experts(nn.Module):
+    """All routed experts' weights as 3-D tensors (HF layout), computed expert by expert
+    over the tokens sorted by expert, so there is no loop over tokens."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_experts = self.gate_up_proj.shape[0]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token = order // ids.shape[1]
+        counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
+        routed = x[token]
+        outputs = []
+        for e, chunk in enumerate(routed.split(counts)):
+            if counts[e] == 0:
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        out = torch.cat(outputs).to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts; tracks expert load for bias balancing."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        # tokens routed to each expert since the last bias update (all micro-batches)
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> (output, sequence-wise balance loss (0 when off or not training))."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        weights, ids, scores = self.gate(flat)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel()).float()
+        out = self.experts(flat, ids, weights).view(B, T, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out, self._balance_loss(scores, ids, B, T)
+
+    def _balance_loss(self, scores: torch.Tensor, ids: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """DeepSeek-V3 sequence-wise loss: alpha * sum_i f_i * P_i per sequence, averaged."""
+        alpha = self.config.seq_aux_loss_alpha
+        if not (self.training and alpha > 0):
+            return scores.new_zeros(())
+        E, k = scores.shape[-1], ids.shape[-1]
+        counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, ids.view(B, T * k), torch.ones(B, T * k, device=scores.device)
+        )
+        f = counts * E / (k * T)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        return alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> float:
+        """Nudge the selection bias towards equal load; return MaxVio of the load seen.
+
+        MaxVio = (max load - mean load) / mean load. Call once per optimizer step (after
+        summing `expert_load` across data-parallel ranks); resets the load counter.
+        """
+        load = self.expert_load
+        mean = load.mean()
+        if mean <= 0:
+            return 0.0
+        max_vio = ((load.max() - mean) / mean).item()
+        self.gate.e_score_correction_bias += self.config.bias_update_speed * torch.sign(mean - load)
+        load.zero_()
+        return max_vio

@@ -1,0 +1,193 @@
+"""The DeepSeek-V3-style decoder: embeddings, blocks (MLA + dense MLP or DeepSeekMoE),
+final norm, output head, and multi-token prediction (MTP) modules.
+
+Parameter names follow HF `DeepseekV3ForCausalLM` (without its `model.` prefix), so
+`model/hf.py` exports by renaming. The forward pass returns the main next-token loss,
+the MTP loss and the balance loss separately; the trainer decides how to weight them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import MLA, LatentCache
+from model.config import ModelConfig
+from model.moe import MLP, Experts, MoE, Router
+from model.norm import RMSNorm
+from model.rope import rope_cache
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab] from the main head
+    loss: torch.Tensor | None = None  # next-token cross-entropy
+    mtp_loss: torch.Tensor | None = None  # mean over MTP depths (0 when there are none)
+    aux_loss: torch.Tensor | None = None  # sequence-wise balance loss summed over MoE layers
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
+
+    def _feed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, aux = self.mlp(h)
+            return x + out, aux
+        return x + self.mlp(h), x.new_zeros(())
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return self._feed_forward(x)
+
+    def forward_cached(self, x, cos, sin, cache: LatentCache, start: int, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return self._feed_forward(x)[0]
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: combine the previous depth's hidden state at position i with the
+    embedding of token i+k, run one block, predict token i+k+1 with the shared head."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_id)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # MTP blocks are MoE blocks like the last main layer
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers) for _ in range(config.num_nextn_predict_layers)
+        )
+        cos, sin = rope_cache(config, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T]; targets [B, T] = next tokens, -100 where no loss is wanted."""
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.embed_tokens(input_ids)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, layer_aux = layer(h, cos, sin)
+            aux = aux + layer_aux
+        logits = self.lm_head(self.norm(h))
+        if targets is None:
+            return ModelOutput(logits=logits)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        mtp_loss = h.new_zeros((), dtype=torch.float32)
+        for depth, module in enumerate(self.mtp, start=1):
+            if depth >= T:
+                break
+            # position i now carries token i+depth's embedding and predicts token i+depth+1
+            h = h[:, :-1]
+            emb = self.embed_tokens(input_ids[:, depth:])
+            h = module.eh_proj(torch.cat([module.hnorm(h), module.enorm(emb)], dim=-1))
+            h, layer_aux = module.block(h, cos[: h.shape[1]], sin[: h.shape[1]])
+            aux = aux + layer_aux
+            mtp_logits = self.lm_head(module.norm(h))
+            mtp_loss = mtp_loss + F.cross_entropy(
+                mtp_logits.flatten(0, 1).float(), targets[:, depth:].flatten(), ignore_index=-100
+            )
+        if len(self.mtp):
+            mtp_loss = mtp_loss / len(self.mtp)
+        return ModelOutput(logits=logits, loss=loss, mtp_loss=mtp_loss, aux_loss=aux)
+
+    def new_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[LatentCache]:
+        device = self.embed_tokens.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        return [LatentCache(self.config, batch, max_len, device, dtype) for _ in self.layers]
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[LatentCache],
+        start: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for new tokens at cache slots [start, start+T).
+
+        positions [B, T] are rope positions (they differ per row when prompts are
+        left-padded); mask [B, T, start+T] says which cache slots each token may see.
+        """
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, caches):
+            h = layer.forward_cached(h, cos, sin, cache, start, mask)
+        return self.lm_head(self.norm(h))
+
+    @torch.no_grad()
+    def update_router_bias(self) -> list[float]:
+        """Aux-loss-free balancing step for every MoE layer; returns MaxVio per layer."""
+        return [moe.update_bias() for moe in self.moe_layers()]
+
+
+def parameter_counts(model: Transformer, include_mtp: bool = False) -> dict[str, int]:
+    """Total parameters and those a token activates (shared + top-k of routed experts)."""
+    config = model.config
+    total, inactive = 0, 0
+    for name, p in model.named_parameters():
+        if not include_mtp and name.startswith("mtp."):
+            continue
+        total += p.numel()
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            inactive += p.numel() * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    return {"total": total, "activated": total - inactive}
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x activated matmul weights + attention (PaLM-style),
+    excluding embeddings (a lookup) and MTP modules."""
+    config = model.config
+    activated = parameter_counts(model)["activated"] - config.vocab_size * config.hidden_size
+    if config.tie_word_embeddings:
+        activated += config.vocab_size * config.hidden_size
+    heads = config.num_attention_heads
+    attention = config.num_hidden_layers * heads * seq_len * (config.qk_head_dim + config.v_head_dim)
+    return 6.0 * activated + 6.0 * attention
+
+
+def model_summary(model: Transformer) -> str:
+    counts = parameter_counts(model)
+    return (
+        f"{counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M activated per token), "
+        f"{model.config.num_hidden_layers} layers, {model.config.num_moe_layers} MoE"
+    )
+

@@ -1,0 +1,177 @@
+"""The model's behaviour: causality, cached decoding, balancing, MTP targets, config errors."""
+
+import pytest
+import torch
+
+from model.config import ConfigError, ModelConfig
+from model.generate import generate, stream
+from model.moe import MoE
+from model.transformer import Transformer, flops_per_token, parameter_counts
+from tests.model.helpers import BASE, config
+
+
+def make(name="plain-q", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(config(name, **overrides))
+
+
+@pytest.mark.parametrize("name", ["plain-q", "q-lora", "dense"])
+def test_causality(name):
+    model = make(name).eval()
+    ids = torch.randint(0, 97, (2, 24))
+    changed = ids.clone()
+    changed[:, 15:] = (changed[:, 15:] + 7) % 97
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    # equal up to float summation order (expert batches differ in size)
+    torch.testing.assert_close(a[:, :15], b[:, :15], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("name", ["plain-q", "q-lora", "grouped", "yarn"])
+def test_latent_cache_decoding_matches_full_forward(name):
+    model = make(name).eval()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.new_caches(2, 30)
+        slots = torch.arange(30)
+        # a 10-token prefill, then one token at a time
+        mask = (slots[:10, None] >= slots[None, :10]).expand(2, 10, 10)
+        steps = [model.forward_cached(ids[:, :10], slots[:10].expand(2, 10), caches, 0, mask)]
+        for t in range(10, 30):
+            visible = torch.ones(2, 1, t + 1, dtype=torch.bool)
+            steps.append(model.forward_cached(ids[:, t : t + 1], torch.full((2, 1), t), caches, t, visible))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_cache_holds_only_the_latent():
+    model = make("q-lora")
+    cache = model.new_caches(1, 8)[0]
+    c = model.config
+    assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+def test_batched_generation_with_left_padding_matches_single_prompts():
+    model = make("grouped")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]
+    batched = generate(model, prompts, max_new_tokens=8)
+    single = [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert all(len(out) == 8 for out in batched)
+    assert list(stream(model, prompts[0], max_new_tokens=8)) == single[0]
+
+
+def test_generation_stops_and_samples_reproducibly():
+    model = make()
+    greedy = generate(model, [[1, 2, 3]], max_new_tokens=6)[0]
+    assert generate(model, [[1, 2, 3]], max_new_tokens=6, stop_ids=[greedy[2]])[0] == greedy[:2]
+    a = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    b = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    assert a == b
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [[1] * 60], max_new_tokens=10)
+
+
+def test_bias_update_drives_max_violation_down():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**BASE, "bias_update_speed": 0.01, "seq_aux_loss_alpha": 0.0})
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(moe.experts.down_proj, std=0.02)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.5  # expert 0 scores high for every token (x has a positive mean)
+        moe.gate.weight[1] += 0.3
+    x = torch.randn(4, 32, 32) + 0.5
+    history = []
+    for _ in range(150):
+        with torch.no_grad():
+            moe(x)
+        history.append(moe.update_bias())
+    assert history[0] > 1.0
+    assert max(history[-10:]) < 0.35 * history[0]
+    assert moe.gate.e_score_correction_bias[0] < 0  # the overloaded expert was pushed down
+
+
+def test_bias_is_outside_autograd_and_only_selects():
+    model = make("grouped").train()
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(ids[:, :-1], ids[:, 1:])
+    (out.loss + out.mtp_loss + out.aux_loss).backward()
+    for moe in model.moe_layers():
+        assert not moe.gate.e_score_correction_bias.requires_grad
+        assert moe.expert_load.sum() > 0
+
+
+def test_sequence_balance_loss_is_optional():
+    ids = torch.randint(0, 97, (2, 16))
+    on = make(seq_aux_loss_alpha=0.01).train()(ids[:, :-1], ids[:, 1:]).aux_loss
+    off = make(seq_aux_loss_alpha=0.0).train()(ids[:, :-1], ids[:, 1:]).aux_loss
+    assert on > 0 and off == 0
+
+
+def test_mtp_scores_position_t_against_token_t_plus_2():
+    model = make().train()
+    T, j = 16, 9
+    ids = torch.randint(0, 97, (1, T + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    only_j = torch.full_like(targets, -100)
+    only_j[0, j] = targets[0, j]  # token j+1
+    head_inputs = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(o))
+    out = model(inputs, only_j)
+    hook.remove()
+    main_logits, mtp_logits = head_inputs
+    assert mtp_logits.shape[1] == T - 1
+    # MTP position j-1 is the one scored, against token (j-1)+2
+    expected = torch.nn.functional.cross_entropy(mtp_logits[0, j - 1 : j], targets[0, j : j + 1])
+    torch.testing.assert_close(out.mtp_loss, expected)
+    # and the MTP prediction at position i sees token i+1 but nothing later
+    changed = inputs.clone()
+    changed[0, j] = (changed[0, j] + 1) % 97
+    later = inputs.clone()
+    later[0, j + 1] = (later[0, j + 1] + 1) % 97
+    logits = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: logits.append(o))
+    with torch.no_grad():
+        for x in (inputs, changed, later):
+            model(x, targets)
+    hook.remove()
+    base, seen, unseen = logits[1], logits[3], logits[5]
+    assert not torch.allclose(base[0, j - 1], seen[0, j - 1])
+    torch.testing.assert_close(base[0, j - 1], unseen[0, j - 1], atol=1e-6, rtol=1e-5)
+
+
+def test_parameter_counts_and_flops():
+    model = make("grouped")
+    counts = parameter_counts(model)
+    c = model.config
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    assert counts["total"] - counts["activated"] == moe_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
+    assert counts["total"] == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    assert flops_per_token(model, 32) > 6 * (counts["activated"] - c.vocab_size * c.hidden_size)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"qk_rope_head_dim": 5}, "qk_rope_head_dim"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"n_group": 3}, "n_group"),
+        ({"n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "topk_group"),
+        ({"first_k_dense_replace": 7}, "first_k_dense_replace"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
+        ({"pad_token_id": 500}, "pad_token_id"),
+    ],
+)
+def test_impossible_configs_fail_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"model.{field}="):
+        ModelConfig(**{**BASE, **overrides})
+
+
+def test_unknown_field_suggests_the_close_name():
+    with pytest.raises(ConfigError, match="did you mean hidden_size"):
+        ModelConfig.from_dict({"hiden_size": 64})
