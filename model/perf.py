@@ -1,0 +1,28 @@
+"""The matmul peak of this machine, measured, so MFU is a fraction of what the hardware
+actually does here rather than of a datasheet number."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+@functools.cache
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.3) -> float:
+    """Best FLOP/s of a square matmul of `size` in `dtype` over about `seconds`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best

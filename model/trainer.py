@@ -1,0 +1,246 @@
+"""The training engine shared by pretraining and fine-tuning.
+
+One loop: gradient accumulation to a global batch, bf16 autocast over fp32 master
+weights, clipping, the scheduled learning rate, the aux-loss-free router bias update
+after every optimizer step (with expert loads summed over micro-batches and ranks),
+periodic validation, and atomic checkpoints from which a killed run resumes exactly.
+Metrics leave through a plain callback, so this module knows nothing of MLflow or
+Prefect. Under `torchrun` (DDP) every rank runs the same loop; rank 0 reports and
+writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from model.checkpoint import load_latest, restore_rng, save_checkpoint
+from model.data import Batch
+from model.optim import build_optimizer
+from model.perf import matmul_peak_flops
+from model.schedule import lr_at
+from model.transformer import Transformer, flops_per_token
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; nothing from that step was applied or saved."""
+
+
+class Batches(Protocol):
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    mtp_lambda: float = 0.3
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Transformer,
+        config: TrainConfig,
+        train: Batches,
+        checkpoint_dir: str | Path,
+        *,
+        validation: Callable[[], Iterable[Batch]] | None = None,
+        bytes_per_token: float | None = None,
+        callback: Callback | None = None,
+        on_warning: Callable[[str], None] | None = None,
+        extra_state: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.train = train
+        self.validation = validation
+        self.bytes_per_token = bytes_per_token
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.callback = callback or (lambda step, metrics: None)
+        self.warn = on_warning or (lambda message: None)
+        self.extra_state = extra_state or {}
+        self.device = next(model.parameters()).device
+        self.rank, self.world = distributed()
+        self.optimizer = build_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer
+        )
+        self.step = 0
+        self.net = DistributedDataParallel(model) if self.world > 1 else model
+        if config.compile:
+            self.net = torch.compile(self.net)
+        self.peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint, if any."""
+        checkpoint = load_latest(self.checkpoint_dir, on_warning=self.warn)
+        if checkpoint is None:
+            return False
+        self.model.load_state_dict(checkpoint.model_state)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.train.load_state_dict(checkpoint.extra["loader"])
+        restore_rng(checkpoint.rng)
+        self.step = checkpoint.step
+        return True
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.step,
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            extra={"loader": self.train.state_dict(), "train_config": asdict(self.config),
+                   "model_config": self.model.config.to_dict(), **self.extra_state},
+            keep_last=self.config.keep_last,
+        )
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+        sync = contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync()
+        with sync, autocast(self.device, self.config.precision):
+            out = self.net(inputs.to(self.device), targets.to(self.device))
+            total = out.loss + self.config.mtp_lambda * out.mtp_loss + out.aux_loss
+            (total / self.config.grad_accum).backward()
+        return {"loss": out.loss.detach(), "mtp_loss": out.mtp_loss.detach(), "balance_loss": out.aux_loss.detach()}
+
+    def _balance_routers(self) -> list[float]:
+        if self.world > 1:
+            for moe in self.model.moe_layers():
+                dist.all_reduce(moe.expert_load)
+        return self.model.update_router_bias()
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        started = time.perf_counter()
+        lr = lr_at(self.step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                   total_steps=cfg.steps, kind=cfg.schedule, decay_fraction=cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            inputs, targets = self.train.next_batch()
+            tokens += int((targets != -100).sum())
+            for key, value in self._micro_step(inputs, targets, micro == cfg.grad_accum - 1).items():
+                sums[key] = sums.get(key, 0) + value / cfg.grad_accum
+        if self.world > 1:
+            stacked = torch.stack([sums[k] for k in sorted(sums)])
+            dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
+            sums = dict(zip(sorted(sums), stacked))
+        metrics = {key: float(value) for key, value in sums.items()}
+        if not all(math.isfinite(v) for v in metrics.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(
+                f"training stopped at step {self.step + 1}: loss is {metrics['loss']} "
+                f"(MTP {metrics['mtp_loss']}); last good checkpoint kept. Lower the learning rate or check the data."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        max_vio = self._balance_routers()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        tokens_per_s = tokens * self.world / seconds
+        seq_len = inputs.shape[1]
+        metrics.update(
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens_per_s=tokens_per_s,
+            mfu=flops_per_token(self.model, seq_len) * tokens_per_s / (self.peak_flops * self.world),
+        )
+        for layer, value in enumerate(max_vio):
+            metrics[f"max_vio/moe_{layer}"] = value
+        if max_vio:
+            metrics["max_vio"] = max(max_vio)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per token, and bits per byte when bytes/token is known."""
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for inputs, targets in self.validation():
+                with autocast(self.device, self.config.precision):
+                    logits = self.model(inputs.to(self.device)).logits
+                losses = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), targets.to(self.device).flatten(), ignore_index=-100, reduction="sum"
+                )
+                total += float(losses)
+                count += int((targets != -100).sum())
+        finally:
+            self.model.train()
+        if count == 0:
+            return {}
+        loss = total / count
+        metrics = {"val_loss": loss}
+        if self.bytes_per_token:
+            metrics["val_bpb"] = loss / math.log(2) / self.bytes_per_token
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        """Train to `config.steps` (continuing a resumed run) and return the last metrics."""
+        cfg = self.config
+        self.model.train()
+        last: dict[str, float] = {}
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            final = self.step == cfg.steps
+            if self.validation and (self.step % cfg.eval_every == 0 or final):
+                metrics.update(self.evaluate())
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or final):
+                self.callback(self.step, metrics)
+            if self.step % cfg.checkpoint_every == 0 or final:
+                self.save()
+            last.update(metrics)
+        return last
+

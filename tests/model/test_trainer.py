@@ -1,0 +1,170 @@
+"""The training engine: learning, exact resume after SIGKILL, checkpoint fallback,
+non-finite loss, and DDP equivalence."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import load_latest
+from model.config import ModelConfig
+from model.data import TokenWindows, eval_batches
+from model.trainer import NonFiniteLoss, TrainConfig, Trainer
+from model.transformer import Transformer
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=64,
+             moe_intermediate_size=16, max_position_embeddings=64)
+
+
+def write_corpus(path: Path, docs: int = 300, seed: int = 0) -> Path:
+    """Documents that count upwards from a random start: easy to learn, BOS (1) first."""
+    rng = np.random.default_rng(seed)
+    tokens = []
+    for _ in range(docs):
+        start = rng.integers(0, 50)
+        tokens += [1] + [int((start + j) % 50 + 3) for j in range(rng.integers(20, 50))]
+    np.array(tokens, dtype=np.uint16).tofile(path)
+    return path
+
+
+def make_trainer(tmp: Path, steps: int, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    corpus = tmp / "train.bin"
+    if not corpus.exists():
+        write_corpus(corpus)
+    model = Transformer(ModelConfig(**SMALL))
+    config = TrainConfig(**{"steps": steps, "micro_batch": 4, "warmup_steps": 3, "eval_every": 10,
+                            "checkpoint_every": 5, "precision": "fp32", **overrides})
+    train = TokenWindows([corpus], "uint16", 32, 1, config.micro_batch, seed=0)
+    return Trainer(model, config, train, tmp / "ckpt",
+                   validation=lambda: eval_batches([corpus], "uint16", 32, 4, 2), bytes_per_token=1.5)
+
+
+def test_loss_falls(tmp_path):
+    trainer = make_trainer(tmp_path, steps=40, lr=1e-2, checkpoint_every=100)
+    seen = []
+    trainer.callback = lambda step, metrics: seen.append(metrics)
+    trainer.fit()
+    assert seen[-1]["loss"] < 0.5 * seen[0]["loss"]
+    assert "val_bpb" in seen[-1] and "max_vio" in seen[-1] and seen[-1]["mfu"] > 0
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(tmp_path):
+    trainer = make_trainer(tmp_path, steps=12)
+    trainer.config.steps = 5
+    trainer.fit()  # a good checkpoint at step 5
+    trainer.config.steps = 12
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="step 6"):
+        trainer.fit()
+    latest = load_latest(tmp_path / "ckpt")
+    assert latest.step == 5
+    assert all(torch.isfinite(t).all() for t in latest.model_state.values())
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous(tmp_path):
+    make_trainer(tmp_path, steps=10).fit()
+    newest = tmp_path / "ckpt" / "step-000010" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    warnings = []
+    trainer = make_trainer(tmp_path, steps=10)
+    trainer.warn = warnings.append
+    assert trainer.resume() and trainer.step == 5
+    assert "step-000010" in warnings[0] and "checksum" in warnings[0]
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    from tests.model.test_trainer import make_trainer
+    trainer = make_trainer(Path({tmp!r}), steps=30, checkpoint_every=3, keep_last=2)
+    trainer.resume()
+    trainer.fit()
+    """
+)
+
+
+def run_worker(tmp: Path) -> subprocess.Popen:
+    code = WORKER.format(repo=str(REPO), tmp=str(tmp))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def final_weights(tmp: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp / "ckpt" / "step-000030" / "model.safetensors"))
+
+
+def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    assert run_worker(straight).wait(timeout=240) == 0
+    rng = np.random.default_rng()
+    for _ in range(2):  # kill twice, at a random moment after a checkpoint exists
+        proc = run_worker(killed)
+        deadline = time.time() + 120
+        while not list((killed / "ckpt").glob("step-*")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert run_worker(killed).wait(timeout=240) == 0
+    a, b = final_weights(straight), final_weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+DDP_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, torch, torch.distributed as dist
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    torch.set_num_threads(1)
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    if world > 1:
+        dist.init_process_group("gloo", init_method="file://" + {rendezvous!r}, rank=rank, world_size=world)
+    from tests.model.test_trainer import make_trainer
+    from model.data import TokenWindows
+    tmp = Path({tmp!r})
+    trainer = make_trainer(tmp, steps=8, micro_batch=8 // world, checkpoint_every=100)
+    trainer.validation = None
+    trainer.train = TokenWindows([tmp / "train.bin"], "uint16", 32, 1, 8 // world, seed=0, rank=rank, world_size=world)
+    losses = []
+    trainer.callback = lambda step, metrics: losses.append(metrics["loss"])
+    trainer.fit()
+    if rank == 0:
+        (tmp / f"losses-{{world}}.json").write_text(json.dumps(losses))
+    if world > 1:
+        dist.destroy_process_group()
+    """
+)
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    write_corpus(tmp_path / "train.bin")
+    code = DDP_WORKER.format(repo=str(REPO), tmp=str(tmp_path), rendezvous=str(tmp_path / "rendezvous"))
+    single = subprocess.run([sys.executable, "-c", code, "0", "1"], capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stdout + single.stderr
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), "2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.stdout.read()
+    import json
+
+    one = json.loads((tmp_path / "losses-1.json").read_text())
+    two = json.loads((tmp_path / "losses-2.json").read_text())
+    assert len(one) == len(two) == 8
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
