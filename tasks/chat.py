@@ -8,6 +8,8 @@ pipeline speaks the same format:
 Only the assistant's content and its closing <|end|> carry loss in fine-tuning.
 """
 
+from tokenizers import Tokenizer
+
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
@@ -27,3 +29,37 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+
+
+def _special_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no special token {token}; train it with tasks.chat.SPECIAL_TOKENS")
+    return token_id
+
+
+def render(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation in the chat format, and a parallel loss mask.
+
+    The mask is 1 on each assistant message's content tokens and its closing <|end|>,
+    0 elsewhere, so fine-tuning learns to answer and to stop, never to echo prompts.
+    Each content piece is encoded on its own, as the tokenizer does between special
+    tokens, so the ids match `CHAT_TEMPLATE` tokenized as one string.
+    """
+    ids = [_special_id(tokenizer, BOS)]
+    mask = [0]
+    end = _special_id(tokenizer, END)
+    for message in messages:
+        role = message["role"]
+        if role not in ROLES:
+            raise ValueError(f"unknown chat role {role!r}; expected one of {sorted(ROLES)}")
+        content = tokenizer.encode(message["content"], add_special_tokens=False).ids
+        learn = int(role == "assistant")
+        ids += [_special_id(tokenizer, ROLES[role]), *content, end]
+        mask += [0] + [learn] * (len(content) + 1)
+    return ids, mask
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """Token ids of a conversation followed by <|assistant|>: the model's cue to answer."""
+    return render(messages, tokenizer)[0] + [_special_id(tokenizer, ASSISTANT)]

@@ -1,0 +1,610 @@
+"""Labeled instruction data for fine-tuning and exact-match evaluation.
+
+Two sources feed the finetune and evaluate stages:
+
+- built-in generators of tasks whose answers are computed, not guessed: unit
+  conversions, integer arithmetic and simple string tasks. They are seeded and the
+  held-out test problems are drawn first and excluded from training, so no test
+  problem (under any phrasing) is ever trained on;
+- the user's own data: JSONL/JSON/Parquet files, a `datasets.save_to_disk`
+  directory or a hub dataset, in Alpaca (`instruction`/`input`/`output`) or chat
+  `messages` form. Bad rows are quarantined with their line number and reason
+  instead of failing the run.
+
+Both become `Example`s: a chat conversation ending with the assistant's answer,
+which `tasks.chat.render` turns into token ids and a loss mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from functools import partial
+from itertools import permutations
+from pathlib import Path
+from string import ascii_lowercase
+from typing import Any, Literal, get_args
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.chat import ROLES
+from tasks.stage import StageError
+
+Family = Literal[
+    "convert_length",
+    "convert_mass",
+    "convert_time",
+    "convert_volume",
+    "convert_data",
+    "add",
+    "subtract",
+    "multiply",
+    "reverse",
+    "count_letter",
+    "upper",
+]
+FAMILIES: tuple[str, ...] = get_args(Family)
+USER_FAMILY = "user"
+
+# Consecutive draws that bring nothing new before a family counts as exhausted.
+MAX_MISSES = 10_000
+
+WORDS = """
+able about above accept across act add afraid after again age agree air allow alone
+along always amount animal answer apple april area arm army around arrive art ask
+autumn away baby back bad bag ball bank base basket bath beach bean bear beauty bed
+before begin behind bell below best better between bird birth black blanket blood
+blue board boat body bone book border bottle bottom box boy brain branch bread break
+bridge bright bring brother brown build burn business butter button cabin cake call
+camera camp candle capital car card care carry castle cat catch cause center chair
+chance change cheese cherry chicken child choose church circle city class clean clear
+clock close cloth cloud coast coat coffee cold color come common cook copper corner
+cotton count country course cover cow cream cross crowd cup current cut dance danger
+dark daughter day dead dear decide deep desert design dinner dirty doctor dog dollar
+door double down dream dress drink drive drop dry duck during dust early earth east
+easy eat edge egg eight energy engine enough enter equal evening event every example
+eye face fact fair fall family famous farm fast father feather field fight figure
+finger finish fire first fish five flag floor flower fly follow food foot forest
+forget fork forward four free fresh friend front fruit full future game garden gate
+gentle gift girl give glass gold good grass great green ground group grow guitar hair
+half hammer hand happy hard hat head health heart heavy hello help high hill history
+hold hole holiday home honey hope horse hot hour house human hundred hungry idea
+island jacket jelly journey juice jump jungle kettle key kind king kitchen knife know
+ladder lake lamp land large laugh lawyer lead leaf learn leather left lemon letter
+level library light like line lion liquid list listen little live long look love low
+lunch machine magic market matter meadow measure meat metal middle milk minute mirror
+money month moon morning mother mountain mouse mouth move music name nation nature
+near needle nest never new night noise north nose note number ocean office oil old
+orange order oven owner page paint palace paper parent park party pencil people
+pepper person picture piece pillow place planet plant plate play pocket poem point
+potato powder power present pretty print prison problem public purple question quick
+quiet rabbit radio rain reason record red rest rice rich river road rock roof room
+root rope round ruler salt sand school science sea season second secret seed shadow
+shape sheep shell ship shirt shoe short shoulder silver simple sister size sky sleep
+small smile smoke snake snow soap soft soldier song sound soup south space spoon
+spring square stamp star station steam stone storm story street strong sugar summer
+sun supper sweet table tail teacher team thread thunder ticket tiger time tomato
+tongue tooth tower town train travel tree truck umbrella uncle valley village violin
+voice wall water weather wheel white window winter wood world yellow young zebra
+""".split()
+
+
+# ---------------------------------------------------------------------------
+# Generated tasks
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One generated task: `key` identifies the problem whatever its phrasing."""
+
+    key: tuple
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    plural: str
+    symbol: str
+    size: Fraction  # in the family's base unit
+
+
+def _unit(name: str, symbol: str, size: str, plural: str = "") -> Unit:
+    return Unit(name, plural or name + "s", symbol, Fraction(size))
+
+
+UNITS: dict[str, list[Unit]] = {
+    "convert_length": [
+        _unit("millimeter", "mm", "0.001"),
+        _unit("centimeter", "cm", "0.01"),
+        _unit("meter", "m", "1"),
+        _unit("kilometer", "km", "1000"),
+        _unit("inch", "in", "0.0254", "inches"),
+        _unit("foot", "ft", "0.3048", "feet"),
+        _unit("yard", "yd", "0.9144"),
+        _unit("mile", "mi", "1609.344"),
+    ],
+    "convert_mass": [
+        _unit("milligram", "mg", "0.001"),
+        _unit("gram", "g", "1"),
+        _unit("kilogram", "kg", "1000"),
+        _unit("tonne", "t", "1000000"),
+        _unit("ounce", "oz", "28.349523125"),
+        _unit("pound", "lb", "453.59237"),
+    ],
+    "convert_time": [
+        _unit("millisecond", "ms", "0.001"),
+        _unit("second", "s", "1"),
+        _unit("minute", "min", "60"),
+        _unit("hour", "h", "3600"),
+        _unit("day", "d", "86400"),
+        _unit("week", "wk", "604800"),
+    ],
+    "convert_volume": [
+        _unit("milliliter", "mL", "1"),
+        _unit("centiliter", "cL", "10"),
+        _unit("deciliter", "dL", "100"),
+        _unit("liter", "L", "1000"),
+        _unit("cubic meter", "m³", "1000000"),
+        _unit("fluid ounce", "fl oz", "29.5735295625"),
+        _unit("pint", "pt", "473.176473"),
+        _unit("quart", "qt", "946.352946"),
+        _unit("gallon", "gal", "3785.411784"),
+    ],
+    "convert_data": [
+        _unit("bit", "bit", "1"),
+        _unit("byte", "B", "8"),
+        _unit("kilobyte", "kB", "8000"),
+        _unit("megabyte", "MB", "8000000"),
+        _unit("gigabyte", "GB", "8000000000"),
+        _unit("terabyte", "TB", "8000000000000"),
+        _unit("kibibyte", "KiB", "8192"),
+        _unit("mebibyte", "MiB", "8388608"),
+    ],
+}
+
+# Answers keep at most this many decimals, and a conversion is offered only when a
+# source value that is a multiple of at most MAX_STEP makes its answer that short.
+DECIMALS = 3
+MAX_STEP = 1000
+MAX_RATIO = 10**9
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "convert": (
+        "Convert {value} {src} to {dst}.",
+        "How many {dst} are in {value} {src}?",
+        "Express {value} {src} in {dst}.",
+        "What is {value} {src} in {dst}?",
+    ),
+    "add": ("What is {a} + {b}?", "Calculate {a} + {b}.", "Add {a} and {b}.", "What is the sum of {a} and {b}?"),
+    "subtract": ("What is {a} - {b}?", "Calculate {a} - {b}.", "Subtract {b} from {a}.", "What is {a} minus {b}?"),
+    "multiply": (
+        "What is {a} * {b}?",
+        "Calculate {a} times {b}.",
+        "Multiply {a} by {b}.",
+        "What is the product of {a} and {b}?",
+    ),
+    "reverse": (
+        "Reverse the word '{word}'.",
+        "Spell '{word}' backwards.",
+        "Write the letters of '{word}' in reverse order.",
+        "What is '{word}' reversed?",
+    ),
+    "count_letter": (
+        "How many times does the letter '{letter}' appear in '{word}'?",
+        "Count the letter '{letter}' in '{word}'.",
+        "In the word '{word}', how many times does '{letter}' occur?",
+        "How often does '{letter}' occur in the word '{word}'?",
+    ),
+    "upper": (
+        "Write '{word}' in upper case.",
+        "Convert '{word}' to uppercase.",
+        "Capitalize every letter of '{word}'.",
+        "What is '{word}' in capital letters?",
+    ),
+}
+
+
+def format_number(value: Fraction) -> str:
+    """An exact decimal with thousands separators: 45000 -> '45,000', 9/8 -> '1.125'."""
+    if value.denominator == 1:
+        return f"{value.numerator:,}"
+    return f"{Decimal(value.numerator) / Decimal(value.denominator):,f}"
+
+
+def _is_short(value: Fraction) -> bool:
+    return (value * 10**DECIMALS).denominator == 1
+
+
+def _conversions(units: list[Unit]) -> list[tuple[Unit, Unit, Fraction, int]]:
+    """(source, target, ratio, step) for every pair whose answers can stay short."""
+    pairs = []
+    for src, dst in permutations(units, 2):
+        ratio = src.size / dst.size
+        step = (ratio * 10**DECIMALS).denominator
+        if step <= MAX_STEP and ratio <= MAX_RATIO:
+            pairs.append((src, dst, ratio, step))
+    return pairs
+
+
+def _convert(pairs: list[tuple[Unit, Unit, Fraction, int]], rng: random.Random) -> Problem:
+    src, dst, ratio, step = rng.choice(pairs)
+    value = Fraction(rng.randint(1, 999) * step)
+    if rng.random() < 0.25 and _is_short(value / 10 * ratio):
+        value /= 10
+    src_name = src.name if value == 1 else src.plural
+    prompt = rng.choice(TEMPLATES["convert"]).format(value=format_number(value), src=src_name, dst=dst.plural)
+    return Problem((src.symbol, dst.symbol, value), prompt, f"{format_number(value * ratio)} {dst.symbol}")
+
+
+def _arithmetic(op: str, digits: int, rng: random.Random) -> Problem:
+    low = 10 ** (digits - 1) if digits > 1 else 0
+    a, b = rng.randint(low, 10**digits - 1), rng.randint(low, 10**digits - 1)
+    if op == "subtract":
+        a, b = max(a, b), min(a, b)
+    answer = {"add": a + b, "subtract": a - b, "multiply": a * b}[op]
+    key = (a, b) if op == "subtract" else (min(a, b), max(a, b))  # a + b and b + a are one problem
+    return Problem(key, rng.choice(TEMPLATES[op]).format(a=a, b=b), str(answer))
+
+
+def _reverse(rng: random.Random) -> Problem:
+    word = rng.choice(WORDS)
+    return Problem((word,), rng.choice(TEMPLATES["reverse"]).format(word=word), word[::-1])
+
+
+def _upper(rng: random.Random) -> Problem:
+    word = rng.choice(WORDS)
+    return Problem((word,), rng.choice(TEMPLATES["upper"]).format(word=word), word.upper())
+
+
+def _count_letter(rng: random.Random) -> Problem:
+    word = rng.choice(WORDS)
+    letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(ascii_lowercase)
+    prompt = rng.choice(TEMPLATES["count_letter"]).format(letter=letter, word=word)
+    return Problem((word, letter), prompt, str(word.count(letter)))
+
+
+def _makers(digits: int) -> dict[str, Callable[[random.Random], Problem]]:
+    makers: dict[str, Callable[[random.Random], Problem]] = {
+        family: partial(_convert, _conversions(units)) for family, units in UNITS.items()
+    }
+    for op in ("add", "subtract", "multiply"):
+        makers[op] = partial(_arithmetic, op, digits)
+    makers.update(reverse=_reverse, count_letter=_count_letter, upper=_upper)
+    return makers
+
+
+def _distinct(
+    make: Callable[[random.Random], Problem],
+    rng: random.Random,
+    n: int,
+    identity: Callable[[Problem], Any],
+    exclude: frozenset = frozenset(),
+) -> list[Problem]:
+    """Up to `n` problems with distinct `identity`, none whose key is in `exclude`.
+
+    Stops early once MAX_MISSES draws in a row bring nothing new: the family's space
+    of problems is (nearly) used up.
+    """
+    chosen: dict[Any, Problem] = {}
+    misses = 0
+    while len(chosen) < n and misses < MAX_MISSES:
+        problem = make(rng)
+        ident = identity(problem)
+        if ident in chosen or problem.key in exclude:
+            misses += 1
+            continue
+        chosen[ident] = problem
+        misses = 0
+    return list(chosen.values())
+
+
+def _generate(family: str, config: InstructionConfig) -> dict[str, list[Problem]]:
+    """The test and train problems of one family.
+
+    Test problems are drawn first, distinct by problem; training then excludes
+    their keys, so a held-out problem never appears in training under any phrasing.
+    Training prompts are distinct while the family has enough of them, then repeat.
+    """
+    make = _makers(config.digits)[family]
+    test = _distinct(make, random.Random(f"{config.seed}/{family}/test"), config.test_per_family, lambda p: p.key)
+    if len(test) < config.test_per_family:
+        raise StageError(
+            f"family {family!r} has only {len(test)} distinct problems, "
+            f"fewer than test_per_family={config.test_per_family}; lower it or raise digits"
+        )
+    held_out = frozenset(problem.key for problem in test)
+    train_rng = random.Random(f"{config.seed}/{family}/train")
+    train = _distinct(make, train_rng, config.train_per_family, lambda p: p.prompt, held_out)
+    if config.train_per_family and not train:
+        raise StageError(f"family {family!r} has no problems left for training after the test split")
+    while train and len(train) < config.train_per_family:
+        train += train_rng.sample(train, min(len(train), config.train_per_family - len(train)))
+    return {"test": test, "train": train}
+
+
+# ---------------------------------------------------------------------------
+# Configuration and the common example representation
+
+
+class UserDataSource(BaseModel):
+    """A set of the user's own instruction examples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        description="A .jsonl, .json or .parquet file, a directory saved by datasets' save_to_disk, "
+        "or a Hugging Face hub dataset name (needs the hub to be reachable)."
+    )
+    split: str = Field(default="train", description="The split to read from a dataset directory or a hub dataset.")
+    format: Literal["auto", "alpaca", "messages"] = Field(
+        default="auto",
+        description="Row format: 'alpaca' (instruction/input/output), 'messages' (chat turns), "
+        "or 'auto' to detect it per row.",
+    )
+    test_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the rows held out for evaluation, chosen by a stable hash of each prompt.",
+    )
+
+
+class InstructionConfig(BaseModel):
+    """Which instruction examples to build for fine-tuning and evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(default=1234, description="Seed of the generated tasks; the same seed gives the same examples.")
+    families: list[Family] = Field(
+        default_factory=lambda: list(FAMILIES), description="Generated task families to include."
+    )
+    train_per_family: int = Field(default=2000, ge=0, description="Training examples per generated family.")
+    test_per_family: int = Field(default=100, ge=0, description="Held-out test examples per generated family.")
+    digits: int = Field(default=2, ge=1, le=12, description="Digits of each operand in the arithmetic families.")
+    system_prompt: str | None = Field(
+        default=None, description="System message put first in every conversation that has none."
+    )
+    user_data: list[UserDataSource] = Field(
+        default_factory=list, description="The user's own instruction data, added to training (and optionally test)."
+    )
+
+
+class Example(BaseModel):
+    """A conversation ending with the assistant turn to learn, and the expected answer."""
+
+    messages: list[dict[str, str]] = Field(description="Chat turns, the last one the assistant's answer.")
+    family: str = Field(description="The generated task family, or 'user' for the user's data.")
+    answer: str = Field(description="The expected final assistant content, for exact-match evaluation.")
+
+
+def _example(prompt: str, answer: str, family: str) -> Example:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return Example(messages=messages, family=family, answer=answer)
+
+
+# ---------------------------------------------------------------------------
+# User data
+
+
+class BadRow(ValueError):
+    """Why one row of user data cannot be used."""
+
+
+def _string(row: dict, field: str, *, required: bool) -> str:
+    if field not in row or row[field] is None:
+        if required:
+            raise BadRow(f"missing '{field}'")
+        return ""
+    if not isinstance(row[field], str):
+        raise BadRow(f"'{field}' is not a string")
+    text = row[field].strip()
+    if required and not text:
+        raise BadRow(f"empty '{field}'")
+    return text
+
+
+def _from_alpaca(row: dict) -> Example:
+    instruction = _string(row, "instruction", required=True)
+    extra = _string(row, "input", required=False)
+    output = _string(row, "output", required=True)
+    return _example(f"{instruction}\n\n{extra}" if extra else instruction, output, USER_FAMILY)
+
+
+def _from_messages(row: dict) -> Example:
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise BadRow("'messages' is not a non-empty list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            raise BadRow("a message has no 'role'")
+        if turn["role"] not in ROLES:
+            raise BadRow(f"unknown role {turn['role']!r}")
+        if not isinstance(turn.get("content"), str):
+            raise BadRow("a message's 'content' is not a string")
+        if not turn["content"].strip():
+            raise BadRow(f"empty {turn['role']} content")
+        messages.append({"role": turn["role"], "content": turn["content"].strip()})
+    roles = [message["role"] for message in messages]
+    if roles[-1] != "assistant":
+        raise BadRow("last message is not from the assistant")
+    if "user" not in roles:
+        raise BadRow("no user message")
+    if "system" in roles[1:]:
+        raise BadRow("system message not first")
+    return Example(messages=messages, family=USER_FAMILY, answer=messages[-1]["content"])
+
+
+def _to_example(row: Any, fmt: str) -> Example:
+    if isinstance(row, BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRow("row is not an object")
+    if fmt == "auto":
+        if "messages" in row:
+            fmt = "messages"
+        elif "instruction" in row or "output" in row:
+            fmt = "alpaca"
+        else:
+            raise BadRow("neither 'messages' nor 'instruction'/'output'")
+    return _from_messages(row) if fmt == "messages" else _from_alpaca(row)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1."""
+    with open(path, encoding="utf-8") as handle:
+        is_array = path.suffix == ".json" and handle.read(4096).lstrip().startswith("[")
+        handle.seek(0)
+        if is_array:
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+            yield from enumerate(rows, start=1)
+            return
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError:
+                yield number, BadRow("invalid JSON")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _dataset_rows(source: UserDataSource, path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a saved dataset directory or a hub dataset, numbered from 1."""
+    import datasets  # imported here: it is slow to import and most runs need no user data
+
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(path)
+            if isinstance(data, datasets.DatasetDict):
+                if source.split not in data:
+                    raise StageError(f"{source.path}: no split {source.split!r} (has {', '.join(data)})")
+                data = data[source.split]
+        else:
+            data = datasets.load_dataset(source.path, split=source.split)
+    except StageError:
+        raise
+    except Exception as exc:  # any loader failure is a user-fixable source problem
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(f"cannot load user data {source.path!r}: {reason}") from None
+    yield from enumerate(data, start=1)
+
+
+FILE_READERS = {".jsonl": _json_rows, ".json": _json_rows, ".parquet": _parquet_rows}
+
+
+def _rows(source: UserDataSource) -> Iterator[tuple[int, Any]]:
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        if path.suffix not in FILE_READERS:
+            raise StageError(f"{path}: unsupported file type; use {', '.join(FILE_READERS)} or a dataset directory")
+        return FILE_READERS[path.suffix](path)
+    if path.is_dir() or not (path.suffix in FILE_READERS or source.path.startswith(("/", ".", "~"))):
+        return _dataset_rows(source, path)
+    raise StageError(f"{path}: no such file or directory")
+
+
+def load_user_data(source: UserDataSource) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The usable examples of a source, and the quarantined rows as {line, reason}.
+
+    Raises StageError when no row is usable, naming the most common reasons.
+    """
+    examples: list[Example] = []
+    quarantine: list[dict[str, Any]] = []
+    for line, row in _rows(source):
+        try:
+            examples.append(_to_example(row, source.format))
+        except BadRow as bad:
+            quarantine.append({"line": line, "reason": str(bad)})
+    if not examples:
+        reasons = Counter(entry["reason"] for entry in quarantine).most_common(3)
+        detail = ", ".join(f"{reason} ({count} rows)" for reason, count in reasons) or "it has no rows"
+        raise StageError(f"{source.path}: no usable rows: {detail}")
+    return examples, quarantine
+
+
+def _held_out(example: Example, fraction: float) -> bool:
+    """Stable choice of test rows: a hash of the prompt turns, so duplicates stay together."""
+    prompt = json.dumps(example.messages[:-1], sort_keys=True, ensure_ascii=False)
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 16**8
+    return bucket < fraction
+
+
+def _with_system(example: Example, system_prompt: str | None) -> Example:
+    if not system_prompt or example.messages[0]["role"] == "system":
+        return example
+    messages = [{"role": "system", "content": system_prompt}, *example.messages]
+    return example.model_copy(update={"messages": messages})
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def build_examples(
+    config: InstructionConfig, *, quarantine: list[dict[str, Any]] | None = None
+) -> dict[str, list[Example]]:
+    """Training and held-out test examples: generated families first, then user data.
+
+    User rows go to training except a `test_fraction` of each source. When a list
+    is passed as `quarantine`, the bad user rows are appended to it as
+    {source, line, reason}.
+    """
+    splits: dict[str, list[Example]] = {"train": [], "test": []}
+    for family in FAMILIES:
+        if family in config.families:
+            for split, problems in _generate(family, config).items():
+                splits[split] += [_example(p.prompt, p.answer, family) for p in problems]
+    for source in config.user_data:
+        examples, bad = load_user_data(source)
+        if quarantine is not None:
+            quarantine += [{"source": source.path, **entry} for entry in bad]
+        for example in examples:
+            split = "test" if _held_out(example, source.test_fraction) else "train"
+            splits[split].append(example)
+    return {split: [_with_system(e, config.system_prompt) for e in examples] for split, examples in splits.items()}
+
+
+def eval_texts(config: InstructionConfig) -> list[str]:
+    """Every held-out prompt and answer as plain text, for decontaminating the corpus.
+
+    System prompts are left out: they are shared by all examples, not test content.
+    """
+    texts = (
+        message["content"]
+        for example in build_examples(config)["test"]
+        for message in example.messages
+        if message["role"] != "system"
+    )
+    return list(dict.fromkeys(texts))
+
+
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def normalize_answer(text: str) -> str:
+    """The form answers are compared in: case, spacing, a final period and
+    thousands separators do not matter ("45,000 m." == "45000 M")."""
+    text = " ".join(text.split()).lower()
+    text = text.removesuffix(".").rstrip()
+    return THOUSANDS.sub("", text)

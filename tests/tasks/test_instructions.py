@@ -1,0 +1,458 @@
+"""Instruction data: generated tasks, user data with quarantine, and chat rendering."""
+
+import json
+import random
+import re
+from fractions import Fraction
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from tasks.chat import (
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    END,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    USER,
+    render,
+    render_prompt,
+)
+from tasks.instructions import (
+    FAMILIES,
+    UNITS,
+    Example,
+    InstructionConfig,
+    UserDataSource,
+    _conversions,
+    _convert,
+    build_examples,
+    eval_texts,
+    format_number,
+    load_user_data,
+    normalize_answer,
+)
+from tasks.stage import StageError
+
+SMALL = {"train_per_family": 300, "test_per_family": 40}
+
+# Unit sizes written out again here, so answers are checked against an independent table.
+SIZES = {
+    "millimeter": "0.001", "centimeter": "0.01", "meter": "1", "kilometer": "1000", "inch": "0.0254",
+    "foot": "0.3048", "yard": "0.9144", "mile": "1609.344",
+    "milligram": "0.001", "gram": "1", "kilogram": "1000", "tonne": "1000000", "ounce": "28.349523125",
+    "pound": "453.59237",
+    "millisecond": "0.001", "second": "1", "minute": "60", "hour": "3600", "day": "86400", "week": "604800",
+    "milliliter": "1", "centiliter": "10", "deciliter": "100", "liter": "1000", "cubic meter": "1000000",
+    "fluid ounce": "29.5735295625", "pint": "473.176473", "quart": "946.352946", "gallon": "3785.411784",
+    "bit": "1", "byte": "8", "kilobyte": "8000", "megabyte": "8000000", "gigabyte": "8000000000",
+    "terabyte": "8000000000000", "kibibyte": "8192", "mebibyte": "8388608",
+}  # fmt: skip
+PLURALS = {"inch": "inches", "foot": "feet"}
+UNIT_NAMES = {PLURALS.get(name, name + "s"): name for name in SIZES} | {name: name for name in SIZES}
+UNIT_PATTERN = "|".join(sorted(map(re.escape, UNIT_NAMES), key=len, reverse=True))
+NUMBER = r"\d{1,3}(?:,\d{3})*(?:\.\d+)?"
+
+
+def _number(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
+
+
+def _conversion(prompt: str) -> tuple[Fraction, str, str]:
+    """(value, source unit, target unit) read back from any conversion template."""
+    value = re.search(NUMBER, prompt).group()
+    after = prompt[prompt.index(value) + len(value) :]
+    src = re.match(rf" ({UNIT_PATTERN})\b", after).group(1)
+    units = re.findall(rf"\b({UNIT_PATTERN})\b", prompt)
+    dst = units[1] if units[0] == src else units[0]
+    return _number(value), UNIT_NAMES[src], UNIT_NAMES[dst]
+
+
+def _expected(family: str, prompt: str) -> str | Fraction:
+    """The answer to a generated prompt, recomputed from the prompt alone."""
+    if family.startswith("convert_"):
+        value, src, dst = _conversion(prompt)
+        return value * Fraction(SIZES[src]) / Fraction(SIZES[dst])
+    quoted = re.findall(r"'([a-z]+)'", prompt)
+    if family == "reverse":
+        return quoted[0][::-1]
+    if family == "upper":
+        return quoted[0].upper()
+    if family == "count_letter":
+        letter, word = sorted(quoted, key=len)
+        return str(word.count(letter))
+    a, b = map(int, re.findall(r"\d+", prompt))
+    if family == "subtract":
+        return str(a - b) if prompt.startswith(("What is", "Calculate")) else str(b - a)
+    return str(a + b if family == "add" else a * b)
+
+
+def _answer_value(family: str, answer: str) -> str | Fraction:
+    return _number(answer.split(" ", 1)[0]) if family.startswith("convert_") else answer
+
+
+def _problem_id(family: str, prompt: str) -> tuple:
+    """What makes two prompts the same problem, whatever the template."""
+    if family.startswith("convert_"):
+        return _conversion(prompt)
+    if family in ("reverse", "upper", "count_letter"):
+        return tuple(sorted(re.findall(r"'([a-z]+)'", prompt)))
+    return tuple(sorted(map(int, re.findall(r"\d+", prompt))))
+
+
+def _prompt(example: Example) -> str:
+    return example.messages[-2]["content"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_examples(InstructionConfig(**SMALL))
+
+
+# ---------------------------------------------------------------------------
+# Generated tasks
+
+
+def test_same_seed_same_examples_and_other_seed_differs(small):
+    again = build_examples(InstructionConfig(**SMALL))
+    other = build_examples(InstructionConfig(seed=99, **SMALL))
+    assert [e.model_dump() for e in again["train"]] == [e.model_dump() for e in small["train"]]
+    assert [e.model_dump() for e in again["test"]] == [e.model_dump() for e in small["test"]]
+    assert [_prompt(e) for e in other["test"]] != [_prompt(e) for e in small["test"]]
+    assert [_prompt(e) for e in other["train"]] != [_prompt(e) for e in small["train"]]
+
+
+def test_every_family_has_the_requested_counts(small):
+    for split, n in (("train", SMALL["train_per_family"]), ("test", SMALL["test_per_family"])):
+        counts = {family: 0 for family in FAMILIES}
+        for example in small[split]:
+            counts[example.family] += 1
+        assert counts == {family: n for family in FAMILIES}
+
+
+def test_no_test_problem_is_trained_on_under_any_phrasing(small):
+    train_prompts = {_prompt(e) for e in small["train"]}
+    assert not train_prompts & {_prompt(e) for e in small["test"]}
+    train_problems = {(e.family, _problem_id(e.family, _prompt(e))) for e in small["train"]}
+    test_problems = [(e.family, _problem_id(e.family, _prompt(e))) for e in small["test"]]
+    assert len(set(test_problems)) == len(test_problems)
+    assert not train_problems & set(test_problems)
+
+
+def test_answers_are_correct_for_every_family(small):
+    examples = small["test"] + random.Random(0).sample(small["train"], 600)
+    seen = set()
+    for example in examples:
+        prompt = _prompt(example)
+        assert example.messages[-1] == {"role": "assistant", "content": example.answer}
+        assert _answer_value(example.family, example.answer) == _expected(example.family, prompt), prompt
+        seen.add(example.family)
+    assert seen == set(FAMILIES)
+
+
+def test_conversion_answers_are_exact_and_formatted(small):
+    convert = [e for e in small["train"] + small["test"] if e.family.startswith("convert_")]
+    symbols = {unit.symbol for units in UNITS.values() for unit in units}
+    for example in convert:
+        number, symbol = example.answer.split(" ", 1)
+        assert re.fullmatch(r"\d{1,3}(,\d{3})*(\.\d{1,3})?", number), example.answer
+        assert not number.endswith("0") or "." not in number
+        assert symbol in symbols
+
+
+def test_convert_45_kilometers_to_meters():
+    class Fixed(random.Random):
+        def randint(self, a, b):
+            return 45
+
+        def random(self):
+            return 0.99
+
+        def choice(self, seq):
+            return seq[0]
+
+        def __init__(self):
+            super().__init__(0)
+
+    km, m = UNITS["convert_length"][3], UNITS["convert_length"][2]
+    problem = _convert(_conversions([km, m]), Fixed())
+    assert (problem.prompt, problem.answer) == ("Convert 45 kilometers to meters.", "45,000 m")
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(Fraction(45000), "45,000"), (Fraction(9, 8), "1.125"), (Fraction(45, 1000), "0.045"),
+     (Fraction(12345678, 10), "1,234,567.8"), (Fraction(7), "7")],
+)  # fmt: skip
+def test_format_number(value, text):
+    assert format_number(value) == text
+
+
+def test_arithmetic_digits_and_system_prompt():
+    config = InstructionConfig(families=["add", "multiply"], digits=3, train_per_family=50, test_per_family=10,
+                               system_prompt="Answer briefly.")  # fmt: skip
+    data = build_examples(config)
+    for example in data["train"] + data["test"]:
+        assert example.messages[0] == {"role": "system", "content": "Answer briefly."}
+        assert all(100 <= n <= 999 for n in map(int, re.findall(r"\d+", _prompt(example))))
+    assert {e.family for e in data["train"]} == {"add", "multiply"}
+
+
+def test_too_small_a_family_is_a_clear_error():
+    with pytest.raises(StageError, match="'add' has only .* test_per_family=500"):
+        build_examples(InstructionConfig(families=["add"], digits=1, test_per_family=500, train_per_family=1))
+
+
+def test_small_families_repeat_training_prompts_but_never_test_words():
+    data = build_examples(InstructionConfig(families=["reverse"], train_per_family=2500, test_per_family=100))
+    assert len(data["train"]) == 2500
+    test_words = {_problem_id("reverse", _prompt(e)) for e in data["test"]}
+    assert not test_words & {_problem_id("reverse", _prompt(e)) for e in data["train"]}
+
+
+def test_eval_texts_hold_test_prompts_and_answers_only():
+    config = InstructionConfig(families=["upper", "add"], train_per_family=20, test_per_family=5, system_prompt="Hi.")
+    texts = eval_texts(config)
+    test = build_examples(config)["test"]
+    assert set(texts) == {_prompt(e) for e in test} | {e.answer for e in test}
+    assert "Hi." not in texts
+
+
+def test_config_rejects_unknown_fields_and_families():
+    with pytest.raises(ValidationError):
+        InstructionConfig(families=["divide"])
+    with pytest.raises(ValidationError):
+        InstructionConfig(epochs=3)
+    assert InstructionConfig().families == list(FAMILIES)
+
+
+# ---------------------------------------------------------------------------
+# User data
+
+ALPACA_LINES = [
+    {"instruction": "Name a color.", "output": "Blue"},  # 1 good
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},  # 2 good, with input
+    {"instruction": "Say hi.", "output": 42},  # 3 wrong type
+    {"instruction": "Say hi."},  # 4 missing output
+    {"instruction": "Say hi.", "output": "   "},  # 5 empty answer
+    "{not json",  # 6 invalid JSON
+    None,  # 7 blank line: skipped, still counted
+    ["a", "list"],  # 8 not an object
+    {"prompt": "x", "completion": "y"},  # 9 unknown shape
+    {"output": "Yes"},  # 10 missing instruction
+]
+MESSAGES_LINES = [
+    {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]},
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                  {"role": "assistant", "content": "6"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]},
+    {"messages": [{"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+    {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]},
+    {"messages": "Hi"},
+    {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "x"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "S"},
+                  {"role": "assistant", "content": "x"}]},
+    {"messages": [{"content": "Hi"}, {"role": "assistant", "content": "x"}]},
+]  # fmt: skip
+
+
+def _write_jsonl(path, rows):
+    lines = ["" if row is None else row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_alpaca_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
+    examples, quarantine = load_user_data(UserDataSource(path=str(_write_jsonl(tmp_path / "a.jsonl", ALPACA_LINES))))
+    assert [e.messages for e in examples] == [
+        [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue"}],
+        [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+    ]
+    assert [(e.family, e.answer) for e in examples] == [("user", "Blue"), ("user", "5")]
+    assert quarantine == [
+        {"line": 3, "reason": "'output' is not a string"},
+        {"line": 4, "reason": "missing 'output'"},
+        {"line": 5, "reason": "empty 'output'"},
+        {"line": 6, "reason": "invalid JSON"},
+        {"line": 8, "reason": "row is not an object"},
+        {"line": 9, "reason": "neither 'messages' nor 'instruction'/'output'"},
+        {"line": 10, "reason": "missing 'instruction'"},
+    ]
+
+
+def test_messages_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
+    examples, quarantine = load_user_data(UserDataSource(path=str(_write_jsonl(tmp_path / "m.jsonl", MESSAGES_LINES))))
+    assert [e.messages for e in examples] == [MESSAGES_LINES[0]["messages"], MESSAGES_LINES[1]["messages"]]
+    assert [e.answer for e in examples] == ["Paris", "6"]
+    assert quarantine == [
+        {"line": 3, "reason": "unknown role 'bot'"},
+        {"line": 4, "reason": "last message is not from the assistant"},
+        {"line": 5, "reason": "empty assistant content"},
+        {"line": 6, "reason": "a message's 'content' is not a string"},
+        {"line": 7, "reason": "'messages' is not a non-empty list"},
+        {"line": 8, "reason": "no user message"},
+        {"line": 9, "reason": "system message not first"},
+        {"line": 10, "reason": "a message has no 'role'"},
+    ]
+
+
+def test_forced_format_checks_that_format(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", MESSAGES_LINES[:1] + ALPACA_LINES[:1])
+    examples, quarantine = load_user_data(UserDataSource(path=str(path), format="alpaca"))
+    assert [e.answer for e in examples] == ["Blue"]
+    assert quarantine == [{"line": 1, "reason": "missing 'instruction'"}]
+
+
+def test_parquet_json_array_and_saved_dataset_sources(tmp_path):
+    good = MESSAGES_LINES[:2]
+    pq.write_table(pa.Table.from_pylist(good), tmp_path / "m.parquet")
+    (tmp_path / "a.json").write_text(json.dumps([ALPACA_LINES[0], ALPACA_LINES[3]], indent=2))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA_LINES[:2])}).save_to_disk(tmp_path / "saved")
+
+    examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / "m.parquet")))
+    assert [e.answer for e in examples] == ["Paris", "6"] and quarantine == []
+    examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / "a.json")))
+    assert [e.answer for e in examples] == ["Blue"] and quarantine == [{"line": 2, "reason": "missing 'output'"}]
+    examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / "saved")))
+    assert [e.answer for e in examples] == ["Blue", "5"] and quarantine == []
+    with pytest.raises(StageError, match="no split 'test'"):
+        load_user_data(UserDataSource(path=str(tmp_path / "saved"), split="test"))
+
+
+def test_a_file_with_no_usable_row_is_a_one_line_error(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"instruction": "x"}, {"instruction": "y"}])
+    with pytest.raises(StageError) as error:
+        load_user_data(UserDataSource(path=str(path)))
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "missing 'output' (2 rows), invalid JSON (1 rows)" in message
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(StageError, match="empty.jsonl: no usable rows: it has no rows"):
+        load_user_data(UserDataSource(path=str(tmp_path / "empty.jsonl")))
+
+
+def test_unreadable_sources_are_clear_errors(tmp_path):
+    with pytest.raises(StageError, match="no such file"):
+        load_user_data(UserDataSource(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(StageError, match="cannot load user data 'nobody/no-such-dataset'"):
+        load_user_data(UserDataSource(path="nobody/no-such-dataset"))  # the hub is offline in tests
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    with pytest.raises(StageError, match="unsupported file type"):
+        load_user_data(UserDataSource(path=str(tmp_path / "rows.csv")))
+
+
+def test_user_data_joins_training_with_a_stable_test_fraction(tmp_path):
+    rows = [{"instruction": f"Repeat {i}.", "output": str(i)} for i in range(200)] + ["{bad"]
+    source = UserDataSource(path=str(_write_jsonl(tmp_path / "u.jsonl", rows)), test_fraction=0.25)
+    config = InstructionConfig(families=["upper"], train_per_family=10, test_per_family=5, user_data=[source],
+                               system_prompt="Be exact.")  # fmt: skip
+    quarantine = []
+    data = build_examples(config, quarantine=quarantine)
+    user = {split: [e for e in data[split] if e.family == "user"] for split in data}
+    assert len(user["train"]) + len(user["test"]) == 200
+    assert 25 <= len(user["test"]) <= 75
+    assert {_prompt(e) for e in user["train"]}.isdisjoint(_prompt(e) for e in user["test"])
+    assert all(e.messages[0] == {"role": "system", "content": "Be exact."} for e in user["train"])
+    assert quarantine == [{"source": source.path, "line": 201, "reason": "invalid JSON"}]
+    again = build_examples(config)
+    assert [e.answer for e in again["test"]] == [e.answer for e in data["test"]]
+
+
+# ---------------------------------------------------------------------------
+# Normalisation
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [("45,000 m", "45000 m"), ("  Paris. ", "paris"), ("HELLO", "hello"), ("1,234,567", "1234567"),
+     ("a  b\n c", "a b c"), ("7.", "7"), ("0.045 km", "0.045 KM")],
+)  # fmt: skip
+def test_normalize_answer_equal(a, b):
+    assert normalize_answer(a) == normalize_answer(b)
+
+
+@pytest.mark.parametrize("a, b", [("45,00 m", "4500 m"), ("1.5", "15"), ("85", "58"), ("tenalp", "planet")])
+def test_normalize_answer_different(a, b):
+    assert normalize_answer(a) != normalize_answer(b)
+
+
+# ---------------------------------------------------------------------------
+# Chat rendering
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["Convert 45 kilometers to meters.", "What is 47 + 38? It is 85.", "Reverse the word 'planet'."]
+    tok.train_from_iterator(text * 20, trainer=trainer)
+    return tok
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Convert 45 kilometers to meters."}, {"role": "assistant", "content": "45,000 m"}],
+    [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 47 + 38?"},
+     {"role": "assistant", "content": "85"}, {"role": "user", "content": " Reverse 'planet'.\n"},
+     {"role": "assistant", "content": "tenalp <b>"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_render_matches_the_transformers_chat_template(tokenizer, messages):
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, chat_template=CHAT_TEMPLATE
+    )
+    ids, mask = render(messages, tokenizer)
+    assert ids == hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    prompt = messages[:-1]
+    assert render_prompt(prompt, tokenizer) == hf.apply_chat_template(
+        prompt, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    assert len(mask) == len(ids)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_render_mask_covers_exactly_assistant_content_and_its_end(tokenizer, messages):
+    ids, mask = render(messages, tokenizer)
+    learned = [i for i, m in zip(ids, mask, strict=True) if m]
+    expected = []
+    for message in messages:
+        if message["role"] == "assistant":
+            expected += tokenizer.encode(message["content"], add_special_tokens=False).ids
+            expected.append(tokenizer.token_to_id(END))
+    assert learned == expected
+    assert tokenizer.decode(learned, skip_special_tokens=False) == "".join(
+        m["content"] + END for m in messages if m["role"] == "assistant"
+    )
+    roles = {tokenizer.token_to_id(token): token for token in (SYSTEM, USER, ASSISTANT)}
+    speaker = None
+    for token, learn in zip(ids, mask, strict=True):
+        if token in roles:
+            speaker = roles[token]
+            assert learn == 0
+            continue
+        assert learn == int(speaker == ASSISTANT)
+        if token == tokenizer.token_to_id(END):
+            speaker = None
+
+
+def test_render_rejects_unknown_roles_and_missing_special_tokens(tokenizer):
+    with pytest.raises(ValueError, match="unknown chat role 'bot'"):
+        render([{"role": "bot", "content": "x"}], tokenizer)
+    bare = Tokenizer(models.BPE())
+    with pytest.raises(ValueError, match="no special token"):
+        render(CONVERSATIONS[0], bare)
