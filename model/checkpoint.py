@@ -35,6 +35,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model.config import ModelConfig
+from model.transformer import Transformer
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -43,6 +46,7 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMP_DIR = re.compile(r"^\.step-\d+\.(?:tmp|old)-(\d+)-[0-9a-f]+$")
 ALIASES_KEY = "tinyseek.aliases"
+MODEL_CONFIG_FILE = "model_config.json"
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +291,23 @@ def load_latest(dir: Path, *, on_warning: Callable[[str], None] | None = None) -
         except CheckpointError as exc:
             warn(f"skipping checkpoint {path}: {exc}")
     return None
+
+
+def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
+    """Write a finished model (weights incl. MTP and router biases, plus its config) for use
+    outside training: `model.safetensors` and `model_config.json`."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _storable(model.state_dict())
+    save_file(tensors, str(out / MODEL_FILE), metadata={ALIASES_KEY: json.dumps(aliases)})
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    return out
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """Load a directory written by `save_model` into a `Transformer` (eval mode)."""
+    src = Path(directory)
+    config = ModelConfig.from_dict(json.loads((src / MODEL_CONFIG_FILE).read_text()))
+    model = Transformer(config)
+    model.load_state_dict(_load_model_state(src / MODEL_FILE))
+    return model.to(device).eval()

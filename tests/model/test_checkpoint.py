@@ -204,3 +204,21 @@ def test_pickled_objects_are_never_loaded(tmp_path):
     assert "UnpicklingError" in warnings[0]
     assert not marker.exists()
     assert os.listdir(path)  # the hostile checkpoint is reported, not deleted
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    from model.checkpoint import load_model, save_model
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                    intermediate_size=48, moe_intermediate_size=16, tie_word_embeddings=True))
+    model.moe_layers()[0].gate.e_score_correction_bias.fill_(0.25)
+    save_model(model, tmp_path)
+    back = load_model(tmp_path)
+    assert back.config == model.config
+    assert back.lm_head.weight is back.embed_tokens.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name

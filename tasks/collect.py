@@ -1,0 +1,737 @@
+"""The collect stage: gather raw documents from the configured sources into Parquet shards.
+
+Every later stage wants one uniform, streamable table of documents with their
+provenance, whatever the sources were: the running Python's standard library (the
+offline default, so a first run needs nothing downloaded), local files, a Hugging Face
+dataset, or URLs. Each document keeps `id`, `text`, `source` (the source's name) and
+`origin` (path, path:line, path#row, URL or dataset row).
+
+Bad input never holds back the good documents beside it: a binary or non-UTF-8 file,
+an empty or over-long document, a malformed JSON line is written to `quarantine.parquet`
+with its reason. Mistakes only the user can fix (a missing path, a wrong text field, an
+unreachable URL) stop the stage with a one-line `StageError`.
+
+Everything streams: sources are generators, shards are written one row group at a
+time, so memory stays flat however large the corpus grows.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import glob
+import gzip
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import os
+import platform
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from importlib.util import decode_source
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
+
+FORMATS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
+SUPPORTED = f"{', '.join(FORMATS)} (all but .parquet also as .gz or .zst)"
+QUARANTINE = "quarantine.parquet"
+SAMPLE_CHARS = 500
+BINARY_PROBE = 8192
+ROW_GROUP_BYTES = 64 << 20
+BATCH_ROWS = 1024
+# Standard-library folders that are not the library itself, or differ between machines.
+STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
+DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+DOC_SCHEMA = pa.schema(
+    [("id", pa.string()), ("text", pa.large_string()), ("source", pa.string()), ("origin", pa.string())]
+)
+QUARANTINE_SCHEMA = pa.schema([(name, pa.string()) for name in ("source", "origin", "reason", "detail", "sample")])
+
+
+def _name(default: str) -> Any:
+    return Field(default, min_length=1, description="Name stored in each document's `source`; unique per config.")
+
+
+def _text_field() -> Any:
+    return Field("text", min_length=1, description="The JSON field or CSV/Parquet/dataset column holding the text.")
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StdlibSource(_Source):
+    """Docstrings of the running Python's standard library: one document per module."""
+
+    kind: Literal["stdlib"] = "stdlib"
+    name: str = _name("stdlib")
+    include_code: bool = Field(False, description="Also add each module's source code as its own document.")
+    max_files: int | None = Field(None, ge=1, description="Read only the first N modules in sorted order.")
+
+
+class FilesSource(_Source):
+    """Local files: one document per .txt/.md file, per JSON record, per CSV or Parquet row."""
+
+    kind: Literal["files"] = "files"
+    name: str = _name("files")
+    paths: list[str] = Field(
+        min_length=1,
+        description=f"Files, directories (read recursively, hidden entries skipped) or glob patterns "
+        f"(** allowed). Supported: {SUPPORTED}.",
+    )
+    text_field: str = _text_field()
+
+
+class HFSource(_Source):
+    """A Hugging Face dataset: streamed from the hub, or a directory written by `save_to_disk`."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = _name("hf")
+    path: str = Field(description="Hub dataset name (streamed), or a directory written by `Dataset.save_to_disk`.")
+    config_name: str | None = Field(None, description="Hub dataset configuration (subset), if it has several.")
+    split: str = Field("train", description="The split to read.")
+    text_field: str = _text_field()
+    max_docs: int | None = Field(None, ge=1, description="Read at most this many rows.")
+
+
+class UrlSource(_Source):
+    """Files fetched over http(s), then read like local files."""
+
+    kind: Literal["url"] = "url"
+    name: str = _name("url")
+    urls: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(
+        min_length=1, description="http(s) URLs of plain-text, JSONL, JSON, CSV or Parquet files."
+    )
+    format: Literal["auto", "txt", "md", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto",
+        description="File format; auto takes it from the URL's extension, else plain text. "
+        "A .gz or .zst ending is decompressed either way.",
+    )
+    text_field: str = _text_field()
+    max_bytes: int = Field(1 << 30, ge=1, description="Largest download; a bigger one is quarantined as too-large.")
+    retries: int = Field(3, ge=0, description="Extra attempts after a connection error, timeout or 5xx/429 reply.")
+    backoff_s: float = Field(1.0, ge=0, description="Seconds before the first retry; doubles for each next one.")
+    timeout_s: float = Field(30.0, gt=0, description="Socket timeout of one attempt, in seconds.")
+
+
+Source = Annotated[StdlibSource | FilesSource | HFSource | UrlSource, Field(discriminator="kind")]
+
+
+class CollectConfig(BaseModel):
+    """Where the raw documents come from and how they are sharded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[Source] = Field(
+        default_factory=lambda: [StdlibSource()],
+        min_length=1,
+        description="Sources read in order: stdlib, files, hf or url.",
+    )
+    shard_docs: int = Field(5000, ge=1, description="Documents per Parquet shard.")
+    max_doc_chars: int = Field(
+        20_000_000, ge=1, le=1 << 40, description="Documents longer than this are quarantined as too-long."
+    )
+    refresh: int = Field(
+        0,
+        description="Bump to fetch remote sources (hub datasets, URLs) again; "
+        "local inputs are tracked by size and mtime.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CollectConfig:
+        names = Counter(source.name for source in self.sources)
+        repeated = sorted(name for name, count in names.items() if count > 1)
+        if repeated:
+            raise ValueError(f"source names must be unique; give each source a name (repeated: {', '.join(repeated)})")
+        return self
+
+
+class _Doc(NamedTuple):
+    text: str
+    origin: str
+
+
+class _Bad(NamedTuple):
+    origin: str
+    reason: str
+    detail: str = ""
+    sample: str = ""
+
+
+_Item = _Doc | _Bad
+
+
+def _sample(data: bytes | str) -> str:
+    if isinstance(data, bytes):
+        data = data[: 4 * SAMPLE_CHARS].decode("utf-8", "replace")
+    return data[:SAMPLE_CHARS]
+
+
+def _missing(label: str, field: str, names: Iterable[Any]) -> StageError:
+    shown = ", ".join(map(str, names)) or "(none)"
+    return StageError(f"{label}: no field {field!r}; fields there: {shown}. Set text_field to one of them.")
+
+
+def _require(label: str, field: str, names: list[str]) -> None:
+    if field not in names:
+        raise _missing(label, field, names)
+
+
+class _Field:
+    """Takes the text out of records; a field absent from a file's first record is a config error."""
+
+    def __init__(self, name: str, label: str):
+        self.name, self.label, self.seen = name, label, False
+
+    def pick(self, record: Any, origin: str) -> _Item:
+        if not isinstance(record, dict):
+            detail = f"expected an object, got {type(record).__name__}"
+            return _Bad(origin, "malformed-json", detail, _sample(str(record)))
+        if self.name not in record and not self.seen:
+            raise _missing(self.label, self.name, record)
+        self.seen = True
+        return self.value(record.get(self.name), origin)
+
+    def value(self, value: Any, origin: str) -> _Item:
+        if value is None:
+            return _Bad(origin, "missing-field", f"no value for {self.name!r}")
+        if not isinstance(value, str):
+            return _Bad(origin, "not-text", f"{self.name!r} is {type(value).__name__}", _sample(str(value)))
+        return _Doc(value, origin)
+
+
+def _column(values: Iterable[Any], field: _Field, label: str) -> Iterator[_Item]:
+    for row, value in enumerate(values):
+        yield field.value(value, f"{label}#{row}")
+
+
+# ---- files ---------------------------------------------------------------------------
+
+
+def _format(path: Path) -> tuple[str, str] | None:
+    """(format, compression) from the file name, e.g. ('.jsonl', '.gz'); None if unsupported."""
+    suffix = path.suffix.lower()
+    compression = suffix if suffix in COMPRESSIONS else ""
+    fmt = Path(path.stem).suffix.lower() if compression else suffix
+    if fmt not in FORMATS or (compression and fmt == ".parquet"):
+        return None
+    return fmt, compression
+
+
+def _walk(top: Path) -> list[Path]:
+    """Files under `top` in sorted order, hidden files and folders skipped."""
+    if not top.is_dir():
+        return [top]
+    found = []
+    for folder, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        found += [Path(folder) / name for name in sorted(filenames) if not name.startswith(".")]
+    return found
+
+
+def _expand(entry: str) -> list[Path]:
+    if any(char in entry for char in "*?["):
+        matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+        if not matches:
+            raise StageError(f"no files match {entry!r}")
+        return [path for match in matches for path in _walk(Path(match))]
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        return _walk(path)
+    if not path.is_file():
+        raise StageError(f"input path does not exist: {entry}")
+    if _format(path) is None:
+        raise StageError(f"unsupported file type: {entry}; supported: {SUPPORTED}")
+    return [path]
+
+
+def _match(source: FilesSource) -> list[Path]:
+    """The files a source names, each once, in the order given."""
+    return list(dict.fromkeys(path for entry in source.paths for path in _expand(entry)))
+
+
+def _open(path: Path, compression: str) -> io.BufferedIOBase:
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        return io.BufferedReader(zstandard.open(path, "rb"))
+    return open(path, "rb")
+
+
+def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """Numbered lines; None stands for a line over `limit` bytes, which is skipped, not held."""
+    for number in itertools.count(1):
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(1 << 20)
+            yield number, None
+        else:
+            yield number, line
+
+
+def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    limit = 4 * max_doc_chars  # UTF-8 takes at most 4 bytes a character
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        yield _Bad(label, "too-long", f"more than {limit} bytes", _sample(data))
+        return
+    if b"\0" in data:
+        yield _Bad(label, "binary", "contains NUL bytes")
+        return
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        yield _Bad(label, "invalid-utf8", f"byte {exc.start}: {exc.reason}", _sample(data))
+        return
+    del data
+    yield _Doc(text, label)
+
+
+def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    field = _Field(text_field, label)
+    for number, line in _lines(stream, 4 * max_doc_chars):
+        origin = f"{label}:{number}"
+        if line is None:
+            yield _Bad(origin, "too-long", f"line {number} is over {4 * max_doc_chars} bytes")
+        elif b"\0" in line:
+            yield _Bad(origin, "binary", f"line {number} contains NUL bytes")
+        elif line.strip():
+            yield _parse_line(line, number, origin, field)
+
+
+def _parse_line(line: bytes, number: int, origin: str, field: _Field) -> _Item:
+    try:
+        record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+    except UnicodeDecodeError as exc:
+        return _Bad(origin, "invalid-utf8", f"line {number}, byte {exc.start}: {exc.reason}", _sample(line))
+    except json.JSONDecodeError as exc:
+        return _Bad(origin, "malformed-json", f"line {number}, column {exc.colno}: {exc.msg}", _sample(line))
+    return field.pick(record, origin)
+
+
+def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    """A JSON array of records (parsed whole); anything else is read as JSON Lines, as `datasets` does."""
+    if not stream.peek(BINARY_PROBE).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        yield from _read_jsonl(stream, label, text_field, max_doc_chars)
+        return
+    data = stream.read()
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        yield _Bad(label, "invalid-utf8", f"byte {exc.start}: {exc.reason}", _sample(data))
+        return
+    except json.JSONDecodeError as exc:
+        yield _Bad(label, "malformed-json", f"line {exc.lineno}, column {exc.colno}: {exc.msg}", _sample(data))
+        return
+    del data
+    field = _Field(text_field, label)
+    for row, record in enumerate(records):
+        yield field.pick(record, f"{label}#{row}")
+
+
+def _read_csv(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    csv.field_size_limit(max(csv.field_size_limit(), min(4 * max_doc_chars, 2**31 - 1)))
+    reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
+    try:
+        _require(label, text_field, reader.fieldnames or [])
+        field = _Field(text_field, label)
+        for row in reader:
+            yield field.value(row[text_field], f"{label}:{reader.line_num}")
+    except UnicodeDecodeError as exc:
+        detail = f"after line {reader.line_num}: {exc.reason}; the rest of the file is skipped"
+        yield _Bad(label, "invalid-utf8", detail)
+    except csv.Error as exc:
+        yield _Bad(label, "malformed-csv", f"line {reader.line_num}: {exc}; the rest of the file is skipped")
+
+
+def _read_parquet(path: Path, label: str, text_field: str) -> Iterator[_Item]:
+    table = pq.ParquetFile(path)
+    _require(label, text_field, table.schema_arrow.names)
+    kind = table.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise StageError(f"{label}: column {text_field!r} holds {kind}, not text. Set text_field to a text column.")
+    batches = table.iter_batches(batch_size=BATCH_ROWS, columns=[text_field])
+    values = (value for batch in batches for value in batch.column(0).to_pylist())
+    yield from _column(values, _Field(text_field, label), label)
+
+
+READERS = {".txt": _read_text, ".md": _read_text, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+
+
+def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    """Documents of one file; `label` names it in origins (its path, or the URL it came from)."""
+    spec = _format(path)
+    if spec is None:
+        yield _Bad(label, "unsupported-extension", f"supported: {SUPPORTED}")
+        return
+    fmt, compression = spec
+    try:
+        if fmt == ".parquet":
+            yield from _read_parquet(path, label, text_field)
+            return
+        with _open(path, compression) as stream:
+            if b"\0" in stream.peek(BINARY_PROBE)[:BINARY_PROBE]:
+                yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes")
+                return
+            yield from READERS[fmt](stream, label, text_field, max_doc_chars)
+    except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as exc:
+        yield _Bad(label, "unreadable", f"{type(exc).__name__}: {exc}")
+
+
+# ---- stdlib --------------------------------------------------------------------------
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_modules(root: Path) -> list[str]:
+    """Relative paths of the standard library's own modules, sorted, so equal versions agree."""
+    found = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if name not in STDLIB_SKIP and not name.startswith(("config-", "."))]
+        relative = Path(folder).relative_to(root)
+        found += [
+            (relative / name).as_posix()
+            for name in filenames
+            if name.endswith(".py") and not name.startswith("_sysconfigdata")
+        ]
+    return sorted(found)
+
+
+def _docstrings(tree: ast.Module) -> list[str]:
+    """The module docstring, then every class and function docstring in source order."""
+    definitions = sorted(
+        (node for node in ast.walk(tree) if isinstance(node, DEFINITIONS)),
+        key=lambda node: (node.lineno, node.col_offset),
+    )
+    return [doc for node in [tree, *definitions] if (doc := ast.get_docstring(node, clean=True))]
+
+
+def _read_stdlib(source: StdlibSource) -> Iterator[_Item]:
+    root = _stdlib_root()
+    for relative in _stdlib_modules(root)[: source.max_files]:
+        code = (root / relative).read_bytes()
+        try:
+            tree = ast.parse(code, filename=relative)
+        except (SyntaxError, ValueError) as exc:
+            yield _Bad(relative, "syntax-error", str(exc))
+            continue
+        docs = _docstrings(tree)
+        if docs:
+            yield _Doc("\n\n".join(docs), relative)
+        if source.include_code:
+            yield _Doc(decode_source(code), f"{relative}#source")
+
+
+# ---- Hugging Face datasets -----------------------------------------------------------
+
+
+def _hf_disk(source: HFSource) -> Iterator[_Item]:
+    import datasets  # a heavy import, paid only when a dataset source is configured
+
+    try:
+        dataset, label = datasets.load_from_disk(source.path), source.path
+    except FileNotFoundError as exc:
+        raise StageError(f"{source.path} is not a dataset written by save_to_disk: {exc}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if source.split not in dataset:
+            raise StageError(f"{source.path} has no split {source.split!r}; splits: {', '.join(dataset)}")
+        dataset, label = dataset[source.split], f"{source.path}:{source.split}"
+    _require(label, source.text_field, dataset.column_names)
+    batches = dataset.select_columns([source.text_field]).iter(batch_size=BATCH_ROWS)
+    values = (value for batch in batches for value in batch[source.text_field])
+    yield from _column(values, _Field(source.text_field, label), label)
+
+
+def _hf_hub(source: HFSource) -> Iterator[_Item]:
+    import datasets
+
+    label = ":".join(part for part in (source.path, source.config_name, source.split) if part)
+    try:
+        rows = datasets.load_dataset(source.path, source.config_name, split=source.split, streaming=True)
+    except Exception as exc:  # the hub raises many types; all mean "cannot open this dataset"
+        raise StageError(f"cannot open dataset {label}: {type(exc).__name__}: {exc}") from None
+    field = _Field(source.text_field, label)
+    for row, record in enumerate(rows):
+        yield field.pick(record, f"{label}#{row}")
+
+
+def _read_hf(source: HFSource) -> Iterator[_Item]:
+    rows = _hf_disk(source) if Path(source.path).is_dir() else _hf_hub(source)
+    return itertools.islice(rows, source.max_docs)
+
+
+# ---- URLs ----------------------------------------------------------------------------
+
+
+def _url_suffix(url: str, fmt: str) -> str:
+    """File ending for a download, so it is read like a local file of that format."""
+    name = Path(urllib.parse.urlparse(url).path)
+    compression = name.suffix.lower() if name.suffix.lower() in COMPRESSIONS else ""
+    if fmt != "auto":
+        return f".{fmt}{compression}"
+    spec = _format(name)
+    return "".join(spec) if spec else f".txt{compression}"
+
+
+def _fetch(url: str, dest: Path, max_bytes: int, timeout_s: float) -> _Bad | None:
+    """Download `url` into `dest`; a _Bad when it is over `max_bytes` (nothing is kept then)."""
+    too_large = _Bad(url, "too-large", f"more than max_bytes={max_bytes} bytes")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        if int(response.headers.get("Content-Length") or 0) > max_bytes:
+            return too_large
+        with open(dest, "wb") as out:
+            size = 0
+            while chunk := response.read(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    dest.unlink()
+                    return too_large
+                out.write(chunk)
+    return None
+
+
+def _download(url: str, dest: Path, source: UrlSource) -> _Bad | None:
+    """`_fetch` with retries and exponential backoff, for transient failures only."""
+    for attempt in range(source.retries + 1):
+        if attempt:
+            time.sleep(source.backoff_s * 2 ** (attempt - 1))
+        try:
+            return _fetch(url, dest, source.max_bytes, source.timeout_s)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code < 500 and exc.code != 429:
+                raise StageError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
+            error = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            error = str(getattr(exc, "reason", exc))
+    raise StageError(f"cannot fetch {url} after {source.retries + 1} attempts: {error}")
+
+
+def _read_urls(source: UrlSource, scratch: Path, max_doc_chars: int) -> Iterator[_Item]:
+    for number, url in enumerate(dict.fromkeys(source.urls)):
+        local = scratch / f"{source.name}-{number}{_url_suffix(url, source.format)}"
+        failure = _download(url, local, source)
+        if failure:
+            yield failure
+            continue
+        yield from _read_file(local, url, source.text_field, max_doc_chars)
+        local.unlink()
+
+
+# ---- the stage -----------------------------------------------------------------------
+
+
+def _read_source(source: Source, files: list[Path], scratch: Path, max_doc_chars: int) -> Iterator[_Item]:
+    match source:
+        case StdlibSource():
+            return _read_stdlib(source)
+        case FilesSource():
+            return (item for path in files for item in _read_file(path, str(path), source.text_field, max_doc_chars))
+        case HFSource():
+            return _read_hf(source)
+        case UrlSource():
+            return _read_urls(source, scratch, max_doc_chars)
+
+
+def _file_states(paths: list[Path]) -> list[list[Any]]:
+    return [[str(path), (stat := path.stat()).st_size, stat.st_mtime_ns] for path in paths]
+
+
+def _identity(source: Source, files: list[Path]) -> dict[str, Any]:
+    """What, besides the config, decides this source's documents: a change re-collects."""
+    match source:
+        case StdlibSource():
+            return {"python": platform.python_version(), "implementation": sys.implementation.name}
+        case FilesSource():
+            return {"files": _file_states(files)}
+        case HFSource() if Path(source.path).is_dir():
+            return {"files": _file_states(_walk(Path(source.path)))}
+    return {}  # remote: named by the config; `refresh` fetches again
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def _strings(kind: pa.DataType, values: list[bytes]) -> pa.Array:
+    """A string column over UTF-8 values, built without a second copy of the text."""
+    offsets = np.zeros(len(values) + 1, dtype=np.int64 if pa.types.is_large_string(kind) else np.int32)
+    np.cumsum([len(value) for value in values], dtype=offsets.dtype, out=offsets[1:])
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
+
+
+class _ParquetSink:
+    """Writes rows to Parquet a row group at a time, starting a new file every `rows_per_file` rows.
+
+    Rows wait as UTF-8 bytes and are flushed when the next row comes in and the group
+    is full, so the caller's copy of a large document is already gone by then.
+    """
+
+    def __init__(self, schema: pa.Schema, folder: Path, pattern: str, rows_per_file: int | None, **options: Any):
+        self.schema, self.folder, self.pattern = schema, folder, pattern
+        self.rows_per_file, self.options = rows_per_file, options
+        self.names: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._in_file = 0
+        self._rows: list[dict[str, bytes]] = []
+        self._bytes = 0
+
+    def add(self, row: dict[str, str | bytes]) -> None:
+        if self._bytes >= ROW_GROUP_BYTES or self._in_file + len(self._rows) == self.rows_per_file:
+            self._flush()
+        encoded = {
+            name: value if isinstance(value, bytes) else value.encode("utf-8", "replace") for name, value in row.items()
+        }
+        self._rows.append(encoded)
+        self._bytes += sum(map(len, encoded.values()))
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            self.names.append(self.pattern.format(len(self.names)))
+            self._writer = pq.ParquetWriter(self.folder / self.names[-1], self.schema, **self.options)
+        rows, self._rows, self._bytes = self._rows, [], 0
+        columns = [_strings(field.type, [row[field.name] for row in rows]) for field in self.schema]
+        del rows
+        self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        self._in_file += len(columns[0])
+        if self._in_file == self.rows_per_file:
+            self._writer.close()
+            self._writer, self._in_file = None, 0
+
+    def close(self) -> list[str]:
+        """Flush and close; always leaves at least one (possibly empty) file."""
+        if self._rows or not self.names:
+            self._flush()
+        if self._writer is not None:
+            self._writer.close()
+        return self.names
+
+
+class _Corpus:
+    """Routes documents to the shards and bad items to quarantine, and keeps the tallies."""
+
+    def __init__(self, folder: Path, max_doc_chars: int, shard_docs: int):
+        self.max_doc_chars = max_doc_chars
+        self.shards = _ParquetSink(
+            DOC_SCHEMA, folder, "shard-{:05d}.parquet", shard_docs,
+            compression="zstd", use_dictionary=["source"], write_statistics=["id", "source", "origin"],
+        )  # fmt: skip
+        self.quarantine = _ParquetSink(QUARANTINE_SCHEMA, folder, QUARANTINE, None, compression="zstd")
+        self.digest = hashlib.sha256()
+        self.sources: dict[str, Counter] = {}
+        self.reasons: Counter = Counter()
+
+    def extend(self, source: str, items: Iterable[_Item]) -> None:
+        tally = self.sources.setdefault(source, Counter(docs=0, bytes=0, quarantined=0))
+        for item in items:
+            if isinstance(item, _Doc):
+                item = self._write(source, item, tally)
+            if item is not None:
+                self.quarantine.add({"source": source, **item._asdict()})
+                self.reasons[item.reason] += 1
+                tally["quarantined"] += 1
+
+    def _write(self, source: str, doc: _Doc, tally: Counter) -> _Bad | None:
+        if not doc.text or doc.text.isspace():
+            return _Bad(doc.origin, "empty")
+        if len(doc.text) > self.max_doc_chars:
+            detail = f"{len(doc.text)} characters, max_doc_chars={self.max_doc_chars}"
+            return _Bad(doc.origin, "too-long", detail, _sample(doc.text))
+        try:
+            data = doc.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return _Bad(doc.origin, "invalid-utf8", f"character {exc.start}: {exc.reason}", _sample(doc.text))
+        self.digest.update(f"{source}\0{doc.origin}\0{len(data)}\0".encode())
+        self.digest.update(data)
+        doc_id = hashlib.sha1(f"{source}\0{doc.origin}".encode()).hexdigest()[:20]
+        self.shards.add({"id": doc_id, "text": data, "source": source, "origin": doc.origin})
+        tally["docs"] += 1
+        tally["bytes"] += len(data)
+        return None
+
+    def close(self) -> dict[str, Any]:
+        """Close both tables; the manifest fields describing them."""
+        docs = sum(tally["docs"] for tally in self.sources.values())
+        if not docs:
+            raise StageError(f"no documents collected; quarantined by reason: {dict(self.reasons) or 'none'}")
+        shards = self.shards.close()
+        self.quarantine.close()
+        return {
+            "counts": {
+                "docs": docs,
+                "bytes": sum(tally["bytes"] for tally in self.sources.values()),
+                "shards": len(shards),
+                "quarantined": self.reasons.total(),
+            },
+            "python": platform.python_version(),
+            "content_hash": self.digest.hexdigest(),
+            "shards": shards,
+            "sources": {name: dict(tally) for name, tally in self.sources.items()},
+            "quarantine": dict(self.reasons.most_common()),
+        }
+
+
+def _build(config: CollectConfig, files: dict[str, list[Path]], out: Path) -> dict[str, Any]:
+    corpus = _Corpus(out, config.max_doc_chars, config.shard_docs)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".downloads-") as scratch:
+        for source in config.sources:
+            items = _read_source(source, files.get(source.name, []), Path(scratch), config.max_doc_chars)
+            corpus.extend(source.name, items)
+    return corpus.close()
+
+
+def collect(config: CollectConfig | None = None, root: str | os.PathLike | None = None) -> Ref:
+    """Collect the configured sources into `<workspace>/collect/<fingerprint>/`."""
+    config = config or CollectConfig()
+    root = workspace(root)
+    files = {source.name: _match(source) for source in config.sources if isinstance(source, FilesSource)}
+    identities = {source.name: _identity(source, files.get(source.name, [])) for source in config.sources}
+    settings = config.model_dump(mode="json")
+    fp = fingerprint("collect", settings, [_digest(identities)], code_version(sys.modules[__name__]))
+    inputs = {
+        source.name: {"kind": source.kind, "files": len(identities[source.name].get("files", [])),
+                      "identity": _digest(identities[source.name])}
+        for source in config.sources
+    }  # fmt: skip
+    return run_stage("collect", fp, lambda out: _build(config, files, out), root=root, inputs=inputs, config=settings)
+
+
+def shard_paths(ref: Ref) -> list[Path]:
+    """The Parquet shards of a collect output, in order."""
+    return [ref.dir / name for name in ref.manifest()["shards"]]
+
+
+def iter_shard(path: Path, batch_size: int = BATCH_ROWS) -> Iterator[dict[str, str]]:
+    """Documents of one shard, read `batch_size` rows at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        yield from batch.to_pylist()
+
+
+def iter_documents(ref: Ref, batch_size: int = BATCH_ROWS) -> Iterator[dict[str, str]]:
+    """Every document of a collect output as {id, text, source, origin}, streamed shard by shard."""
+    for path in shard_paths(ref):
+        yield from iter_shard(path, batch_size)
