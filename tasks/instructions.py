@@ -3,9 +3,11 @@
 Two sources feed the finetune and evaluate stages:
 
 - built-in generators of tasks whose answers are computed, not guessed: unit
-  conversions, integer arithmetic and simple string tasks. They are seeded and the
-  held-out test problems are drawn first and excluded from training, so no test
-  problem (under any phrasing) is ever trained on;
+  conversions, integer arithmetic and simple string tasks. Conversions use metric
+  units by default, so a small model learns one skill (shift the decimal point)
+  rather than memorising imperial factors; `units="all"` adds the rest. They are
+  seeded and the held-out test problems are drawn first and excluded from
+  training, so no test problem (under any phrasing) is ever trained on;
 - the user's own data: JSONL/JSON/Parquet files, a `datasets.save_to_disk`
   directory or a hub dataset, in Alpaca (`instruction`/`input`/`output`) or chat
   `messages` form. Bad rows are quarantined with their line number and reason
@@ -52,6 +54,7 @@ Family = Literal[
     "upper",
 ]
 FAMILIES: tuple[str, ...] = get_args(Family)
+UnitSet = Literal["metric", "all"]
 USER_FAMILY = "user"
 
 # Consecutive draws that bring nothing new before a family counts as exhausted.
@@ -122,7 +125,40 @@ def _unit(name: str, symbol: str, size: str, plural: str = "") -> Unit:
     return Unit(name, plural or name + "s", symbol, Fraction(size))
 
 
-UNITS: dict[str, list[Unit]] = {
+# SI prefixes as (symbol, power of ten); the micro sign is the Greek mu, which
+# Unicode normalisation (NFC or NFKC) leaves unchanged.
+PREFIXES: dict[str, tuple[str, int]] = {
+    "nano": ("n", -9),
+    "micro": ("\u03bc", -6),
+    "milli": ("m", -3),
+    "centi": ("c", -2),
+    "deci": ("d", -1),
+    "": ("", 0),
+    "kilo": ("k", 3),
+    "mega": ("M", 6),
+    "giga": ("G", 9),
+    "tera": ("T", 12),
+}
+
+
+def _prefixed(name: str, symbol: str, prefixes: str) -> list[Unit]:
+    """The units `name` takes with each of the space-separated prefixes ('-' for none)."""
+    units = []
+    for prefix in prefixes.replace("-", "").split(" "):
+        prefix_symbol, power = PREFIXES[prefix]
+        units.append(Unit(prefix + name, prefix + name + "s", prefix_symbol + symbol, Fraction(10) ** power))
+    return units
+
+
+METRIC_UNITS: dict[str, list[Unit]] = {
+    "convert_length": _prefixed("meter", "m", "micro milli centi - kilo"),
+    "convert_mass": [*_prefixed("gram", "g", "milli - kilo"), _unit("tonne", "t", "1000000")],
+    "convert_time": _prefixed("second", "s", "nano micro milli -"),
+    "convert_volume": _prefixed("liter", "L", "milli centi deci - kilo"),
+    "convert_data": _prefixed("byte", "B", "- kilo mega giga tera"),
+}
+
+ALL_UNITS: dict[str, list[Unit]] = {
     "convert_length": [
         _unit("millimeter", "mm", "0.001"),
         _unit("centimeter", "cm", "0.01"),
@@ -172,11 +208,14 @@ UNITS: dict[str, list[Unit]] = {
     ],
 }
 
+UNITS: dict[str, dict[str, list[Unit]]] = {"metric": METRIC_UNITS, "all": ALL_UNITS}
+
 # Answers keep at most this many decimals, and a conversion is offered only when a
-# source value that is a multiple of at most MAX_STEP makes its answer that short.
+# source value that is a multiple of at most MAX_STEP makes its answer that short
+# and its ratio is at most MAX_RATIO (so metric answers stay around 12 characters).
 DECIMALS = 3
 MAX_STEP = 1000
-MAX_RATIO = 10**9
+MAX_RATIO: dict[str, int] = {"metric": 10**6, "all": 10**9}
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "convert": (
@@ -225,13 +264,13 @@ def _is_short(value: Fraction) -> bool:
     return (value * 10**DECIMALS).denominator == 1
 
 
-def _conversions(units: list[Unit]) -> list[tuple[Unit, Unit, Fraction, int]]:
+def _conversions(units: list[Unit], max_ratio: int) -> list[tuple[Unit, Unit, Fraction, int]]:
     """(source, target, ratio, step) for every pair whose answers can stay short."""
     pairs = []
     for src, dst in permutations(units, 2):
         ratio = src.size / dst.size
         step = (ratio * 10**DECIMALS).denominator
-        if step <= MAX_STEP and ratio <= MAX_RATIO:
+        if step <= MAX_STEP and ratio <= max_ratio:
             pairs.append((src, dst, ratio, step))
     return pairs
 
@@ -273,12 +312,13 @@ def _count_letter(rng: random.Random) -> Problem:
     return Problem((word, letter), prompt, str(word.count(letter)))
 
 
-def _makers(digits: int) -> dict[str, Callable[[random.Random], Problem]]:
+def _makers(config: InstructionConfig) -> dict[str, Callable[[random.Random], Problem]]:
     makers: dict[str, Callable[[random.Random], Problem]] = {
-        family: partial(_convert, _conversions(units)) for family, units in UNITS.items()
+        family: partial(_convert, _conversions(units, MAX_RATIO[config.units]))
+        for family, units in UNITS[config.units].items()
     }
     for op in ("add", "subtract", "multiply"):
-        makers[op] = partial(_arithmetic, op, digits)
+        makers[op] = partial(_arithmetic, op, config.digits)
     makers.update(reverse=_reverse, count_letter=_count_letter, upper=_upper)
     return makers
 
@@ -315,7 +355,7 @@ def _generate(family: str, config: InstructionConfig) -> dict[str, list[Problem]
     their keys, so a held-out problem never appears in training under any phrasing.
     Training prompts are distinct while the family has enough of them, then repeat.
     """
-    make = _makers(config.digits)[family]
+    make = _makers(config)[family]
     test = _distinct(make, random.Random(f"{config.seed}/{family}/test"), config.test_per_family, lambda p: p.key)
     if len(test) < config.test_per_family:
         raise StageError(
@@ -371,6 +411,11 @@ class InstructionConfig(BaseModel):
     train_per_family: int = Field(default=2000, ge=0, description="Training examples per generated family.")
     test_per_family: int = Field(default=100, ge=0, description="Held-out test examples per generated family.")
     digits: int = Field(default=2, ge=1, le=12, description="Digits of each operand in the arithmetic families.")
+    units: UnitSet = Field(
+        default="metric",
+        description="Units of the conversion families: 'metric' (powers of ten only: km/m/cm/mm, t/kg/g/mg, "
+        "s/ms/μs/ns, kL/L/dL/cL/mL, TB/GB/MB/kB/B) or 'all' (adds imperial units, minutes to weeks, bits, KiB).",
+    )
     system_prompt: str | None = Field(
         default=None, description="System message put first in every conversation that has none."
     )

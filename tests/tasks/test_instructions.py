@@ -43,6 +43,7 @@ from tasks.instructions import (
 from tasks.stage import StageError
 
 SMALL = {"train_per_family": 300, "test_per_family": 40}
+CONVERT = [family for family in FAMILIES if family.startswith("convert_")]
 
 # Unit sizes written out again here, so answers are checked against an independent table.
 SIZES = {
@@ -52,11 +53,20 @@ SIZES = {
     "pound": "453.59237",
     "millisecond": "0.001", "second": "1", "minute": "60", "hour": "3600", "day": "86400", "week": "604800",
     "milliliter": "1", "centiliter": "10", "deciliter": "100", "liter": "1000", "cubic meter": "1000000",
+    "micrometer": "0.000001", "nanosecond": "0.000000001", "microsecond": "0.000001", "kiloliter": "1000000",
     "fluid ounce": "29.5735295625", "pint": "473.176473", "quart": "946.352946", "gallon": "3785.411784",
     "bit": "1", "byte": "8", "kilobyte": "8000", "megabyte": "8000000", "gigabyte": "8000000000",
     "terabyte": "8000000000000", "kibibyte": "8192", "mebibyte": "8388608",
 }  # fmt: skip
 PLURALS = {"inch": "inches", "foot": "feet"}
+METRIC = {
+    "convert_length": {"micrometer", "millimeter", "centimeter", "meter", "kilometer"},
+    "convert_mass": {"milligram", "gram", "kilogram", "tonne"},
+    "convert_time": {"nanosecond", "microsecond", "millisecond", "second"},
+    "convert_volume": {"milliliter", "centiliter", "deciliter", "liter", "kiloliter"},
+    "convert_data": {"byte", "kilobyte", "megabyte", "gigabyte", "terabyte"},
+}
+POWERS_OF_TEN = {Fraction(10) ** k for k in range(-6, 7)}
 UNIT_NAMES = {PLURALS.get(name, name + "s"): name for name in SIZES} | {name: name for name in SIZES}
 UNIT_PATTERN = "|".join(sorted(map(re.escape, UNIT_NAMES), key=len, reverse=True))
 NUMBER = r"\d{1,3}(?:,\d{3})*(?:\.\d+)?"
@@ -112,18 +122,23 @@ def _prompt(example: Example) -> str:
     return example.messages[-2]["content"]
 
 
+@pytest.fixture(scope="module", params=["metric", "all"])
+def units(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def small():
-    return build_examples(InstructionConfig(**SMALL))
+def small(units):
+    return build_examples(InstructionConfig(units=units, **SMALL))
 
 
 # ---------------------------------------------------------------------------
 # Generated tasks
 
 
-def test_same_seed_same_examples_and_other_seed_differs(small):
-    again = build_examples(InstructionConfig(**SMALL))
-    other = build_examples(InstructionConfig(seed=99, **SMALL))
+def test_same_seed_same_examples_and_other_seed_differs(small, units):
+    again = build_examples(InstructionConfig(units=units, **SMALL))
+    other = build_examples(InstructionConfig(seed=99, units=units, **SMALL))
     assert [e.model_dump() for e in again["train"]] == [e.model_dump() for e in small["train"]]
     assert [e.model_dump() for e in again["test"]] == [e.model_dump() for e in small["test"]]
     assert [_prompt(e) for e in other["test"]] != [_prompt(e) for e in small["test"]]
@@ -158,9 +173,9 @@ def test_answers_are_correct_for_every_family(small):
     assert seen == set(FAMILIES)
 
 
-def test_conversion_answers_are_exact_and_formatted(small):
-    convert = [e for e in small["train"] + small["test"] if e.family.startswith("convert_")]
-    symbols = {unit.symbol for units in UNITS.values() for unit in units}
+def test_conversion_answers_are_exact_and_formatted(small, units):
+    convert = [e for e in small["train"] + small["test"] if e.family in CONVERT]
+    symbols = {unit.symbol for family_units in UNITS[units].values() for unit in family_units}
     for example in convert:
         number, symbol = example.answer.split(" ", 1)
         assert re.fullmatch(r"\d{1,3}(,\d{3})*(\.\d{1,3})?", number), example.answer
@@ -182,9 +197,28 @@ def test_convert_45_kilometers_to_meters():
         def __init__(self):
             super().__init__(0)
 
-    km, m = UNITS["convert_length"][3], UNITS["convert_length"][2]
-    problem = _convert(_conversions([km, m]), Fixed())
+    length = {unit.name: unit for unit in UNITS["metric"]["convert_length"]}
+    problem = _convert(_conversions([length["kilometer"], length["meter"]], 10**6), Fixed())
     assert (problem.prompt, problem.answer) == ("Convert 45 kilometers to meters.", "45,000 m")
+
+
+def test_metric_is_the_default_and_converts_by_powers_of_ten_only():
+    assert InstructionConfig().units == "metric"
+    data = build_examples(InstructionConfig(families=CONVERT))  # the default sizes: 2000 train, 100 test
+    used = {family: set() for family in CONVERT}
+    for example in data["train"] + data["test"]:
+        value, src, dst = _conversion(_prompt(example))
+        assert {src, dst} <= METRIC[example.family], _prompt(example)
+        assert _answer_value(example.family, example.answer) / value in POWERS_OF_TEN, _prompt(example)
+        assert len(example.answer.split(" ")[0]) <= 12, example.answer
+        used[example.family] |= {src, dst}
+    assert used == METRIC
+    for split, n in (("train", 2000), ("test", 100)):
+        for family in CONVERT:
+            assert len({_prompt(e) for e in data[split] if e.family == family}) == n
+    everything = build_examples(InstructionConfig(families=["convert_length"], units="all", **SMALL))
+    ratios = {_answer_value("convert_length", e.answer) / _conversion(_prompt(e))[0] for e in everything["train"]}
+    assert ratios - POWERS_OF_TEN
 
 
 @pytest.mark.parametrize(
@@ -231,6 +265,8 @@ def test_config_rejects_unknown_fields_and_families():
         InstructionConfig(families=["divide"])
     with pytest.raises(ValidationError):
         InstructionConfig(epochs=3)
+    with pytest.raises(ValidationError):
+        InstructionConfig(units="imperial")
     assert InstructionConfig().families == list(FAMILIES)
 
 
