@@ -42,6 +42,7 @@ class Ref(BaseModel):
     path: str
     fingerprint: str
     counts: dict[str, Any] = Field(default_factory=dict)
+    cached: bool = Field(False, description="True when this output was already on disk and reused.")
 
     @property
     def dir(self) -> Path:
@@ -140,11 +141,11 @@ def run_stage(
     """
     done = find(stage, fp, root)
     if done:
-        return done
+        return done.model_copy(update={"cached": True})
     with _locked(root / stage / f".{fp}.lock"):
         done = find(stage, fp, root)
         if done:
-            return done
+            return done.model_copy(update={"cached": True})
         tmp = root / stage / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:

@@ -1,0 +1,239 @@
+"""The `tinyseek` command line.
+
+    tinyseek run [--preset tiny|demo|...] [--config FILE] [--set key.path=value ...] [--json]
+    tinyseek data|pretrain|finetune|evaluate ...   one stage group, same options
+    tinyseek serve | up                            Prefect deployments, local servers
+    tinyseek generate|chat|next-token|export-hf    use a trained model
+
+Every command takes `--workspace DIR` (else $TINYSEEK_WORKSPACE, else `data/`). Errors a
+user can fix are printed as one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+class UserError(Exception):
+    """Shown as `error: <message>` with exit code 2."""
+
+
+def prepare_environment(workspace_dir: str | None) -> Path:
+    """Quiet, offline defaults and a workspace-local Prefect home, set before Prefect loads."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from tasks.stage import workspace
+
+    root = workspace(workspace_dir)
+    os.environ["TINYSEEK_WORKSPACE"] = str(root)
+    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    return root
+
+
+def check_servers() -> None:
+    """Fail fast, in one line, when a configured Prefect or MLflow server does not answer."""
+    import httpx
+
+    for variable, probe in (("PREFECT_API_URL", "/health"), ("MLFLOW_TRACKING_URI", "/health")):
+        url = os.environ.get(variable, "")
+        if not url.startswith(("http://", "https://")):
+            continue
+        target = url.rstrip("/") + probe
+        try:
+            httpx.get(target, timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UserError(f"{variable}={url} does not answer ({type(exc).__name__}); start the server or unset {variable}") from None
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="preset from configs/ (tiny, demo, gpu-small); default: tiny")
+    parser.add_argument("--config", help="YAML file with sections to override (collect:, model:, pretrain:, ...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one value, e.g. --set pretrain.steps=100 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+
+
+def add_workspace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", help="where outputs, checkpoints and the MLflow store live (default: data/)")
+
+
+def print_summary(result: dict[str, Any], as_json: bool) -> None:
+    print()
+    print(f"done in {result['seconds']} s; workspace {result['workspace']}")
+    for name, stage in result["stages"].items():
+        flag = "reused" if stage["cached"] else "built "
+        counts = ", ".join(f"{k}={v}" for k, v in list(stage["counts"].items())[:4])
+        print(f"  {name:<9} {flag} {counts}")
+    for key in ("metrics",):
+        if result.get(key):
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result[key].items()))
+    print(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']}")
+    if result.get("version"):
+        print(f"registered model tinyseek version {result['version']} ({result['model_uri']})")
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+def run_flow(name: str) -> Callable[[argparse.Namespace], None]:
+    def command(args: argparse.Namespace) -> None:
+        prepare_environment(args.workspace)
+        check_servers()
+        from tasks.config import load_config
+
+        config = load_config(args.preset, args.config, args.overrides)
+        from flows import pipeline
+
+        flow_fn = {"run": pipeline.build_llm, "data": pipeline.data_flow, "pretrain": pipeline.pretrain_flow,
+                   "finetune": pipeline.finetune_flow, "evaluate": pipeline.evaluate_flow}[name]
+        print_summary(flow_fn(config=config, workspace_dir=os.environ["TINYSEEK_WORKSPACE"]), args.json)
+
+    return command
+
+
+FLOW_HELP = {
+    "run": "run the whole pipeline (build-llm): data, pretrain, finetune, evaluate, register",
+    "data": "collect, clean and tokenize the corpus",
+    "pretrain": "pretrain the model (reusing finished data stages)",
+    "finetune": "fine-tune on labeled instructions (reusing finished stages)",
+    "evaluate": "evaluate the base and fine-tuned models (reusing finished stages)",
+}
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models:/tinyseek@champion",
+                        help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, an MLflow run id, or a model "
+                        "directory (default: models:/tinyseek@champion in the workspace's MLflow store)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
+
+
+def load_model(args: argparse.Namespace):
+    root = prepare_environment(args.workspace)
+    from tasks import inference
+
+    return inference, inference.load(args.model, root, device=args.device)
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    inference, loaded = load_model(args)
+    print(inference.complete(loaded, args.prompt, chat=args.chat, **sampling(args)))
+
+
+def chat_command(args: argparse.Namespace) -> None:
+    inference, loaded = load_model(args)
+    print(f"chatting with {args.model} ({loaded.directory}); /reset clears the conversation, /exit or Ctrl-D leaves")
+    inference.chat_loop(loaded, system=args.system, **sampling(args))
+
+
+def next_token_command(args: argparse.Namespace) -> None:
+    inference, loaded = load_model(args)
+    print(inference.format_table(inference.next_token(loaded, args.prompt, top=args.top, chat=args.chat)))
+
+
+def export_hf_command(args: argparse.Namespace) -> None:
+    inference, loaded = load_model(args)
+    out = inference.export_hf(loaded, Path(args.out))
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyseek",
+        description="Build a small DeepSeek-V3-style language model from scratch: "
+        "collect -> clean -> tokenize -> pretrain -> finetune -> evaluate -> register, "
+        "orchestrated by Prefect and tracked in MLflow.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in FLOW_HELP.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        add_config_options(sub)
+        add_workspace(sub)
+        sub.set_defaults(handler=run_flow(name))
+
+    sub = commands.add_parser("generate", help="complete a prompt with a trained model")
+    add_model_option(sub)
+    sub.add_argument("--prompt", required=True, help="the text to complete (or the user message with --chat)")
+    sub.add_argument("--chat", action="store_true", help="send the prompt as a chat message (fine-tuned models)")
+    add_sampling_options(sub)
+    add_workspace(sub)
+    sub.set_defaults(handler=generate_command)
+
+    sub = commands.add_parser("chat", help="interactive chat that streams the model's replies")
+    add_model_option(sub)
+    sub.add_argument("--system", help="optional system message")
+    add_sampling_options(sub)
+    add_workspace(sub)
+    sub.set_defaults(handler=chat_command)
+
+    sub = commands.add_parser("next-token", help="the most probable next tokens and their probabilities")
+    add_model_option(sub)
+    sub.add_argument("--prompt", required=True, help="the text whose next token to show")
+    sub.add_argument("--top", type=int, default=10, help="how many tokens to show (default: 10)")
+    sub.add_argument("--chat", action="store_true", help="render the prompt as a chat message first")
+    add_workspace(sub)
+    sub.set_defaults(handler=next_token_command)
+
+    sub = commands.add_parser("export-hf", help="write a directory that HF transformers loads")
+    add_model_option(sub)
+    sub.add_argument("--out", required=True, help="output directory")
+    add_workspace(sub)
+    sub.set_defaults(handler=export_hf_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    from model.config import ConfigError
+    from tasks.stage import StageError
+
+    try:
+        args.handler(args)
+    except (UserError, StageError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

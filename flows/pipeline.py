@@ -1,0 +1,326 @@
+"""The Prefect flows: `data`, `pretrain`, `finetune`, `evaluate`, the whole `build-llm`
+pipeline and `retrain`.
+
+Every stage runs as a Prefect task that opens an MLflow child run under the flow's
+parent run (run ids passed explicitly: MLflow's active run is thread-local), logs the
+stage's config, counts and manifest, and reports "Cached" when the stage's output
+was already on disk. Stage groups are plain functions chained by the flows, so each
+flow can be started on its own (its upstream stages are reused when unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from prefect.states import Completed
+
+from tasks.clean import clean, drop_reasons
+from tasks.collect import collect
+from tasks.config import PipelineConfig
+from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of
+from tasks.finetune import finetune
+from tasks.instructions import eval_texts
+from tasks.pretrain import pretrain
+from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
+from tasks.report import markdown_table, write_report
+from tasks.stage import Ref, workspace
+from tasks.tokenize import TokenData, tokenize
+from tasks.tracking import MetricsCallback, Tracker, run_tags, system_metrics
+from tasks.training import read_history
+
+StageWork = Callable[[Callable[[int, dict[str, float]], None]], Ref]
+
+
+@dataclass
+class PipelineRun:
+    """What the stages of one flow run share: the workspace, the tracker and the parent run."""
+
+    config: PipelineConfig
+    root: Path
+    tracker: Tracker
+    parent_id: str
+    refs: dict[str, Ref] = field(default_factory=dict)
+    child_runs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, name: str, config: PipelineConfig, workspace_dir: str | None) -> PipelineRun:
+        root = workspace(workspace_dir)
+        tracker = Tracker(root)
+        tags = run_tags(config.preset, data_fingerprint="pending", flow_run_id=flow_run.get_id(),
+                        flow_run_url=flow_run.get_flow_run_ui_url())
+        parent = tracker.start_run(name, tags=tags, params={"preset": config.preset})
+        tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
+        return cls(config=config, root=root, tracker=tracker, parent_id=parent)
+
+    def finish(self, ok: bool) -> None:
+        self.tracker.end_run(self.parent_id, "FINISHED" if ok else "FAILED")
+
+
+class TrainingProgress:
+    """Mirrors training steps into a Prefect progress artifact and the flow log."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total = stage, total
+        self.artifact = create_progress_artifact(progress=0.0, description=f"{stage} training progress")
+        self.logger = get_run_logger()
+        self.every = max(1, total // 20)
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every and step != self.total:
+            return
+        update_progress_artifact(self.artifact, progress=100.0 * step / self.total)
+        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "max_vio") if k in metrics)
+        self.logger.info(f"{self.stage} step {step}/{self.total}: {shown}")
+
+
+@task(cache_policy=NONE, persist_result=False)
+def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[str, Any]):
+    """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
+    logger = get_run_logger()
+    tracker = run.tracker
+    child = tracker.start_run(stage, parent_id=run.parent_id, params=params,
+                              tags=run_tags(run.config.preset, data_fingerprint=_data_fp(run),
+                                            flow_run_id=flow_run.get_id(),
+                                            flow_run_url=flow_run.get_flow_run_ui_url()))
+    run.child_runs[stage] = child
+    metrics = MetricsCallback(tracker, child, every=10)
+    try:
+        with system_metrics(tracker, child):
+            ref = work(metrics)
+        metrics.close()
+        tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
+        tracker.log_dict(child, ref.manifest(), f"{stage}/manifest.json")
+        tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached)})
+    except BaseException:
+        tracker.end_run(child, "FAILED")
+        raise
+    tracker.end_run(child)
+    run.refs[stage] = ref
+    logger.info(f"{stage}: {'reused' if ref.cached else 'built'} {ref.path} {ref.counts}")
+    return Completed(data=ref, name="Cached" if ref.cached else "Completed",
+                     message=f"reused {ref.path}" if ref.cached else None)
+
+
+def _data_fp(run: PipelineRun) -> str:
+    ref = run.refs.get("tokenize") or run.refs.get("clean") or run.refs.get("collect")
+    return ref.fingerprint if ref else "pending"
+
+
+def _stage(stage: str, run: PipelineRun, work: StageWork, params: dict[str, Any]) -> Ref:
+    return run_stage_task.with_options(name=stage)(stage, work, run, params, return_state=True).result()
+
+
+def data_steps(run: PipelineRun) -> dict[str, Ref]:
+    cfg, root = run.config, run.root
+    collected = _stage("collect", run, lambda cb: collect(cfg.collect, root), cfg.collect.model_dump(mode="json"))
+    cleaned = _stage("clean", run, lambda cb: clean(collected, cfg.clean, root, eval_texts(cfg.instructions)),
+                     cfg.clean.model_dump(mode="json"))
+    run.tracker.log_table(run.child_runs["clean"], drop_reasons(cleaned), "clean/drop_reasons.json")
+    tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root),
+                    cfg.tokenize.model_dump(mode="json"))
+    run.tracker.set_tags(run.parent_id, {"data_fingerprint": tokens.fingerprint})
+    return run.refs
+
+
+def _with_progress(stage: str, total: int, callback):
+    progress = TrainingProgress(stage, total)
+
+    def both(step: int, metrics: dict[str, float]) -> None:
+        callback(step, metrics)
+        progress(step, metrics)
+
+    return both
+
+
+def pretrain_steps(run: PipelineRun) -> Ref:
+    cfg = run.config
+    tokens = data_steps(run)["tokenize"]
+    return _stage("pretrain", run,
+                  lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb)),
+                  {"model": cfg.model, "pretrain": cfg.pretrain.model_dump(mode="json")})
+
+
+def finetune_steps(run: PipelineRun) -> Ref:
+    cfg = run.config
+    base = pretrain_steps(run)
+    return _stage("finetune", run,
+                  lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb)),
+                  {"instructions": cfg.instructions.model_dump(mode="json"),
+                   "finetune": cfg.finetune.model_dump(mode="json")})
+
+
+def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
+    cfg = run.config
+    tuned = finetune_steps(run)
+    base, data = run.refs["pretrain"], TokenData(run.refs["tokenize"])
+    ref = _stage("evaluate", run,
+                 lambda cb: evaluate(base, tuned, cfg.evaluate, cfg.instructions, data.files("validation"), data.dtype,
+                                     data.bytes_per_token("validation") or 1.0, run.root),
+                 cfg.evaluate.model_dump(mode="json"))
+    child = run.child_runs["evaluate"]
+    run.metrics = metrics_of(ref)
+    run.tracker.log_metrics(child, run.metrics)
+    for table in sorted(ref.dir.glob("*.parquet")):
+        run.tracker.log_table(child, pd.read_parquet(table), f"evaluate/{table.stem}.json")
+    return run.metrics
+
+
+def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | None]:
+    """The champion's version and the evaluation metrics recorded with it."""
+    version = champion_version(tracker)
+    if version is None:
+        return None, None
+    run_id = tracker.client.get_model_version(MODEL_NAME, str(version)).run_id
+    return version, dict(tracker.client.get_run(run_id).data.metrics)
+
+
+def register_steps(run: PipelineRun) -> dict[str, Any]:
+    """Evaluate, register the fine-tuned model as `challenger`, promote it if it beats the champion."""
+    cfg = run.config
+    evaluate_steps(run)
+    tracker, tuned = run.tracker, run.refs["finetune"]
+    champion, previous = champion_metrics(tracker)
+    child = tracker.start_run("register", parent_id=run.parent_id, tags={"fingerprint": tuned.fingerprint})
+    run.child_runs["register"] = child
+    tracker.log_metrics(child, run.metrics)
+    model_uri = log_model(tracker, child, tuned.dir)
+    version = register(tracker, model_uri, child, tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
+                                                         "data_fingerprint": _data_fp(run)})
+    promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
+    if promoted:
+        promote(tracker, version)
+    tracker.set_tags(child, {"promoted": str(promoted), "decision": reason, "champion_before": str(champion)})
+    tracker.end_run(child)
+    run.decision = {"version": version, "model_uri": model_uri, "promoted": promoted, "reason": reason,
+                    "champion_before": champion}
+    comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None
+    create_markdown_artifact(decision_markdown(run.decision, comparison), description="promotion decision")
+    write_run_report(run, comparison)
+    return run.decision
+
+
+def decision_markdown(decision: dict[str, Any], comparison: pd.DataFrame | None) -> str:
+    verdict = "promoted to **champion**" if decision["promoted"] else "kept as **challenger**"
+    lines = [f"# tinyseek version {decision['version']}: {verdict}", "", decision["reason"], ""]
+    if comparison is not None:
+        lines.append(markdown_table(comparison))
+    return "\n".join(lines)
+
+
+def _curves(run: PipelineRun) -> pd.DataFrame:
+    rows = [
+        {"step": record["step"], "stage": stage, "metric": metric, "value": record[metric]}
+        for stage in ("pretrain", "finetune") if stage in run.refs
+        for record in read_history(run.refs[stage].dir)
+        for metric in ("loss", "val_loss", "mtp_loss") if metric in record
+    ]
+    return pd.DataFrame(rows, columns=["step", "stage", "metric", "value"])
+
+
+def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
+    """The human-readable report of this run, logged to MLflow and shown in Prefect."""
+    refs, cfg = run.refs, run.config
+    evaluated = refs["evaluate"].dir
+
+    def table(name: str) -> pd.DataFrame:
+        return pd.read_parquet(evaluated / f"{name}.parquet")
+
+    counts = refs["pretrain"].counts
+    report = write_report(
+        run.root / "reports" / run.parent_id,
+        title=f"tinyseek run ({cfg.preset} preset)",
+        data_summary={**refs["collect"].counts, **refs["clean"].counts, **refs["tokenize"].counts,
+                      "drop reasons": drop_reasons(refs["clean"])},
+        model_summary={"parameters (total)": counts.get("params_total"),
+                       "parameters (activated per token)": counts.get("params_activated"),
+                       **{k: v for k, v in refs["pretrain"].manifest().get("model_config", {}).items()
+                          if k in REPORTED_MODEL_FIELDS}},
+        timings={name: ref.manifest().get("seconds", 0.0) for name, ref in refs.items()},
+        metrics=run.metrics,
+        exact_match=table("exact_match"),
+        curves=_curves(run),
+        max_vio=table("max_vio"),
+        expert_load=table("expert_load"),
+        generations=table("generations"),
+        next_token=table("next_token"),
+        comparison=comparison,
+        links={"MLflow run": f"{run.tracker.uri} run {run.parent_id}",
+               "Prefect flow run": flow_run.get_flow_run_ui_url() or "(no server)"},
+        decision=run.decision["reason"] if run.decision else "",
+    )
+    run.tracker.log_artifacts(run.parent_id, report.parent, "report")
+    create_markdown_artifact(report.read_text(), description="tinyseek run report")
+    return report
+
+
+REPORTED_MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "n_routed_experts",
+                         "n_shared_experts", "num_experts_per_tok", "kv_lora_rank", "q_lora_rank",
+                         "num_nextn_predict_layers", "vocab_size")
+
+
+def summary(run: PipelineRun) -> dict[str, Any]:
+    out = {
+        "mlflow_run_id": run.parent_id,
+        "tracking_uri": run.tracker.uri,
+        "workspace": str(run.root),
+        "seconds": round(time.time() - run.started, 1),
+        "stages": {name: {"path": ref.path, "cached": ref.cached, "counts": ref.counts} for name, ref in run.refs.items()},
+        "metrics": run.metrics,
+        **run.decision,
+    }
+    lines = [f"# tinyseek `{run.config.preset}` run", "", f"MLflow parent run `{run.parent_id}` ({run.tracker.uri})", "",
+             "| stage | reused | output |", "|---|---|---|"]
+    lines += [f"| {name} | {ref.cached} | `{ref.path}` |" for name, ref in run.refs.items()]
+    if run.metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in run.metrics.items()]
+    create_markdown_artifact("\n".join(lines), description="tinyseek run summary")
+    return out
+
+
+def _flow(name: str, steps: Callable[[PipelineRun], Any], config: PipelineConfig, workspace_dir: str | None):
+    run = PipelineRun.start(name, config, workspace_dir)
+    ok = False
+    try:
+        steps(run)
+        ok = True
+        return summary(run)
+    finally:
+        run.finish(ok)
+
+
+@flow(name="data", description="Collect, clean and tokenize the corpus.")
+def data_flow(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
+    return _flow("data", data_steps, config, workspace_dir)
+
+
+@flow(name="pretrain", description="Pretrain the model on the token shards (data stages reused).")
+def pretrain_flow(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
+    return _flow("pretrain", pretrain_steps, config, workspace_dir)
+
+
+@flow(name="finetune", description="Fine-tune the pretrained model on labeled instructions.")
+def finetune_flow(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
+    return _flow("finetune", finetune_steps, config, workspace_dir)
+
+
+@flow(name="evaluate", description="Evaluate the base and fine-tuned models (training stages reused).")
+def evaluate_flow(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
+    return _flow("evaluate", evaluate_steps, config, workspace_dir)
+
+
+@flow(name="build-llm", description="The whole pipeline: data, pretraining, fine-tuning, evaluation, registration.")
+def build_llm(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
+    return _flow("build-llm", register_steps, config, workspace_dir)

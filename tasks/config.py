@@ -1,0 +1,151 @@
+"""The pipeline's configuration: one pydantic model with a section per stage.
+
+A run's config is built in layers: the stage defaults, then a preset from `configs/`
+(`tiny`, `demo`, `gpu-small`, ...), then an optional YAML file, then `--set a.b=value`
+overrides. Unknown names are errors that suggest the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.config import ConfigError, ModelConfig
+from tasks.clean import CleanConfig
+from tasks.collect import CollectConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.instructions import InstructionConfig
+from tasks.stage import REPO_ROOT, StageError
+from tasks.tokenize import TokenizeConfig
+from tasks.training import TrainingConfig
+
+PRESETS_DIR = REPO_ROOT / "configs"
+
+
+class PipelineConfig(BaseModel):
+    """Everything one `build-llm` run needs, stage by stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("custom", description="Name of the preset these values came from.")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Where the corpus comes from.")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Normalisation, filters, dedup, decontamination.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="BPE tokenizer and token shards.")
+    instructions: InstructionConfig = Field(
+        default_factory=InstructionConfig, description="Labeled instruction data for fine-tuning and evaluation."
+    )
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="DeepSeek-V3 architecture (HF DeepseekV3Config field names); vocab_size comes from the tokenizer.",
+    )
+    pretrain: TrainingConfig = Field(default_factory=TrainingConfig, description="Pretraining on the token shards.")
+    finetune: TrainingConfig = Field(
+        default_factory=lambda: TrainingConfig(steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10),
+        description="Instruction fine-tuning from the pretrained model.",
+    )
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="What to measure after training.")
+
+    def model_for(self, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
+        """The model config with the tokenizer's vocabulary and special token ids filled in."""
+        values = {**self.model, "vocab_size": vocab_size, **special_ids}
+        try:
+            return ModelConfig.from_dict(values)
+        except ConfigError as exc:
+            raise StageError(str(exc)) from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise StageError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise StageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise StageError(f"config file {path} must hold a mapping of sections (collect:, model:, pretrain:, ...)")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _valid_keys(node: Any) -> list[str]:
+    if isinstance(node, BaseModel):
+        return list(type(node).model_fields)
+    if isinstance(node, dict):
+        return list(node)
+    return []
+
+
+def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig) -> dict[str, Any]:
+    """Apply one `a.b.c=value` (value parsed as YAML) after checking the path exists."""
+    if "=" not in assignment:
+        raise StageError(f"--set {assignment!r}: expected key.path=value, e.g. pretrain.steps=100")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = defaults
+    model_section = keys[0] == "model"
+    for depth, key in enumerate(keys):
+        if model_section and depth == 1:
+            valid = list(ModelConfig.__dataclass_fields__)
+            if key not in valid:
+                raise StageError(f"--set {path}: unknown key {key!r}; {_suggest(key, valid)}")
+            break
+        valid = _valid_keys(node)
+        if key not in valid:
+            raise StageError(f"--set {path}: unknown key {key!r}; {_suggest(key, valid)}")
+        node = getattr(node, key) if isinstance(node, BaseModel) else node[key]
+    nested: Any = yaml.safe_load(raw)
+    for key in reversed(keys):
+        nested = {key: nested}
+    return merge(values, nested)
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "valid keys: " + ", ".join(valid)
+
+
+def load_config(
+    preset: str | None = "tiny",
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Defaults <- preset <- YAML file <- --set overrides, validated."""
+    values: dict[str, Any] = {}
+    if preset:
+        available = presets()
+        if preset not in available:
+            raise StageError(f"unknown preset {preset!r}; {_suggest(preset, available)}")
+        values = merge(values, _read_yaml(PRESETS_DIR / f"{preset}.yaml"))
+        values["preset"] = preset
+    if config_file:
+        values = merge(values, _read_yaml(Path(config_file)))
+    defaults = PipelineConfig()
+    for assignment in overrides:
+        values = apply_set(values, assignment, defaults)
+    try:
+        config = PipelineConfig.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise StageError(f"config {where}: {first['msg']} ({exc.error_count()} problem(s) in all)") from None
+    config.model_for(vocab_size=max(config.tokenize.vocab_size, 8), special_ids={})
+    return config

@@ -1,0 +1,76 @@
+"""Multi-device training: the training stages launch `torchrun` when `devices > 1`.
+
+The parent writes a JSON spec, runs `torchrun -m tasks.train_worker SPEC` (DDP: gloo on
+CPU, NCCL on CUDA) and follows the metrics file that rank 0 appends to, so the same
+callback (MLflow, progress) sees the run as if it were in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.stage import Ref, StageError
+
+SPEC = "ddp-spec.json"
+METRICS = "ddp-metrics.jsonl"
+RESULT = "ddp-result.json"
+
+
+def _follow(path: Path, offset: int, callback: Callable[[int, dict[str, float]], None] | None) -> int:
+    if not path.exists():
+        return offset
+    with open(path) as handle:
+        handle.seek(offset)
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            offset += len(line)
+            if callback:
+                record = json.loads(line)
+                callback(record["step"], record["metrics"])
+    return offset
+
+
+def launch(
+    stage: str,
+    refs: dict[str, Ref],
+    config: Any,
+    out: Path,
+    checkpoints: Path,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run the stage's training under torchrun and return the manifest fields rank 0 wrote."""
+    devices = getattr(config, stage).devices
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "stage": stage,
+        "refs": {name: ref.model_dump(mode="json") for name, ref in refs.items()},
+        "config": config.model_dump(mode="json"),
+        "out": str(out),
+        "checkpoints": str(checkpoints),
+        "metrics": str(out / METRICS),
+        "result": str(out / RESULT),
+    }
+    (out / SPEC).write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "tasks.train_worker", str(out / SPEC)]
+    log(f"launching {devices} training processes: {' '.join(command[2:])}")
+    proc = subprocess.Popen(command)
+    offset = 0
+    while proc.poll() is None:
+        offset = _follow(out / METRICS, offset, callback)
+        time.sleep(0.5)
+    _follow(out / METRICS, offset, callback)
+    if proc.returncode != 0:
+        raise StageError(f"distributed {stage} failed (torchrun exit code {proc.returncode}); see the log above")
+    result = json.loads((out / RESULT).read_text())
+    for name in (SPEC, METRICS, RESULT):
+        (out / name).unlink(missing_ok=True)
+    return result

@@ -1,0 +1,96 @@
+"""Fine-tune stage: the pretrained model learns to answer instructions.
+
+Training data are labeled instructions (the built-in verifiable tasks plus any user
+data), rendered in the chat format; only the assistant's tokens carry loss. The held-out
+test split is the validation set. Output is laid out like the pretrain stage's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tokenizers import Tokenizer
+
+from model.checkpoint import load_model
+from model.data import SFTBatches
+from model.trainer import Trainer
+from tasks import distributed
+from tasks.chat import render
+from tasks.config import PipelineConfig
+from tasks.instructions import build_examples
+from tasks.pretrain import MODEL_CODE
+from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
+from tasks.training import train_into, work_dir
+
+QUARANTINE = "quarantine.parquet"
+
+
+def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
+    settings = {
+        "instructions": config.instructions.model_dump(mode="json"),
+        "train": config.finetune.model_dump(exclude={"devices", "threads"}),
+    }
+    return fingerprint("finetune", settings, [pretrained.fingerprint], code_version(sys.modules[__name__], *MODEL_CODE))
+
+
+def tokenizer_dir(pretrained: Ref) -> Path:
+    return pretrained.dir
+
+
+def rendered_examples(config: PipelineConfig, tokenizer: Tokenizer, quarantine: list | None = None):
+    """Train and test examples as (ids, loss mask) pairs in the chat format."""
+    examples = build_examples(config.instructions, quarantine=quarantine)
+    return {split: [render(ex.messages, tokenizer) for ex in items] for split, items in examples.items()}
+
+
+def build_trainer(pretrained: Ref, config: PipelineConfig, checkpoints: Path, rank: int = 0, world: int = 1,
+                  quarantine: list | None = None) -> Trainer:
+    cfg = config.finetune
+    tokenizer = Tokenizer.from_file(str(pretrained.dir / "tokenizer.json"))
+    data = rendered_examples(config, tokenizer, quarantine)
+    model = load_model(pretrained.dir, cfg.torch_device()).train()
+    limit = model.config.max_position_embeddings
+    if cfg.seq_len > limit:
+        raise StageError(f"finetune.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={limit}")
+    pad = model.config.pad_token_id
+    train = SFTBatches(data["train"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed, rank=rank, world_size=world)
+
+    def validation():
+        held_out = SFTBatches(data["test"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed)
+        return (held_out.next_batch() for _ in range(min(cfg.eval_batches, held_out.batches_per_epoch)))
+
+    return Trainer(model, cfg.engine(world), train, checkpoints, validation=validation if data["test"] else None)
+
+
+def finetune(
+    pretrained: Ref,
+    config: PipelineConfig,
+    root: Path | str | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Ref:
+    """Fine-tune the pretrained model on instructions and return the Ref of the result."""
+    root = workspace(root)
+    fp = finetune_fingerprint(pretrained, config)
+    cfg = config.finetune
+
+    def build(out: Path) -> dict:
+        checkpoints = work_dir(root, "finetune", fp)
+        quarantine: list[dict] = []
+        if cfg.devices > 1:
+            fields = distributed.launch("finetune", {"pretrained": pretrained}, config, out, checkpoints, callback, log)
+        else:
+            cfg.apply_threads()
+            trainer = build_trainer(pretrained, config, checkpoints, quarantine=quarantine)
+            trainer.callback = callback or trainer.callback
+            trainer.warn = log
+            fields = train_into(out, trainer, tokenizer_dir(pretrained), log=log)
+        pd.DataFrame(quarantine, columns=["source", "line", "reason"]).to_parquet(out / QUARANTINE)
+        fields["counts"]["quarantined_rows"] = len(quarantine)
+        return fields
+
+    return run_stage("finetune", fp, build, root=root, inputs={"pretrained": pretrained.model_dump()},
+                     config={"instructions": config.instructions.model_dump(mode="json"), "finetune": cfg.model_dump()})

@@ -1,0 +1,490 @@
+"""Using a trained model: find it, generate with it, chat with it, look inside it, export it.
+
+A model is named by a REF: a registered version (`models:/tinyseek@champion`, the default;
+`models:/tinyseek@challenger`; `models:/tinyseek/3`), a logged model (`models:/m-<id>`), an
+MLflow run (`runs:/<run_id>/<path>` or a bare run id) or a local model directory. MLflow
+refs are resolved through an explicit client on the workspace's tracking store (never the
+process-wide MLflow URIs) down to a concrete artifact location, and the model's files are
+downloaded once into `<workspace>/models-cache/<key>/`; registered versions and logged
+models are immutable, so an alias that moves simply points at another cache entry.
+Training checkpoints that travel inside a logged model directory are not downloaded.
+
+Each CLI command is one call here: `complete` (generate), `chat_loop` (chat),
+`next_token` + `format_table` (next-token) and `export_hf` (export-hf).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
+
+import mlflow
+import torch
+from mlflow.entities import FileInfo
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from tokenizers import Tokenizer
+
+from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
+from model.generate import generate, stream
+from model.hf import export_hf as export_hf_weights
+from model.transformer import Transformer
+from tasks.chat import BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, render_prompt
+from tasks.stage import StageError
+
+DEFAULT_REF = "models:/tinyseek@champion"
+MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)
+TOKENIZER_FILE = "tokenizer.json"
+CACHE_DIR = "models-cache"
+DB_FILE = "mlflow.db"
+DEFAULT_MAX_NEW_TOKENS = 64
+EXIT_COMMANDS = ("/exit", "/quit")
+RESET_COMMAND = "/reset"
+REF_FORMS = "a model directory, models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/RUN_ID/PATH or a run id"
+
+REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+LOGGED_MODEL = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)/?$")
+RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)(?:/(?P<path>.*))?$")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+# --- finding a model -------------------------------------------------------------------
+
+
+def tracking_uri(workspace: Path) -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else the SQLite store in the workspace."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workspace).resolve() / DB_FILE}"
+
+
+def is_model_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
+def resolve_model(ref: str, workspace: Path) -> Path:
+    """A local directory holding the model named by `ref` (see the module docstring).
+
+    Raises `StageError` with one line saying what was tried and what exists.
+    """
+    local = Path(ref).expanduser()
+    if local.exists():
+        if not local.is_dir() or not is_model_dir(local):
+            raise StageError(f"{local} is not a model directory: it needs {' and '.join(MODEL_FILES)}")
+        return local.resolve()
+    if not ref.startswith(("models:/", "runs:/")) and not RUN_ID.match(ref):
+        raise StageError(f"no model directory at {local}; REF is {REF_FORMS}")
+    return _Registry(tracking_uri(workspace)).fetch(ref, Path(workspace) / CACHE_DIR)
+
+
+class _Registry:
+    """Resolves MLflow refs to artifact locations and downloads model directories from them."""
+
+    def __init__(self, uri: str):
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise StageError(
+                f"no MLflow store at {uri.removeprefix('sqlite:///')} (run `tinyseek run` first, "
+                "or set MLFLOW_TRACKING_URI to a server)"
+            )
+        self.uri = uri
+        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def fetch(self, ref: str, cache: Path) -> Path:
+        try:
+            candidates = self._candidates(ref)
+            key = hashlib.sha256(f"{self.uri}\n{candidates[0][0]}".encode()).hexdigest()[:16]
+            if is_model_dir(cache / key):
+                return cache / key
+            for location, depth in candidates:
+                model_uri = self._model_dir_uri(location, depth)
+                if model_uri:
+                    return self._download(model_uri, cache / key)
+        except MlflowException as exc:
+            raise StageError(f"{ref}: {_first_line(exc.message)} (tracking store {self.uri})") from None
+        raise StageError(f"{ref} holds no model directory (looked in {', '.join(loc for loc, _ in candidates)})")
+
+    def _candidates(self, ref: str) -> list[tuple[str, int]]:
+        """Artifact locations that may hold the model, each with how deep to look below it."""
+        if match := REGISTERED.match(ref):
+            version = self._version(match["name"], match["alias"], match["version"])
+            return [(self.client.get_model_version_download_uri(match["name"], version), 0)]
+        if match := LOGGED_MODEL.match(ref):
+            return [(self.client.get_logged_model(match["model_id"]).artifact_location, 0)]
+        if match := RUN_URI.match(ref):
+            return self._run_candidates(match["run_id"], (match["path"] or "").strip("/"))
+        if RUN_ID.match(ref):
+            return self._run_candidates(ref, "")
+        raise StageError(f"{ref} is not a reference this tool reads; REF is {REF_FORMS}")
+
+    def _version(self, name: str, alias: str | None, version: str | None) -> str:
+        """The version number an alias or version names, checked against what is registered."""
+        try:
+            registered = self.client.get_registered_model(name)
+        except MlflowException:
+            names = [m.name for m in self.client.search_registered_models()]
+            have = f"registered models: {', '.join(names)}" if names else "run `tinyseek run` first"
+            raise StageError(f"no registered model {name!r} in {self.uri} ({have})") from None
+        versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+        aliases = registered.aliases
+        listed = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+        have = f"aliases: {listed}; versions: {', '.join(map(str, versions)) or 'none'}"
+        if alias is not None:
+            if alias not in aliases:
+                raise StageError(
+                    f"no model version with alias {alias!r} in registered model {name!r} ({have}; "
+                    "run `tinyseek run` first or name a version)"
+                )
+            return str(aliases[alias])
+        if int(version) not in versions:
+            raise StageError(f"registered model {name!r} has no version {version} ({have})")
+        return version
+
+    def _run_candidates(self, run_id: str, path: str) -> list[tuple[str, int]]:
+        """A run's logged models (newest first; `path` may start with a model's name), then its artifacts."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise StageError(f"no MLflow run {run_id} in {self.uri}") from None
+        head, _, rest = path.partition("/")
+        logged = self.client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+        )
+        found = [
+            (_join(m.artifact_location, rest if path else ""), 0) for m in logged if not path or m.name == head
+        ]
+        return [*found, (_join(run.info.artifact_uri, path), 0 if path else 1)]
+
+    def _list(self, uri: str) -> list[FileInfo]:
+        return mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=self.uri)
+
+    def _model_dir_uri(self, uri: str, depth: int) -> str | None:
+        """Where the model files are: `uri` itself, the pyfunc `model` artifact of an MLmodel there,
+        or (depth > 0) one of its subdirectories."""
+        entries = self._list(uri)
+        names = {PurePosixPath(entry.path).name: entry for entry in entries}
+        if all(name in names for name in MODEL_FILES):
+            return uri
+        if "MLmodel" in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=_join(uri, "MLmodel"), dst_path=tmp, tracking_uri=self.uri
+                )
+                flavor = Model.load(local).flavors.get("python_function", {})
+            artifact = flavor.get("artifacts", {}).get("model")
+            if artifact:
+                return self._model_dir_uri(_join(uri, artifact["path"]), 0)
+        subdirs = [name for name, entry in names.items() if entry.is_dir] if depth > 0 else []
+        return next(filter(None, (self._model_dir_uri(_join(uri, name), depth - 1) for name in subdirs)), None)
+
+    def _download(self, uri: str, target: Path) -> Path:
+        """Download the files (not subdirectories such as checkpoints) at `uri` into `target`, atomically."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            for entry in self._list(uri):
+                if not entry.is_dir:
+                    name = PurePosixPath(entry.path).name
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=_join(uri, name), dst_path=str(tmp), tracking_uri=self.uri
+                    )
+            os.rename(tmp, target)
+        except OSError:
+            if not is_model_dir(target):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+
+def _join(uri: str, path: str) -> str:
+    return f"{uri.rstrip('/')}/{path}" if path else uri
+
+
+def _first_line(text: str) -> str:
+    return next(iter(str(text).splitlines()), "")
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: the network, its tokenizer and where they came from."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    directory: Path
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise StageError(f"the tokenizer in {self.directory} has no special token {token}")
+        return token_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a reply: the end of a turn and the end of a document."""
+        return [self.token_id(END), self.token_id(EOS)]
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+def load(ref: str, workspace: Path, device: str = "cpu") -> LoadedModel:
+    """Resolve `ref` and load its model (eval mode) and tokenizer onto `device`."""
+    directory = resolve_model(ref, workspace)
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")
+    return LoadedModel(load_model(directory, device), Tokenizer.from_file(str(directory / TOKENIZER_FILE)), directory)
+
+
+# --- generating ------------------------------------------------------------------------
+
+
+def prompt_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[int]:
+    """Chat: one user turn in the chat format, ending with the assistant cue. Raw: BOS + the text."""
+    if chat:
+        return render_prompt([{"role": "user", "content": prompt}], loaded.tokenizer)
+    return [loaded.token_id(BOS), *loaded.tokenizer.encode(prompt, add_special_tokens=False).ids]
+
+
+def check_fits(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    if prompt_tokens + max_new_tokens > loaded.context:
+        raise StageError(
+            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+            f"model's context of {loaded.context} tokens: shorten the prompt or lower max_new_tokens"
+        )
+
+
+def complete_ids(
+    loaded: LoadedModel,
+    prompt: str,
+    *,
+    chat: bool,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> list[int]:
+    """The completion's token ids, without the prompt and the stop token."""
+    ids = prompt_ids(loaded, prompt, chat=chat)
+    check_fits(loaded, len(ids), max_new_tokens)
+    return generate(loaded.model, [ids], max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed)[0]
+
+
+def complete(
+    loaded: LoadedModel,
+    prompt: str,
+    *,
+    chat: bool,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> str:
+    """The model's completion of `prompt` (a reply to it as a user turn when `chat`)."""
+    ids = complete_ids(
+        loaded, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=seed,
+    )
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def decode_incrementally(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; a character split across tokens is held back until complete.
+
+    The growing id list is decoded each time and the new suffix yielded: a byte-level token
+    may carry part of a UTF-8 character, which decodes to U+FFFD until the rest arrives.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def stream_reply(
+    loaded: LoadedModel,
+    messages: list[dict[str, str]],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """The assistant's reply to a conversation, as text pieces while tokens are generated."""
+    ids = render_prompt(messages, loaded.tokenizer)
+    check_fits(loaded, len(ids), max_new_tokens)
+    tokens = stream(loaded.model, ids, max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed)
+    return decode_incrementally(loaded.tokenizer, tokens)
+
+
+def trim_history(messages: list[dict[str, str]], tokenizer: Tokenizer, budget: int) -> list[dict[str, str]]:
+    """The conversation without its oldest exchanges, so that its prompt fits in `budget` tokens.
+
+    A leading system message and the latest user message are always kept.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(head):]
+    while len(turns) > 2 and len(render_prompt(head + turns, tokenizer)) > budget:
+        turns = turns[2:]
+    return head + turns
+
+
+def chat_loop(
+    loaded: LoadedModel,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO = sys.stdout,
+    *,
+    system: str | None = None,
+    **sampling: Any,
+) -> None:
+    """An interactive chat: each reply streams to `output`; /reset clears the conversation;
+    /exit, /quit, end of input (Ctrl-D) or Ctrl-C at the prompt end it. Ctrl-C during a
+    reply stops that reply. `sampling` takes `stream_reply`'s options."""
+    budget = loaded.context - sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    output.write(f"chatting with {loaded.directory} ({RESET_COMMAND} clears the conversation, /exit quits)\n")
+    while True:
+        try:
+            line = input_fn(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            output.write("\n")
+            return
+        if line in EXIT_COMMANDS:
+            return
+        if line == RESET_COMMAND:
+            messages = list(start)
+            output.write("(conversation cleared)\n")
+            continue
+        if not line:
+            continue
+        messages = trim_history([*messages, {"role": "user", "content": line}], loaded.tokenizer, budget)
+        needed = len(render_prompt(messages, loaded.tokenizer))
+        if needed > budget:
+            messages.pop()
+            output.write(f"(message too long: the conversation needs {needed} tokens, the model reads {budget})\n")
+            continue
+        reply = ""
+        try:
+            for piece in stream_reply(loaded, messages, **sampling):
+                reply += piece
+                output.write(piece)
+                output.flush()
+        except KeyboardInterrupt:
+            output.write(" [interrupted]")
+        output.write("\n")
+        output.flush()
+        messages.append({"role": "assistant", "content": reply})
+
+
+# --- looking inside --------------------------------------------------------------------
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE token stands for (GPT-2's mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return {char: byte for byte, char in chars.items()}
+
+
+def show_token(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as a reader can see it: special tokens as they are, text quoted with escapes
+    (so spaces and newlines show), bytes that are only part of a character as bytes."""
+    token = tokenizer.id_to_token(token_id)
+    if token is None:
+        return f"<unknown id {token_id}>"
+    if token_id in tokenizer.get_added_tokens_decoder():
+        return token
+    alphabet = _byte_level_alphabet()
+    if not all(char in alphabet for char in token):
+        return repr(tokenizer.decode([token_id]))
+    raw = bytes(alphabet[char] for char in token)
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
+@torch.no_grad()
+def next_token(loaded: LoadedModel, prompt: str, top: int = 10, *, chat: bool = False) -> list[tuple[str, float]]:
+    """The `top` most probable next tokens after `prompt` and their probabilities, most probable first.
+
+    A prompt longer than the model's context is cut to its last tokens.
+    """
+    ids = prompt_ids(loaded, prompt, chat=chat)[-loaded.context:]
+    device = loaded.model.embed_tokens.weight.device
+    logits = loaded.model(torch.tensor([ids], device=device)).logits[0, -1]
+    probs = logits.float().softmax(-1)
+    values, indices = probs.topk(min(top, probs.numel()))
+    return [(show_token(loaded.tokenizer, i), p) for p, i in zip(values.tolist(), indices.tolist())]
+
+
+def format_table(rows: list[tuple[str, float]], bar_width: int = 20) -> str:
+    """Rows of (token, probability) as an aligned table with a bar per probability."""
+    width = max([len("token"), *(len(token) for token, _ in rows)])
+    lines = [f"{'#':>3}  {'prob':>7}  {'token':<{width}}  "]
+    for rank, (token, prob) in enumerate(rows, 1):
+        lines.append(f"{rank:>3}  {prob:>7.2%}  {token:<{width}}  {'█' * round(prob * bar_width)}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --- exporting -------------------------------------------------------------------------
+
+
+def tokenizer_files(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
+    """`tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` for transformers."""
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    extra = [token for token in SPECIAL_TOKENS if token not in special.values()]
+    return {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "additional_special_tokens": extra,
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": loaded.context,
+            "clean_up_tokenization_spaces": False,
+        },
+        "special_tokens_map.json": {**special, "additional_special_tokens": extra},
+        "generation_config.json": {
+            "bos_token_id": loaded.token_id(BOS),
+            "eos_token_id": [loaded.token_id(EOS), loaded.token_id(END)],
+            "pad_token_id": loaded.token_id(PAD),
+        },
+    }
+
+
+def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
+    """Write a directory `transformers` loads with `AutoModelForCausalLM` and `AutoTokenizer`:
+    the DeepseekV3 weights and config, the tokenizer with the chat template, and a generation
+    config that stops at the end of a turn."""
+    out = export_hf_weights(loaded.model, out_dir)
+    loaded.tokenizer.save(str(out / TOKENIZER_FILE))
+    for name, content in tokenizer_files(loaded).items():
+        (out / name).write_text(json.dumps(content, indent=2))
+    return out

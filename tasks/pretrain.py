@@ -1,0 +1,94 @@
+"""Pretrain stage: a DeepSeek-V3-style model learns next-token prediction on the token shards.
+
+Output (`pretrain/<fingerprint>/`): the finished model (`model.safetensors`,
+`model_config.json`), the tokenizer beside it, and the checkpoints of the run. A run
+that is killed resumes from its last good checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import model.attention
+import model.moe
+import model.trainer
+import model.transformer
+from model.data import TokenWindows, eval_batches
+from model.trainer import Trainer
+from model.transformer import Transformer
+from tasks import distributed
+from tasks.config import PipelineConfig
+from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
+from tasks.tokenize import TokenData
+from tasks.training import train_into, work_dir
+
+MODEL_CODE = (model.attention, model.moe, model.transformer, model.trainer)
+
+
+def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
+    settings = {"model": config.model, "train": config.pretrain.model_dump(exclude={"devices", "threads"})}
+    return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *MODEL_CODE))
+
+
+def tokenizer_dir(tokens: Ref) -> Path:
+    return TokenData(tokens).tokenizer_dir
+
+
+def build_trainer(tokens: Ref, config: PipelineConfig, checkpoints: Path, rank: int = 0, world: int = 1) -> Trainer:
+    """The model, data and engine of a pretraining run (the same on every DDP rank)."""
+    data = TokenData(tokens)
+    train_cfg = config.pretrain
+    model_cfg = config.model_for(data.vocab_size, data.special_ids)
+    if train_cfg.seq_len > model_cfg.max_position_embeddings:
+        raise StageError(
+            f"pretrain.seq_len={train_cfg.seq_len} exceeds model.max_position_embeddings="
+            f"{model_cfg.max_position_embeddings}: lower one or raise the other"
+        )
+    torch.manual_seed(train_cfg.seed)
+    device = train_cfg.torch_device()
+    net = Transformer(model_cfg).to(device)
+    try:
+        train = TokenWindows(data.files("train"), data.dtype, train_cfg.seq_len, data.bos_id,
+                             train_cfg.micro_batch, seed=train_cfg.seed, rank=rank, world_size=world)
+    except ValueError as exc:
+        raise StageError(f"pretraining data: {exc}") from None
+    val_files = data.files("validation")
+    return Trainer(
+        net,
+        train_cfg.engine(world),
+        train,
+        checkpoints,
+        validation=(lambda: eval_batches(val_files, data.dtype, train_cfg.seq_len, train_cfg.micro_batch,
+                                         train_cfg.eval_batches)) if val_files else None,
+        bytes_per_token=data.bytes_per_token("validation"),
+    )
+
+
+def pretrain(
+    tokens: Ref,
+    config: PipelineConfig,
+    root: Path | str | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Ref:
+    """Train a model on `tokens` (the tokenize stage's output) and return its Ref."""
+    root = workspace(root)
+    fp = pretrain_fingerprint(tokens, config)
+    train_cfg = config.pretrain
+
+    def build(out: Path) -> dict:
+        checkpoints = work_dir(root, "pretrain", fp)
+        if train_cfg.devices > 1:
+            return distributed.launch("pretrain", {"tokens": tokens}, config, out, checkpoints, callback, log)
+        train_cfg.apply_threads()
+        trainer = build_trainer(tokens, config, checkpoints)
+        trainer.callback = callback or trainer.callback
+        trainer.warn = log
+        return train_into(out, trainer, tokenizer_dir(tokens), log=log)
+
+    return run_stage("pretrain", fp, build, root=root, inputs={"tokens": tokens.model_dump()},
+                     config={"model": config.model, "pretrain": train_cfg.model_dump()})

@@ -1,0 +1,187 @@
+"""The model registry step: the fine-tuned model as an MLflow pyfunc model, registered as `tinyseek`.
+
+The pyfunc model takes prompts and returns completions, so `mlflow models serve` and
+`mlflow.pyfunc.load_model` work on any registered version. Its artifact is the plain
+model directory (weights, config, tokenizer); the code is referenced, not packaged, so
+it is served with `--env-manager local` from an environment where tinyseek is installed.
+
+A new version gets the alias `challenger`; the version that wins evaluation is promoted
+to `champion`. Everything goes through the tracker's client with explicit run ids.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.pyfunc import PythonModel, PythonModelContext, save_model
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from packaging.version import Version
+from tokenizers import Tokenizer
+
+from model.checkpoint import load_model
+from model.generate import generate
+from tasks.chat import BOS, END, EOS, render_prompt
+from tasks.tracking import Tracker
+
+MODEL_NAME = "tinyseek"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TOKENIZER_FILE = "tokenizer.json"
+PROMPT_COLUMN = "prompt"
+RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas")
+
+# Inference params and their defaults; `chat` renders each prompt as one user turn.
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True}
+
+INPUT_EXAMPLE = pd.DataFrame({PROMPT_COLUMN: ["What is 2 + 2?"]})
+SIGNATURE = ModelSignature(
+    # One unnamed string column: MLflow then accepts a frame with a `prompt` column, a list of
+    # strings and `{"prompt": ...}` records alike (a named column would refuse a plain list).
+    inputs=Schema([ColSpec("string")]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema([
+        ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
+        ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
+        ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
+        ParamSpec("chat", "boolean", DEFAULT_PARAMS["chat"]),
+    ]),
+)
+
+
+def _prompt_column(frame: pd.DataFrame) -> list[str]:
+    column = frame[PROMPT_COLUMN] if PROMPT_COLUMN in frame.columns else frame.iloc[:, 0]
+    return column.astype(str).tolist()
+
+
+class TinyseekModel(PythonModel):
+    """Prompts in, completions out, with greedy or nucleus sampling."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        model_dir = Path(context.artifacts["model"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_dir, device)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.stop_ids = [self.tokenizer.token_to_id(END), self.tokenizer.token_to_id(EOS)]
+
+    def _encode(self, prompt: str, chat: bool, budget: int) -> list[int]:
+        """A prompt's ids, keeping its last `budget` tokens so prompt + completion fit the context."""
+        if chat:
+            ids = render_prompt([{"role": "user", "content": prompt}], self.tokenizer)
+        else:
+            ids = [self.tokenizer.token_to_id(BOS), *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
+        return ids[-budget:]
+
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Completions for the `prompt` column (or the only column) of the frame MLflow builds from the input."""
+        options = {**DEFAULT_PARAMS, **(params or {})}
+        max_new_tokens = int(options["max_new_tokens"])
+        budget = max(1, self.model.config.max_position_embeddings - max_new_tokens)
+        prompts = [self._encode(p, bool(options["chat"]), budget) for p in _prompt_column(model_input)]
+        if not prompts:
+            return []
+        completions = generate(
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=float(options["temperature"]),
+            top_p=float(options["top_p"]),
+            stop_ids=self.stop_ids,
+        )
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+
+
+def _requirements() -> list[str]:
+    """Pinned runtime libraries, recorded with the model for reference."""
+    return [f"{name}=={Version(metadata.version(name)).public}" for name in RUNTIME_PACKAGES]
+
+
+def log_model(tracker: Tracker, run_id: str, model_dir: str | Path, name: str = MODEL_NAME) -> str:
+    """Log the model directory as a pyfunc model output of `run_id`; return its `models:/` URI."""
+    client = tracker.client
+    logged = client.create_logged_model(
+        tracker.experiment_id, name=name, source_run_id=run_id, params=client.get_run(run_id).data.params
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlmodel = Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+            )
+            save_model(
+                path=str(local),
+                mlflow_model=mlmodel,
+                python_model=TinyseekModel(),
+                artifacts={"model": str(model_dir)},
+                signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE,
+                pip_requirements=_requirements(),
+            )
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}"
+
+
+def register(
+    tracker: Tracker,
+    model_uri: str,
+    run_id: str,
+    tags: Mapping[str, Any] | None = None,
+    name: str = MODEL_NAME,
+) -> int:
+    """Register `model_uri` as a new version of `name`, aliased `challenger`; return the version."""
+    client = tracker.client
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    # The logged model's own location, not its models:/ URI: MLflow's SQL registry resolves
+    # that URI through the process-wide tracking URI, not this tracker's.
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    version = client.create_model_version(
+        name,
+        source=logged.artifact_location,
+        run_id=run_id,
+        tags={key: str(value) for key, value in (tags or {}).items()},
+        model_id=logged.model_id,
+    )
+    # Link the logged model to its version, as `mlflow.register_model` does (shown in the UI).
+    linked = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    linked.append({"name": name, "version": int(version.version)})
+    client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
+    client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    return int(version.version)
+
+
+def promote(tracker: Tracker, version: int, name: str = MODEL_NAME) -> None:
+    """Make `version` the champion: the one served and compared against."""
+    tracker.client.set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def champion_version(tracker: Tracker, name: str = MODEL_NAME) -> int | None:
+    """The champion's version number, or None before any version has won."""
+    for model in tracker.client.search_registered_models(filter_string=f"name = '{name}'"):
+        if CHAMPION in model.aliases:
+            return int(model.aliases[CHAMPION])
+    return None

@@ -1,0 +1,261 @@
+"""The tokenize stage: train a byte-level BPE tokenizer and turn the corpus into token files.
+
+The tokenizer is GPT-4-style: text is pre-split with the cl100k pattern (except that
+numbers split into single digits, which helps small models with arithmetic), then
+mapped to bytes, so any string round-trips. The chat special tokens of `tasks.chat`
+are reserved first and get ids 0..6 in every tokenizer the pipeline builds. Only the
+train split is used to learn merges.
+
+Each split becomes one flat file of token ids (`train.bin`, `validation.bin`), uint16
+when the vocabulary fits, with BOS before every document, written batch by batch so
+memory stays flat; `load_tokens` maps them with numpy. Next to them lie `tokenizer.json`
+and the small config files that let `transformers.AutoTokenizer` load the directory
+with the chat template.
+
+Always import this module as `tasks.tokenize`: a `tokenize.py` on `sys.path` would
+shadow the standard library's module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks import chat
+from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
+
+SPLITS = ("train", "validation")
+TOKENIZER = "tokenizer.json"
+BATCH_ROWS = 512
+# cl100k's pre-tokenisation pattern with numbers split into single digits (\p{N}, not \p{N}{1,3}).
+PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+MIN_VOCAB = len(chat.SPECIAL_TOKENS) + 256
+
+
+class TokenizeConfig(BaseModel):
+    """How the tokenizer is trained and the corpus encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(
+        4096, ge=MIN_VOCAB + 1, le=2**32, description="Vocabulary size: special tokens, 256 bytes, then learned merges."
+    )
+    min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
+    train_max_bytes: int | None = Field(
+        None, ge=1, description="Train the tokenizer on at most this many bytes of the train split (all when empty)."
+    )
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained tokenizer with the pipeline's pre-tokenisation and decoding."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(batches: Iterator[list[str]], config: TokenizeConfig) -> Tokenizer:
+    """Learn BPE merges from batches of texts; the special tokens take ids 0..6."""
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=chat.SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(batches, trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """Write tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained` needs."""
+    tokenizer.save(str(out / TOKENIZER))
+    special = {"bos_token": chat.BOS, "eos_token": chat.EOS, "pad_token": chat.PAD}
+    extra = [token for token in chat.SPECIAL_TOKENS if token not in special.values()]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "additional_special_tokens": extra,
+        "chat_template": chat.CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({**special, "additional_special_tokens": extra}, indent=2))
+
+
+def load_tokenizer(ref_or_dir: Ref | str | Path) -> Tokenizer:
+    """The tokenizer of a tokenize output (a `Ref` or its directory)."""
+    directory = ref_or_dir.dir if isinstance(ref_or_dir, Ref) else Path(ref_or_dir)
+    return Tokenizer.from_file(str(directory / TOKENIZER))
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+
+
+def token_files(ref: Ref, split: str) -> list[Path]:
+    """The token files of one split, in order."""
+    return [ref.dir / name for name in ref.manifest()["files"][split]]
+
+
+def load_tokens(ref: Ref, split: str) -> np.memmap:
+    """The token stream of one split, memory-mapped (read-only); documents start with BOS."""
+    (path,) = token_files(ref, split)
+    dtype = np.dtype(ref.manifest()["dtype"])
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=dtype)  # type: ignore[return-value]
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _shards(ref: Ref) -> list[Path]:
+    shards = sorted(ref.dir.glob("shard-*.parquet"))
+    if not shards:
+        raise StageError(f"no shard-*.parquet files in {ref.dir}; run the {ref.stage} stage again")
+    if "split" not in pq.read_schema(shards[0]).names:
+        raise StageError(f"{ref.dir} has no `split` column; tokenize takes the output of the clean stage")
+    return shards
+
+
+def _batches(shards: list[Path]) -> Iterator[tuple[list[str], list[str]]]:
+    """(texts, splits) of every batch of every shard, in order."""
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["text", "split"]):
+            yield batch.column("text").to_pylist(), batch.column("split").to_pylist()
+
+
+def _training_texts(shards: list[Path], max_bytes: int | None, seen: dict[str, int]) -> Iterator[list[str]]:
+    """Batches of train-split texts, up to `max_bytes`; `seen` counts what was used."""
+    for texts, splits in _batches(shards):
+        batch = []
+        for text, split in zip(texts, splits):
+            if split != "train":
+                continue
+            if max_bytes is not None and seen["bytes"] >= max_bytes:
+                break
+            batch.append(text)
+            seen["bytes"] += len(text.encode())
+            seen["documents"] += 1
+        if batch:
+            yield batch
+        if max_bytes is not None and seen["bytes"] >= max_bytes:
+            return
+
+
+class _SplitWriter:
+    """Appends documents (BOS + ids) to one split's token file and counts them."""
+
+    def __init__(self, path: Path, dtype: np.dtype, bos: int):
+        self.path, self.dtype, self.bos = path, dtype, bos
+        self.handle: BinaryIO = open(path, "wb")
+        self.tokens = self.documents = self.bytes = 0
+
+    def write(self, texts: list[str], tokenizer: Tokenizer) -> None:
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        lengths = np.array([len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
+        tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        tokens[starts] = self.bos
+        for start, encoding in zip(starts, encodings):
+            tokens[start + 1 : start + 1 + len(encoding.ids)] = encoding.ids
+        self.handle.write(tokens.tobytes())
+        self.tokens += tokens.size
+        self.documents += len(texts)
+        self.bytes += sum(len(text.encode()) for text in texts)
+
+    def summary(self) -> dict[str, Any]:
+        self.handle.close()
+        return {
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "bytes_per_token": round(self.bytes / self.tokens, 4) if self.tokens else 0.0,
+        }
+
+
+def _build(shards: list[Path], config: TokenizeConfig, out: Path) -> dict[str, Any]:
+    trained_on = {"bytes": 0, "documents": 0}
+    tokenizer = train_tokenizer(_training_texts(shards, config.train_max_bytes, trained_on), config)
+    if trained_on["documents"] == 0:
+        raise StageError("the clean output has no train-split documents to train the tokenizer on")
+    save_tokenizer(tokenizer, out)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = dtype_for(vocab_size)
+    special = {token: tokenizer.token_to_id(token) for token in chat.SPECIAL_TOKENS}
+    writers = {split: _SplitWriter(out / f"{split}.bin", dtype, special[chat.BOS]) for split in SPLITS}
+    for texts, splits in _batches(shards):
+        for split, writer in writers.items():
+            chosen = [text for text, which in zip(texts, splits) if which == split]
+            if chosen:
+                writer.write(chosen, tokenizer)
+    summary = {split: writer.summary() for split, writer in writers.items()}
+    return {
+        "counts": {
+            **{f"{split}_tokens": summary[split]["tokens"] for split in SPLITS},
+            **{f"{split}_documents": summary[split]["documents"] for split in SPLITS},
+            "vocab_size": vocab_size,
+        },
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "special_tokens": special,
+        "splits": summary,
+        "files": {split: [f"{split}.bin"] for split in SPLITS},
+        "layout": f"one flat little-endian {dtype.name} array of token ids per split; every document starts "
+        f"with BOS (id {special[chat.BOS]}); bytes_per_token = UTF-8 text bytes / tokens including BOS",
+        "tokenizer_training": trained_on,
+    }
+
+
+def tokenize(upstream: Ref, config: TokenizeConfig, root: Path | str | None = None) -> Ref:
+    """Train the tokenizer on the clean output's train split and encode both splits."""
+    root = workspace(root)
+    shards = _shards(upstream)
+    fp = fingerprint("tokenize", config.model_dump(), [upstream.fingerprint], code_version(sys.modules[__name__], chat))
+    return run_stage(
+        "tokenize",
+        fp,
+        lambda out: _build(shards, config, out),
+        root=root,
+        inputs={"upstream": upstream.model_dump()},
+        config=config.model_dump(),
+    )
+
+
+class TokenData:
+    """A tokenize output as training and evaluation read it: token files, dtype, the
+    special token ids (named as in the model config) and bytes per token."""
+
+    def __init__(self, ref: Ref):
+        self.ref = ref
+        manifest = ref.manifest()
+        self.vocab_size: int = manifest["vocab_size"]
+        self.dtype: str = manifest["dtype"]
+        special = manifest["special_tokens"]
+        self.bos_id: int = special[chat.BOS]
+        self.special_ids = {"bos_token_id": special[chat.BOS], "eos_token_id": special[chat.EOS],
+                            "pad_token_id": special[chat.PAD]}
+        self._splits = manifest["splits"]
+        self.tokenizer_dir = ref.dir
+
+    def files(self, split: str) -> list[Path]:
+        """Non-empty token files of a split."""
+        return [path for path in token_files(self.ref, split) if path.stat().st_size > 0]
+
+    def bytes_per_token(self, split: str) -> float | None:
+        return self._splits[split]["bytes_per_token"] or None

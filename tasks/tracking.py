@@ -1,0 +1,332 @@
+"""MLflow tracking for the pipeline: one parent run per pipeline run, one child run per stage.
+
+Prefect runs tasks in worker threads and MLflow's "active run" is thread-local, so
+everything here goes through an `MlflowClient` with explicit run ids; nothing relies
+on `mlflow.active_run()` or on the process-wide tracking URI. With no server the store
+is `sqlite:///<workspace>/mlflow.db` with artifacts beside it in `<workspace>/mlartifacts`;
+`$MLFLOW_TRACKING_URI` points every run at a server instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pyarrow.dataset as pads
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.telemetry.client import get_telemetry_client, set_telemetry_client
+from mlflow.telemetry.utils import is_telemetry_disabled
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+from pydantic import BaseModel
+from sqlalchemy.engine import make_url
+
+from tasks.stage import REPO_ROOT
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+DATASET_SAMPLE_ROWS = 1000
+
+# Environment defaults MLflow 3.17 reads: usage telemetry (checked at `import mlflow` and
+# again by `set_telemetry_client`; disabling it also skips its Databricks SDK warm-up),
+# GitPython's probe for a git executable, and the per-artifact upload progress bars.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+TAG_PRESET = "preset"
+TAG_DATA_FINGERPRINT = "data_fingerprint"
+TAG_FLOW_RUN_ID = "prefect.flow_run_id"
+TAG_FLOW_RUN_URL = "prefect.flow_run_url"
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow offline and quiet unless the user's environment or logging says otherwise."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    monitor_log = logging.getLogger("mlflow.system_metrics")  # start/stop lines for every stage
+    if monitor_log.level == logging.NOTSET:
+        monitor_log.setLevel(logging.WARNING)
+    if get_telemetry_client() is not None and is_telemetry_disabled():
+        set_telemetry_client()  # drops the client created at import, before any record is sent
+
+
+def tracking_uri(root: Path) -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else the SQLite store in the workspace `root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / DB_FILE}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite database; a server decides otherwise."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    return (Path(database).resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
+@functools.cache
+def git_commit() -> str:
+    """The checked-out commit of this repository, or "unknown" outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def run_tags(
+    preset: str,
+    data_fingerprint: str,
+    flow_run_id: str | None = None,
+    flow_run_url: str | None = None,
+) -> dict[str, str]:
+    """The tags every run carries: code version, preset, data, and the Prefect run that made it."""
+    tags = {
+        MLFLOW_GIT_COMMIT: git_commit(),
+        TAG_PRESET: preset,
+        TAG_DATA_FINGERPRINT: data_fingerprint,
+        TAG_FLOW_RUN_ID: flow_run_id,
+        TAG_FLOW_RUN_URL: flow_run_url,
+    }
+    return {key: value for key, value in tags.items() if value}
+
+
+def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (or a pydantic model) as one level of dotted keys."""
+    if isinstance(params, BaseModel):
+        params = params.model_dump(mode="json")
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping | BaseModel):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dataset_source(source: str) -> DatasetSource:
+    """MLflow's source for a path or URI; local paths match two registered (identical) sources."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(source)
+
+
+def _parquet_sample(path: Path) -> pd.DataFrame | None:
+    """The first rows of a Parquet file or directory of Parquet files; None for anything else."""
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+    else:
+        files = [path] if path.suffix == ".parquet" else []
+    if not files:
+        return None
+    return pads.dataset([str(f) for f in files], format="parquet").head(DATASET_SAMPLE_ROWS).to_pandas()
+
+
+class Tracker:
+    """The pipeline's view of one MLflow experiment, every call naming its run explicitly."""
+
+    def __init__(self, root: Path, experiment: str = "tinyseek") -> None:
+        quiet_mlflow()
+        self.root = Path(root)
+        self.uri = tracking_uri(self.root)
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+        except MlflowException as exc:  # another process created it first
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(
+        self,
+        name: str,
+        parent_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | BaseModel | None = None,
+    ) -> str:
+        """Create a run (a child of `parent_id` if given) and return its id."""
+        all_tags = {**(tags or {}), **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=self._tag_values(all_tags))
+        run_id = run.info.run_id
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
+
+    @contextmanager
+    def run(
+        self,
+        name: str,
+        parent_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | BaseModel | None = None,
+    ) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED when the block raises."""
+        run_id = self.start_run(name, parent_id, tags, params)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id)
+
+    @staticmethod
+    def _tag_values(tags: Mapping[str, Any]) -> dict[str, str]:
+        return {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items() if value is not None}
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        run_tags_ = [RunTag(key, value) for key, value in self._tag_values(tags).items()]
+        for chunk in _chunks(run_tags_, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any] | BaseModel) -> None:
+        """Log a (nested) config as flat dotted params, values cut to MLflow's length limit."""
+        flat = [
+            Param(key[:MAX_ENTITY_KEY_LENGTH], str(value)[:MAX_PARAM_VAL_LENGTH])
+            for key, value in flatten(params).items()
+        ]
+        for chunk in _chunks(flat, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_metric_batch(run_id, [Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()])
+
+    def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
+        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def log_table(self, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
+        """A table for people (`.json` or `.parquet`), shown in the run's artifacts and evaluation views."""
+        self.client.log_table(run_id, data=df, artifact_file=artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
+
+    def log_dict(self, run_id: str, dictionary: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(run_id, dictionary, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dataset(
+        self,
+        run_id: str,
+        name: str,
+        source: str,
+        data: pd.DataFrame | str | Path,
+        context: str,
+        digest: str | None = None,
+    ) -> None:
+        """Record a dataset the run used (`context`: "training", "eval", ...).
+
+        `source` says where the data lives (a path or URL). `data` is a DataFrame sample
+        or a path: Parquet data is sampled for its schema and profile, anything else
+        (token memmaps) is logged as metadata only. `digest` (the stage fingerprint)
+        defaults to one MLflow computes.
+        """
+        sample = data if isinstance(data, pd.DataFrame) else _parquet_sample(Path(data))
+        if sample is None:
+            dataset = MetaDataset(_dataset_source(source), name=name, digest=digest)
+        else:
+            dataset = from_pandas(sample, source=_dataset_source(source), name=name, digest=digest)
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+@contextmanager
+def system_metrics(tracker: Tracker, run_id: str, interval: float = 10.0) -> Iterator[SystemMetricsMonitor]:
+    """Sample CPU, memory, disk, network (and NVIDIA GPU with nvidia-ml-py) into `system/*` metrics.
+
+    A sample is logged every `interval` seconds while the block runs; the sampling thread
+    is stopped and its buffer flushed when the block exits.
+    """
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracker.uri)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()
+
+
+class MetricsCallback:
+    """The trainer's metrics callback: buffers `(step, metrics)` and logs them every `every` steps."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every: int = 50) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.tracker = tracker
+        self.run_id = run_id
+        self.every = every
+        self._buffer: list[Metric] = []
+        self._pending_steps = 0
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = _now_ms()
+        self._buffer += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._pending_steps += 1
+        if self._pending_steps >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self.tracker.log_metric_batch(self.run_id, self._buffer)
+        self._buffer = []
+        self._pending_steps = 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> MetricsCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,55 @@
+"""One DDP rank of a training stage, started by `tasks.distributed.launch` through torchrun.
+
+    python -m torch.distributed.run --nproc_per_node=N -m tasks.train_worker SPEC.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tasks.config import PipelineConfig
+from tasks.stage import Ref
+from tasks.training import train_into
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    config = PipelineConfig.model_validate(spec["config"])
+    refs = {name: Ref.model_validate(value) for name, value in spec["refs"].items()}
+    if spec["stage"] == "pretrain":
+        from tasks.pretrain import build_trainer, tokenizer_dir
+    else:
+        from tasks.finetune import build_trainer, tokenizer_dir
+    getattr(config, spec["stage"]).apply_threads()
+    trainer = build_trainer(**refs, config=config, checkpoints=Path(spec["checkpoints"]), rank=rank, world=world)
+    metrics_file = Path(spec["metrics"])
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        with open(metrics_file, "a") as handle:
+            handle.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    trainer.callback = report
+    trainer.warn = print
+    if rank == 0:
+        result = train_into(Path(spec["out"]), trainer, tokenizer_dir(**refs))
+        Path(spec["result"]).write_text(json.dumps(result))
+    else:
+        trainer.resume()
+        trainer.fit()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

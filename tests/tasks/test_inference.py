@@ -1,0 +1,378 @@
+"""Using a trained model: resolving refs (local and MLflow), generation, chat, next-token, HF export.
+
+A tiny random model and a tiny byte-level BPE tokenizer stand in for a trained one.
+"""
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.checkpoint import save_model
+from model.config import ModelConfig
+from model.transformer import Transformer
+from tasks import inference
+from tasks.chat import BOS, END, EOS, PAD, SPECIAL_TOKENS, render_prompt
+from tasks.inference import (
+    LoadedModel,
+    chat_loop,
+    complete,
+    complete_ids,
+    decode_incrementally,
+    export_hf,
+    format_table,
+    load,
+    next_token,
+    prompt_ids,
+    resolve_model,
+    show_token,
+    stream_reply,
+    trim_history,
+)
+from tasks.stage import StageError
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model learns to answer questions about the weather.",
+    "café naïve résumé — 日本語のテキスト 🙂",
+    "hello there, how are you today? I am fine, thank you.",
+] * 20
+
+
+def train_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A finished model directory: weights, config, tokenizer, and training checkpoints beside them."""
+    out = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer()
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+        moe_intermediate_size=16, max_position_embeddings=128, initializer_range=0.2,
+    )
+    save_model(Transformer(config), out)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "checkpoints" / "step-000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-000001" / "optimizer.pt").write_bytes(b"not needed for inference")
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir) -> LoadedModel:
+    return load(str(model_dir), model_dir)
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, model_dir):
+    """A workspace whose SQLite store holds the model as registered version 1 of `tinyseek`, alias champion."""
+    root = tmp_path_factory.mktemp("ws")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = mlflow.MlflowClient(uri, uri)
+        experiment = client.create_experiment("tinyseek", artifact_location=(root / "mlartifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.pyfunc.log_model(
+                name="tinyseek", python_model=Echo(), artifacts={"model": str(model_dir)},
+                registered_model_name="tinyseek",
+            )
+        client.set_registered_model_alias("tinyseek", "champion", "1")
+    return root, run.info.run_id
+
+
+def same_files(got: Path, expected: Path) -> None:
+    names = sorted(p.name for p in expected.iterdir() if p.is_file())
+    assert sorted(p.name for p in got.iterdir()) == names
+    for name in names:
+        assert (got / name).read_bytes() == (expected / name).read_bytes()
+
+
+# --- resolving ---------------------------------------------------------------------------
+
+
+def test_resolves_a_local_directory(model_dir, ws):
+    assert resolve_model(str(model_dir), ws) == model_dir.resolve()
+
+
+def test_a_missing_path_says_what_a_ref_can_be(ws):
+    with pytest.raises(StageError, match=r"no model directory at .*nowhere.*models:/NAME@ALIAS"):
+        resolve_model(str(ws / "nowhere"), ws)
+
+
+def test_a_directory_without_a_model_is_refused(ws):
+    with pytest.raises(StageError, match="not a model directory: it needs model.safetensors"):
+        resolve_model(str(ws), ws)
+
+
+def test_no_store_yet_says_run_first(ws, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(StageError, match=r"no MLflow store at .*mlflow.db \(run `tinyseek run` first"):
+        resolve_model(inference.DEFAULT_REF, ws)
+    assert not (ws / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("models:/tinyseek@gone", r"no model version with alias 'gone' in registered model 'tinyseek' "
+                                  r"\(aliases: champion -> v1; versions: 1"),
+        ("models:/tinyseek/7", r"registered model 'tinyseek' has no version 7 \(aliases: champion -> v1"),
+        ("models:/other@champion", r"no registered model 'other' in .* \(registered models: tinyseek\)"),
+        ("0123456789abcdef0123456789abcdef", r"no MLflow run 0123456789abcdef0123456789abcdef"),
+        ("models:/tinyseek", r"not a reference this tool reads"),
+    ],
+)
+def test_mlflow_refs_that_do_not_resolve(registry, monkeypatch, ref, message):
+    root, _ = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(StageError, match=message):
+        resolve_model(ref, root)
+
+
+def test_resolves_registered_versions_and_runs_into_one_cache_entry(registry, model_dir, monkeypatch):
+    root, run_id = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.rmtree(root / "models-cache", ignore_errors=True)
+    champion = resolve_model("models:/tinyseek@champion", root)
+    assert champion.parent == root / "models-cache"
+    same_files(champion, model_dir)  # weights, config and tokenizer; the checkpoints stay behind
+    assert resolve_model("models:/tinyseek/1", root) == champion
+    for ref in (run_id, f"runs:/{run_id}/tinyseek"):
+        same_files(resolve_model(ref, root), model_dir)
+    assert [p.name for p in (root / "models-cache").iterdir()] == [champion.name]
+
+
+def test_a_cached_model_is_reused(registry, monkeypatch):
+    root, _ = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = resolve_model("models:/tinyseek@champion", root)
+    marker = first / "tokenizer.json"
+    stamp = marker.stat().st_mtime_ns
+    assert resolve_model("models:/tinyseek@champion", root) == first
+    assert marker.stat().st_mtime_ns == stamp
+
+
+# --- generating --------------------------------------------------------------------------
+
+
+def test_greedy_completion_is_deterministic_and_nonempty(loaded):
+    first = complete(loaded, "hello there", chat=True, max_new_tokens=12)
+    assert first == complete(loaded, "hello there", chat=True, max_new_tokens=12)
+    assert complete_ids(loaded, "hello there", chat=True, max_new_tokens=12)
+
+
+def test_chat_and_raw_prompts_are_rendered_differently(loaded):
+    tok = loaded.tokenizer
+    raw = prompt_ids(loaded, "hello there", chat=False)
+    chat = prompt_ids(loaded, "hello there", chat=True)
+    text = tok.encode("hello there", add_special_tokens=False).ids
+    assert raw == [tok.token_to_id(BOS), *text]
+    assert chat == render_prompt([{"role": "user", "content": "hello there"}], tok)
+    assert chat[-1] == tok.token_to_id("<|assistant|>") and chat != raw
+
+
+def test_sampling_with_a_seed_is_reproducible(loaded):
+    options = dict(chat=False, max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50)
+    assert complete(loaded, "The quick", seed=3, **options) == complete(loaded, "The quick", seed=3, **options)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(loaded):
+    with pytest.raises(StageError, match="exceeds the model's context of 128 tokens"):
+        complete(loaded, "fox " * 200, chat=False)
+
+
+def test_streamed_pieces_join_to_the_completion(loaded):
+    pieces = list(stream_reply(loaded, [{"role": "user", "content": "hello there"}], max_new_tokens=20))
+    assert len(pieces) > 1
+    assert "".join(pieces) == complete(loaded, "hello there", chat=True, max_new_tokens=20)
+
+
+def test_incremental_decoding_never_splits_a_character(loaded):
+    text = "café 日本語のテキスト 🙂"
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    pieces = list(decode_incrementally(loaded.tokenizer, ids))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+# --- chatting ----------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+
+
+def scripted(lines):
+    """An input function that answers with `lines`, then signals end of input."""
+    pending = list(lines)
+    asked = []
+
+    def read(prompt):
+        asked.append(prompt)
+        if not pending:
+            raise EOFError
+        return pending.pop(0)
+
+    read.asked = asked
+    return read
+
+
+def reply_to(loaded, messages, **options):
+    return "".join(stream_reply(loaded, messages, **options))
+
+
+def test_chat_streams_replies_resets_and_ends_at_eof(loaded):
+    out = Terminal()
+    read = scripted(["hi", "/reset", "again"])
+    chat_loop(loaded, read, out, max_new_tokens=10)
+    first = reply_to(loaded, [{"role": "user", "content": "hi"}], max_new_tokens=10)
+    fresh = reply_to(loaded, [{"role": "user", "content": "again"}], max_new_tokens=10)
+    text = out.getvalue()
+    assert f"\n{first}\n(conversation cleared)\n{fresh}\n\n" in text
+    assert len(read.asked) == 4 and out.flushes >= 2
+
+
+def test_chat_keeps_the_conversation(loaded):
+    out = Terminal()
+    chat_loop(loaded, scripted(["hi", "more"]), out, max_new_tokens=10)
+    first = reply_to(loaded, [{"role": "user", "content": "hi"}], max_new_tokens=10)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "more"}]
+    assert out.getvalue().endswith(f"\n{first}\n{reply_to(loaded, history, max_new_tokens=10)}\n\n")
+
+
+@pytest.mark.parametrize("stop", ["/exit", "/quit"])
+def test_chat_exit_commands_end_it(loaded, stop):
+    read = scripted([stop, "never read"])
+    chat_loop(loaded, read, Terminal())
+    assert len(read.asked) == 1
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(loaded):
+    def interrupted(prompt):
+        raise KeyboardInterrupt
+
+    out = Terminal()
+    chat_loop(loaded, interrupted, out)
+    assert out.getvalue().endswith("\n")
+
+
+def test_oldest_exchanges_are_trimmed_to_fit(loaded):
+    tok = loaded.tokenizer
+    system = {"role": "system", "content": "be brief"}
+    conversation = [system]
+    for i in range(3):
+        conversation += [{"role": "user", "content": f"message number {i}"}, {"role": "assistant", "content": f"reply {i}"}]
+    conversation.append({"role": "user", "content": "the latest message"})
+    kept = [system, *conversation[-3:]]
+    assert trim_history(conversation, tok, len(render_prompt(kept, tok))) == kept
+    assert trim_history(conversation, tok, 1) == [system, conversation[-1]]
+    assert trim_history(conversation, tok, 10_000) == conversation
+
+
+def test_a_message_that_cannot_fit_is_dropped_with_a_note(loaded):
+    out = Terminal()
+    chat_loop(loaded, scripted(["fox " * 100]), out, max_new_tokens=64)
+    assert "(message too long: the conversation needs" in out.getvalue()
+
+
+# --- next token --------------------------------------------------------------------------
+
+
+def test_next_token_probabilities_are_the_softmax_of_the_last_logits(loaded):
+    rows = next_token(loaded, "The quick brown", top=8)
+    probs = [p for _, p in rows]
+    assert len(rows) == 8 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+    ids = prompt_ids(loaded, "The quick brown", chat=False)
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+    values, indices = expected.topk(8)
+    assert probs == pytest.approx(values.tolist(), abs=1e-6)
+    assert [token for token, _ in rows] == [show_token(loaded.tokenizer, i) for i in indices.tolist()]
+
+
+def test_tokens_are_shown_readably(loaded):
+    tok = loaded.tokenizer
+    assert show_token(tok, tok.token_to_id(END)) == END
+    assert show_token(tok, tok.encode(" ", add_special_tokens=False).ids[0]) == "' '"
+    assert show_token(tok, tok.encode("\n", add_special_tokens=False).ids[0]) == r"'\n'"
+    partial = tok.encode("日", add_special_tokens=False).ids
+    assert len(partial) > 1 and show_token(tok, partial[0]).startswith("b'\\x")
+
+
+def test_format_table_lists_rank_probability_and_token():
+    table = format_table([("' the'", 0.5), ("'\\n'", 0.25)])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].split() == ["#", "prob", "token"]
+    assert lines[1] == "  1   50.00%  ' the'  " + "█" * 10
+    assert lines[2] == "  2   25.00%  '\\n'    " + "█" * 5
+
+
+# --- HF export ---------------------------------------------------------------------------
+
+
+def test_export_loads_in_transformers_with_greedy_and_template_parity(loaded, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = export_hf(loaded, tmp_path / "hf")
+    tok = loaded.tokenizer
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    rendered = hf_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(rendered) == render_prompt(conversation, tok)
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == (BOS, EOS, PAD)
+    assert hf_tok.model_max_length == loaded.context
+
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert tok.token_to_id(END) in generation["eos_token_id"]
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = prompt_ids(loaded, "hello there", chat=True)
+    with torch.no_grad():
+        generated = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8)[0, len(ids):].tolist()
+    stops = set(loaded.stop_ids)
+    theirs = generated[: next((i for i, t in enumerate(generated) if t in stops), len(generated))]
+    ours = complete_ids(loaded, "hello there", chat=True, max_new_tokens=8)
+    assert theirs == ours and len(ours) > 0
+    assert hf_tok.decode(ours, skip_special_tokens=True) == complete(loaded, "hello there", chat=True, max_new_tokens=8)
+
+
+def test_resolving_needs_no_global_mlflow_state(registry, monkeypatch, tmp_path):
+    """Resolution uses the workspace's store even when the process points MLflow elsewhere."""
+    root, _ = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(root / "models-cache", ignore_errors=True)
+    assert resolve_model("models:/tinyseek@champion", root).is_dir()
+    assert not os.path.exists(tmp_path / "mlflow.db") and not os.path.exists(tmp_path / "mlruns")

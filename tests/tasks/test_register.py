@@ -1,0 +1,206 @@
+"""The registry step against a real SQLite store: the pyfunc model logged from a tiny random
+model, registered with aliases, loaded back by alias and served by `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.checkpoint import load_model, save_model
+from model.config import ModelConfig
+from model.generate import generate
+from model.transformer import Transformer
+from tasks.chat import BOS, END, EOS, SPECIAL_TOKENS, render_prompt
+from tasks.register import (
+    CHALLENGER,
+    MODEL_NAME,
+    champion_version,
+    log_model,
+    promote,
+    register,
+)
+from tasks.tracking import Tracker
+
+TEXT = ["hello world", "two plus two is four", "hi there, how are you?", "the cat sat on the mat"]
+SERVE_TIMEOUT_S = 90
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TEXT * 10, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A finished-model directory: random tiny weights, config and a byte-level BPE tokenizer."""
+    tokenizer = tiny_tokenizer()
+    config = ModelConfig(
+        vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        max_position_embeddings=128,
+    )
+    assert tokenizer.get_vocab_size() <= config.vocab_size
+    out = save_model(Transformer(config), tmp_path_factory.mktemp("model"))
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def local_tracker(root: Path) -> Tracker:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return Tracker(root)
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, model_dir) -> Tracker:
+    """A store where version 1 of `tinyseek` is the champion (built once for the read-only tests)."""
+    tracker = local_tracker(tmp_path_factory.mktemp("ws"))
+    with tracker.run("register") as run_id:
+        promote(tracker, register(tracker, log_model(tracker, run_id, model_dir), run_id))
+    return tracker
+
+
+@pytest.fixture
+def champion_env(champion, monkeypatch) -> Tracker:
+    """MLflow's module-level APIs and the CLI pointed at the champion's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion.uri)
+    return champion
+
+
+def test_log_register_and_promote(ws, model_dir):
+    tracker = local_tracker(ws)
+    client = tracker.client
+    assert champion_version(tracker) is None
+    with tracker.run("register", params={"preset": "tiny"}) as run_id:
+        uri = log_model(tracker, run_id, model_dir)
+        first = register(tracker, uri, run_id, tags={"data_fingerprint": "fp123", "preset": "tiny"})
+
+    model_id = uri.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert (logged.status, logged.source_run_id, logged.name) == ("READY", run_id, MODEL_NAME)
+    assert logged.params == {"preset": "tiny"}
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model_id]
+
+    assert first == 1
+    version = client.get_model_version_by_alias(MODEL_NAME, CHALLENGER)
+    assert int(version.version) == 1
+    assert version.tags == {"data_fingerprint": "fp123", "preset": "tiny"}
+    assert (version.run_id, version.source) == (run_id, logged.artifact_location)
+    links = json.loads(client.get_logged_model(model_id).tags[MLFLOW_MODEL_VERSIONS])
+    assert links == [{"name": MODEL_NAME, "version": 1}]
+    assert champion_version(tracker) is None
+
+    with tracker.run("register") as second_run:
+        second = register(tracker, log_model(tracker, second_run, model_dir), second_run)
+    assert second == 2
+    assert int(client.get_model_version_by_alias(MODEL_NAME, CHALLENGER).version) == 2
+    promote(tracker, first)
+    assert champion_version(tracker) == 1
+    aliases = client.get_registered_model(MODEL_NAME).aliases
+    assert {alias: int(v) for alias, v in aliases.items()} == {"challenger": 2, "champion": 1}
+
+
+def expected_completion(model_dir: Path, ids: list[int], max_new_tokens: int) -> str:
+    """What the pyfunc model must answer: greedy generation, stopped at <|end|> or <|eos|>."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    stops = [tokenizer.token_to_id(END), tokenizer.token_to_id(EOS)]
+    model = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu")  # as the pyfunc model does
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, stop_ids=stops)[0]
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    answers = model.predict(pd.DataFrame({"prompt": ["hi", "2+2"]}), params={"max_new_tokens": 6})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    chat_ids = render_prompt([{"role": "user", "content": "hi"}], tokenizer)
+    assert answers[0] == expected_completion(model_dir, chat_ids, 6)
+
+    raw = model.predict(["hello world"], params={"max_new_tokens": 5, "chat": False})
+    raw_ids = [tokenizer.token_to_id(BOS), *tokenizer.encode("hello world", add_special_tokens=False).ids]
+    assert raw == [expected_completion(model_dir, raw_ids, 5)]
+
+    long_prompt = model.predict([{"prompt": "the cat sat on the mat " * 40}], params={"max_new_tokens": 4})
+    assert len(long_prompt) == 1 and isinstance(long_prompt[0], str)  # cut to fit the context
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(server: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer {url} in {SERVE_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+def test_serve_champion(champion_env, tmp_path):
+    bin_dir = Path(sys.executable).parent  # the CLI starts `uvicorn` from PATH
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [
+        str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+        "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1", "-w", "1",
+    ]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(server, f"http://127.0.0.1:{port}/ping", log)
+        body = json.dumps({"dataframe_records": [{"prompt": "hello"}], "params": {"max_new_tokens": 4}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str)
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the CLI and the uvicorn process it started: they share the session's process group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
