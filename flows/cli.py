@@ -69,7 +69,6 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with sections to override (collect:, model:, pretrain:, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one value, e.g. --set pretrain.steps=100 (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
 
 
 def add_workspace(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +166,31 @@ def export_hf_command(args: argparse.Namespace) -> None:
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def serve_command(args: argparse.Namespace) -> None:
+    root = prepare_environment(args.workspace)
+    check_servers()
+    from tasks.config import load_config
+
+    config = load_config(args.preset, args.config, args.overrides)
+    from flows.deploy import serve
+
+    serve(config, str(root), args.cron)
+
+
+def up_command(args: argparse.Namespace) -> None:
+    root = prepare_environment(args.workspace)
+    from tasks.config import load_config
+
+    load_config(args.preset, args.config, args.overrides)  # fail here, before starting servers
+    from flows.deploy import up
+
+    serve_args = ["--preset", args.preset, "--workspace", str(root), "--cron", args.cron]
+    serve_args += ["--config", args.config] if args.config else []
+    for assignment in args.overrides:
+        serve_args += ["--set", assignment]
+    up(root, args.prefect_port, args.mlflow_port, args.host, serve_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyseek",
@@ -179,8 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in FLOW_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         add_config_options(sub)
+        sub.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
         add_workspace(sub)
         sub.set_defaults(handler=run_flow(name))
+
+    text = "serve all deployments (build-llm, each stage, retrain) to the Prefect server in PREFECT_API_URL"
+    sub = commands.add_parser("serve", help=text, description=text)
+    add_config_options(sub)
+    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule (default: daily at 03:00)")
+    add_workspace(sub)
+    sub.set_defaults(handler=serve_command)
+
+    text = "start local Prefect and MLflow servers, serve the deployments, print the UI URLs; Ctrl-C stops all"
+    sub = commands.add_parser("up", help=text, description=text)
+    add_config_options(sub)
+    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule (default: daily at 03:00)")
+    sub.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: 127.0.0.1)")
+    sub.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    sub.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default: 5000)")
+    add_workspace(sub)
+    sub.set_defaults(handler=up_command)
 
     sub = commands.add_parser("generate", help="complete a prompt with a trained model")
     add_model_option(sub)

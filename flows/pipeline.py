@@ -10,6 +10,9 @@ flow can be started on its own (its upstream stages are reused when unchanged).
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from tasks.collect import collect
 from tasks.config import PipelineConfig
 from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of
 from tasks.finetune import finetune
+from tasks.inference import DEFAULT_REF, resolve_model
 from tasks.instructions import eval_texts
 from tasks.pretrain import pretrain
 from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
@@ -85,8 +89,13 @@ class TrainingProgress:
         self.logger.info(f"{self.stage} step {step}/{self.total}: {shown}")
 
 
+def system_metrics_interval() -> float:
+    """Seconds between system metric samples (CPU, memory, GPU) of each stage's run."""
+    return float(os.environ.get("TINYSEEK_SYSTEM_METRICS_INTERVAL", "10"))
+
+
 @task(cache_policy=NONE, persist_result=False)
-def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[str, Any]):
+def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[str, Any], inputs: dict[str, Ref]):
     """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
     logger = get_run_logger()
     tracker = run.tracker
@@ -95,9 +104,11 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
                                             flow_run_id=flow_run.get_id(),
                                             flow_run_url=flow_run.get_flow_run_ui_url()))
     run.child_runs[stage] = child
+    for name, upstream in inputs.items():
+        tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.fingerprint)
     metrics = MetricsCallback(tracker, child, every=10)
     try:
-        with system_metrics(tracker, child):
+        with system_metrics(tracker, child, interval=system_metrics_interval()):
             ref = work(metrics)
         metrics.close()
         tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
@@ -118,18 +129,20 @@ def _data_fp(run: PipelineRun) -> str:
     return ref.fingerprint if ref else "pending"
 
 
-def _stage(stage: str, run: PipelineRun, work: StageWork, params: dict[str, Any]) -> Ref:
-    return run_stage_task.with_options(name=stage)(stage, work, run, params, return_state=True).result()
+def _stage(stage: str, run: PipelineRun, work: StageWork, params: dict[str, Any], **inputs: Ref) -> Ref:
+    """Run `work` as the Prefect task `stage`; `inputs` are logged as the MLflow run's datasets."""
+    task_fn = run_stage_task.with_options(name=stage)
+    return task_fn(stage, work, run, params, inputs, return_state=True).result()
 
 
 def data_steps(run: PipelineRun) -> dict[str, Ref]:
     cfg, root = run.config, run.root
     collected = _stage("collect", run, lambda cb: collect(cfg.collect, root), cfg.collect.model_dump(mode="json"))
     cleaned = _stage("clean", run, lambda cb: clean(collected, cfg.clean, root, eval_texts(cfg.instructions)),
-                     cfg.clean.model_dump(mode="json"))
+                     cfg.clean.model_dump(mode="json"), corpus=collected)
     run.tracker.log_table(run.child_runs["clean"], drop_reasons(cleaned), "clean/drop_reasons.json")
     tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root),
-                    cfg.tokenize.model_dump(mode="json"))
+                    cfg.tokenize.model_dump(mode="json"), clean_corpus=cleaned)
     run.tracker.set_tags(run.parent_id, {"data_fingerprint": tokens.fingerprint})
     return run.refs
 
@@ -149,7 +162,7 @@ def pretrain_steps(run: PipelineRun) -> Ref:
     tokens = data_steps(run)["tokenize"]
     return _stage("pretrain", run,
                   lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb)),
-                  {"model": cfg.model, "pretrain": cfg.pretrain.model_dump(mode="json")})
+                  {"model": cfg.model, "pretrain": cfg.pretrain.model_dump(mode="json")}, tokens=tokens)
 
 
 def finetune_steps(run: PipelineRun) -> Ref:
@@ -158,7 +171,7 @@ def finetune_steps(run: PipelineRun) -> Ref:
     return _stage("finetune", run,
                   lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb)),
                   {"instructions": cfg.instructions.model_dump(mode="json"),
-                   "finetune": cfg.finetune.model_dump(mode="json")})
+                   "finetune": cfg.finetune.model_dump(mode="json")}, pretrained=base)
 
 
 def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
@@ -168,7 +181,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     ref = _stage("evaluate", run,
                  lambda cb: evaluate(base, tuned, cfg.evaluate, cfg.instructions, data.files("validation"), data.dtype,
                                      data.bytes_per_token("validation") or 1.0, run.root),
-                 cfg.evaluate.model_dump(mode="json"))
+                 cfg.evaluate.model_dump(mode="json"), base=base, tuned=tuned)
     child = run.child_runs["evaluate"]
     run.metrics = metrics_of(ref)
     run.tracker.log_metrics(child, run.metrics)
@@ -186,18 +199,33 @@ def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | N
     return version, dict(tracker.client.get_run(run_id).data.metrics)
 
 
+def registered_version(tracker: Tracker, fp: str) -> int | None:
+    """The registered version holding the fine-tuned model with this fingerprint, if any."""
+    versions = tracker.client.search_model_versions(f"name = '{MODEL_NAME}' and tags.fingerprint = '{fp}'")
+    return min((int(v.version) for v in versions), default=None)
+
+
 def register_steps(run: PipelineRun) -> dict[str, Any]:
     """Evaluate, register the fine-tuned model as `challenger`, promote it if it beats the champion."""
     cfg = run.config
     evaluate_steps(run)
     tracker, tuned = run.tracker, run.refs["finetune"]
     champion, previous = champion_metrics(tracker)
+    existing = registered_version(tracker, tuned.fingerprint)
+    if existing is not None and existing == champion:
+        run.decision = {"version": existing, "model_uri": f"models:/{MODEL_NAME}/{existing}", "promoted": False,
+                        "reason": f"unchanged: version {existing} (the champion) is this model", "champion_before": champion}
+        write_run_report(run, None)
+        return run.decision
     child = tracker.start_run("register", parent_id=run.parent_id, tags={"fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
     tracker.log_metrics(child, run.metrics)
-    model_uri = log_model(tracker, child, tuned.dir)
-    version = register(tracker, model_uri, child, tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
-                                                         "data_fingerprint": _data_fp(run)})
+    if existing is None:
+        model_uri = log_model(tracker, child, tuned.dir)
+        version = register(tracker, model_uri, child, tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
+                                                             "data_fingerprint": _data_fp(run)})
+    else:
+        version, model_uri = existing, f"models:/{MODEL_NAME}/{existing}"
     promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
     if promoted:
         promote(tracker, version)
@@ -324,3 +352,30 @@ def evaluate_flow(config: PipelineConfig, workspace_dir: str | None = None) -> d
 @flow(name="build-llm", description="The whole pipeline: data, pretraining, fine-tuning, evaluation, registration.")
 def build_llm(config: PipelineConfig, workspace_dir: str | None = None) -> dict[str, Any]:
     return _flow("build-llm", register_steps, config, workspace_dir)
+
+
+def retrain_config(config: PipelineConfig, root: Path, continue_champion: bool, refresh_token: str | None) -> PipelineConfig:
+    """The pipeline config of a retraining run: remote sources fetched again (`refresh`),
+    and optionally pretraining continued from the champion's weights."""
+    token = refresh_token or datetime.date.today().isoformat()
+    refresh = int(hashlib.sha256(token.encode()).hexdigest()[:12], 16)
+    update: dict[str, Any] = {"collect": config.collect.model_copy(update={"refresh": refresh})}
+    if continue_champion:
+        champion = resolve_model(DEFAULT_REF, root)
+        update["pretrain"] = config.pretrain.model_copy(update={"init_from": str(champion)})
+    return config.model_copy(update=update)
+
+
+@flow(name="retrain", description="Collect the sources again, train a challenger, promote it only if it beats "
+      "the champion on the primary metric.")
+def retrain(
+    config: PipelineConfig,
+    workspace_dir: str | None = None,
+    continue_champion: bool = False,
+    refresh_token: str | None = None,
+) -> dict[str, Any]:
+    """Remote sources (URLs, hub datasets) are fetched again once per `refresh_token`: the
+    corpus-updated trigger passes the event id; scheduled runs default to the day. Local files
+    are re-read whenever they change. Stages whose inputs did not change are reused."""
+    root = workspace(workspace_dir)
+    return _flow("retrain", register_steps, retrain_config(config, root, continue_champion, refresh_token), str(root))

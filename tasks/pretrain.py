@@ -17,6 +17,7 @@ import model.attention
 import model.moe
 import model.trainer
 import model.transformer
+from model.checkpoint import load_model
 from model.data import TokenWindows, eval_batches
 from model.trainer import Trainer
 from model.transformer import Transformer
@@ -38,6 +39,20 @@ def tokenizer_dir(tokens: Ref) -> Path:
     return TokenData(tokens).tokenizer_dir
 
 
+def continue_from(net: Transformer, directory: Path, data: TokenData) -> None:
+    """Start from an earlier model's weights; it must share this run's tokenizer and shape."""
+    same_tokenizer = (directory / "tokenizer.json").read_bytes() == (data.tokenizer_dir / "tokenizer.json").read_bytes()
+    if not same_tokenizer:
+        raise StageError(
+            f"cannot continue from {directory}: the corpus produced a different tokenizer; "
+            "train from scratch (pretrain.init_from: null) or keep the tokenizer's corpus unchanged"
+        )
+    previous = load_model(directory)
+    if previous.config != net.config:
+        raise StageError(f"cannot continue from {directory}: its model config differs from model: in this config")
+    net.load_state_dict(previous.state_dict())
+
+
 def build_trainer(tokens: Ref, config: PipelineConfig, checkpoints: Path, rank: int = 0, world: int = 1) -> Trainer:
     """The model, data and engine of a pretraining run (the same on every DDP rank)."""
     data = TokenData(tokens)
@@ -50,7 +65,10 @@ def build_trainer(tokens: Ref, config: PipelineConfig, checkpoints: Path, rank: 
         )
     torch.manual_seed(train_cfg.seed)
     device = train_cfg.torch_device()
-    net = Transformer(model_cfg).to(device)
+    net = Transformer(model_cfg)
+    if train_cfg.init_from:
+        continue_from(net, Path(train_cfg.init_from), data)
+    net = net.to(device)
     try:
         train = TokenWindows(data.files("train"), data.dtype, train_cfg.seq_len, data.bos_id,
                              train_cfg.micro_batch, seed=train_cfg.seed, rank=rank, world_size=world)

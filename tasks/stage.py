@@ -43,6 +43,15 @@ class Ref(BaseModel):
     fingerprint: str
     counts: dict[str, Any] = Field(default_factory=dict)
     cached: bool = Field(False, description="True when this output was already on disk and reused.")
+    content_hash: str | None = Field(
+        None, description="Hash of the output's content, when the stage records one (collect does)."
+    )
+
+    @property
+    def key(self) -> str:
+        """What downstream fingerprints hash: the content when known, else the fingerprint, so a
+        stage that ran again but produced the same content does not rerun what follows."""
+        return self.content_hash or self.fingerprint
 
     @property
     def dir(self) -> Path:
@@ -122,7 +131,8 @@ def find(stage: str, fp: str, root: Path) -> Ref | None:
     if not (out / MANIFEST).is_file():
         return None
     manifest = json.loads((out / MANIFEST).read_text())
-    return Ref(stage=stage, path=str(out), fingerprint=fp, counts=manifest.get("counts", {}))
+    return Ref(stage=stage, path=str(out), fingerprint=fp, counts=manifest.get("counts", {}),
+               content_hash=manifest.get("content_hash"))
 
 
 def run_stage(

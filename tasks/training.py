@@ -59,6 +59,9 @@ class TrainingConfig(BaseModel):
     devices: int = Field(1, ge=1, description="Processes to train with (torchrun DDP when > 1).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    init_from: str | None = Field(
+        None, description="Model directory to continue from instead of random weights (pretraining only)."
+    )
 
     def grad_accum(self, world: int = 1) -> int:
         per_pass = self.micro_batch * self.seq_len * world

@@ -1,0 +1,166 @@
+"""What the side-by-side benchmarks share: the model configs they compare on, the
+transformers peer built from the same config, the machine line printed with every
+result, and worker subprocesses that are timed in alternation.
+
+Each model runs in its own worker process, so its peak resident memory
+(`ru_maxrss`) is its own, while the parent alternates short timed bursts between
+the workers: noise from other load on the machine hits both sides alike, and the
+ratio of the two medians is what a benchmark reports.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ModelConfig
+from model.hf import hf_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# About four times the demo model's parameters (35.3M against 8.7M, MTP excluded):
+# twice the width everywhere and ten routed experts instead of eight.
+SCALE_4X = dict(
+    hidden_size=512, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, intermediate_size=1536,
+    moe_intermediate_size=512, n_routed_experts=10,
+)
+
+
+@dataclass
+class Setup:
+    """A model config and the batch shape and precision its preset trains with."""
+
+    model: ModelConfig
+    seq_len: int
+    micro_batch: int
+    precision: str
+
+
+def preset_setup(preset: str, *, mtp: bool = False, **overrides: Any) -> Setup:
+    """The model of a preset in `configs/` (its tokenizer's vocabulary size), optionally
+    without MTP so that it computes exactly what transformers' DeepseekV3 computes."""
+    from tasks.config import load_config
+
+    config = load_config(preset)
+    values = {**config.model, "vocab_size": config.tokenize.vocab_size, **overrides}
+    if not mtp:
+        values["num_nextn_predict_layers"] = 0
+    return Setup(ModelConfig.from_dict(values), config.pretrain.seq_len, config.pretrain.micro_batch,
+                 config.pretrain.precision)
+
+
+def named_setup(name: str, *, mtp: bool = False) -> Setup:
+    """`demo` (configs/demo.yaml) or `4x` (the demo scaled to about four times the parameters)."""
+    if name == "demo":
+        return preset_setup("demo", mtp=mtp)
+    if name == "4x":
+        return preset_setup("demo", mtp=mtp, **SCALE_4X)
+    raise ValueError(f"unknown benchmark config {name!r}: use demo or 4x")
+
+
+def hf_model(config: ModelConfig) -> torch.nn.Module:
+    """transformers' DeepseekV3ForCausalLM with our config (its default kernels)."""
+    import transformers
+
+    values = {k: v for k, v in hf_config(config).items() if k not in ("architectures", "model_type")}
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**values))
+
+
+def machine() -> str:
+    """CPU model, core count, torch and transformers versions, threads in use."""
+    import transformers
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return (f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, python {platform.python_version()}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- worker processes ------------------------------------------------------------------
+
+
+class Worker:
+    """A benchmark module run as `python -m <module> --worker <args>` that answers
+    JSON requests line by line on stdin/stdout (see `serve`)."""
+
+    def __init__(self, module: str, args: list[str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--worker", *args],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.proc.args} exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict[str, Any]:
+        final = self.ask(op="close")
+        self.proc.wait()
+        return final
+
+
+def serve(ready: dict[str, Any], handle) -> None:
+    """Worker side: announce `ready`, then answer each request with `handle(request)`
+    until `close`, which answers with the peak RSS."""
+    send = sys.stdout
+    sys.stdout = sys.stderr  # library prints must not corrupt the protocol
+    send.write(json.dumps(ready) + "\n")
+    send.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "close":
+            send.write(json.dumps({"peak_rss": peak_rss_bytes()}) + "\n")
+            send.flush()
+            return
+        send.write(json.dumps(handle(request)) + "\n")
+        send.flush()
+
+
+def alternate(workers: dict[str, Worker], rounds: int, **request: Any) -> dict[str, list[dict[str, Any]]]:
+    """Send the same request to every worker `rounds` times, the order flipping each round."""
+    names = list(workers)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            results[name].append(workers[name].ask(**request))
+    return results
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(rows: list[tuple[str, float, float, str]], higher_is_better: bool = True) -> str:
+    """Rows of (metric, peer, ours, unit) as `metric: peer | ours | ours/peer`."""
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'transformers':>14}  {'tinyseek':>14}  {'ours/peer':>9}"]
+    for name, peer, ours, unit in rows:
+        lines.append(f"{name:{width}}  {peer:>14,.1f}  {ours:>14,.1f}  {ours / peer:>8.2f}x  {unit}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Deployments for the Prefect UI and schedules, and the one-command local stack.
+
+`serve()` serves every flow as a deployment to the server in PREFECT_API_URL: each can
+be started from the UI with its form (the preset's values filled in), `retrain` also
+runs on a cron schedule and whenever a `tinyseek.corpus.updated` event arrives.
+`up()` starts a Prefect server and an MLflow server as child processes (SQLite in the
+workspace), waits until both answer, serves the deployments and stops it all on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tasks.config import PipelineConfig
+from tasks.stage import StageError
+
+CORPUS_UPDATED = "tinyseek.corpus.updated"
+DEFAULT_CRON = "0 3 * * *"
+
+
+def deployments(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> list:
+    from prefect.events import DeploymentEventTrigger
+
+    from flows import pipeline
+
+    params = {"config": config.model_dump(mode="json"), "workspace_dir": workspace_dir}
+    stage_flows = {
+        "build-llm": pipeline.build_llm,
+        "data": pipeline.data_flow,
+        "pretrain": pipeline.pretrain_flow,
+        "finetune": pipeline.finetune_flow,
+        "evaluate": pipeline.evaluate_flow,
+    }
+    out = [flow.to_deployment(name=name, parameters=params, tags=["tinyseek", config.preset])
+           for name, flow in stage_flows.items()]
+    out.append(
+        pipeline.retrain.to_deployment(
+            name="retrain",
+            parameters=params,
+            cron=cron,
+            tags=["tinyseek", config.preset],
+            triggers=[
+                DeploymentEventTrigger(
+                    name="corpus updated",
+                    expect={CORPUS_UPDATED},
+                    parameters={**params, "refresh_token": "event-{{ event.id }}"},
+                )
+            ],
+        )
+    )
+    return out
+
+
+def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> None:
+    """Serve all deployments until interrupted (needs a Prefect server)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise StageError("tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(config, workspace_dir, cron), print_starting_message=True)
+
+
+def wait_healthy(url: str, what: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise StageError(f"{what} exited with code {proc.returncode} before answering at {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise StageError(f"{what} did not answer at {url} within {timeout:.0f} s")
+
+
+def _executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
+    """A Prefect server and an MLflow server on SQLite under the workspace, both healthy."""
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
+    (root / "prefect").mkdir(parents=True, exist_ok=True)
+    prefect = subprocess.Popen([_executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+                               env=env, start_new_session=True)
+    mlflow = subprocess.Popen(
+        [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts"],
+        env=env, start_new_session=True,
+    )
+    procs = [prefect, mlflow]
+    try:
+        wait_healthy(f"http://{host}:{prefect_port}/api/health", "the Prefect server", prefect)
+        wait_healthy(f"http://{host}:{mlflow_port}/health", "the MLflow server", mlflow)
+    except BaseException:
+        stop(procs)
+        raise
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: list[str]) -> None:
+    """Servers first, then `tinyseek serve SERVE_ARGS` pointed at them, until Ctrl-C."""
+    procs = start_servers(root, prefect_port, mlflow_port, host)
+    env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
+           "MLFLOW_TRACKING_URI": f"http://{host}:{mlflow_port}"}
+    print(f"Prefect UI: http://{host}:{prefect_port}")
+    print(f"MLflow UI:  http://{host}:{mlflow_port}")
+    print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); Ctrl-C stops everything")
+    procs.append(subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True))
+    try:
+        procs[-1].wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(procs[::-1])
+        print("stopped the deployments, the Prefect server and the MLflow server")

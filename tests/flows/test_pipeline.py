@@ -1,0 +1,97 @@
+"""The tiny pipeline end to end through `tinyseek run`: MLflow runs, the registry, the
+cached rerun, serving, and using the model (generate, next-token, export-hf)."""
+
+import time
+
+import mlflow
+import pytest
+import torch
+
+from tests.flows.helpers import last_json, tinyseek
+
+STAGES = ["collect", "clean", "tokenize", "pretrain", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    started = time.time()
+    first = tinyseek("run", "--preset", "tiny", "--workspace", str(root), "--json")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return root, last_json(first.stdout), time.time() - started
+
+
+def client(root):
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
+    root, summary, _ = built
+    c = client(root)
+    parent = c.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["preset"] == "tiny"
+    assert parent.data.tags["data_fingerprint"] == summary["stages"]["tokenize"]["path"].rsplit("/", 1)[-1]
+    assert "prefect.flow_run_id" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
+    children = c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {run.info.run_name: run for run in children}
+    assert set(STAGES + ["register"]) <= set(by_name)
+    assert by_name["collect"].data.metrics["docs"] > 0
+    assert by_name["pretrain"].data.params["pretrain.steps"] == "20"
+    history = c.get_metric_history(by_name["pretrain"].info.run_id, "loss")
+    assert len(history) == 20 and history[-1].value < history[0].value
+    assert "exact_match_mean_tuned" in by_name["evaluate"].data.metrics
+    assert any(m.startswith("system/") for m in by_name["pretrain"].data.metrics)
+    assert c.get_run(by_name["pretrain"].info.run_id).inputs.dataset_inputs  # the token shards, as a dataset
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in artifacts
+    version = c.get_model_version_by_alias("tinyseek", "challenger")
+    assert int(version.version) == summary["version"]
+    assert c.get_model_version_by_alias("tinyseek", "champion").version == version.version  # first one wins
+
+
+def test_second_run_reuses_every_stage(built):
+    root, first, first_seconds = built
+    started = time.time()
+    second = tinyseek("run", "--preset", "tiny", "--workspace", str(root), "--json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = last_json(second.stdout)
+    assert all(summary["stages"][stage]["cached"] for stage in STAGES)
+    assert "Cached" in second.stdout + second.stderr
+    assert summary["version"] == first["version"]  # the same model is not registered twice
+    assert time.time() - started < first_seconds
+
+
+def test_generate_next_token_and_export_match_transformers(built, tmp_path):
+    root, _, _ = built
+    out = tinyseek("generate", "--workspace", str(root), "--prompt", "What is 2 + 3?", "--chat",
+                   "--max-new-tokens", "8", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    table = tinyseek("next-token", "--workspace", str(root), "--prompt", "def ", "--top", "3")
+    assert table.returncode == 0 and len(table.stdout.strip().splitlines()) == 4
+    exported = tinyseek("export-hf", "--workspace", str(root), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+
+    import transformers
+
+    from tasks import inference
+
+    loaded = inference.load("models:/tinyseek@champion", root)
+    ours = inference.complete_ids(loaded, "What is 2 + 3?", chat=True, max_new_tokens=8)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    generated = hf_model.generate(**prompt, do_sample=False, max_new_tokens=8)
+    theirs = generated[0, prompt["input_ids"].shape[1]:].tolist()
+    assert theirs[: len(ours)] == ours
+    assert hf_tok.decode(ours) in out.stdout or not ours
+
+
+def test_report_has_every_section(built):
+    root, summary, _ = built
+    report = root / "reports" / summary["mlflow_run_id"] / "report.md"
+    text = report.read_text()
+    for heading in ("data", "model", "scor", "MoE", "generation", "next"):
+        assert heading.lower() in text.lower(), heading
+    assert list(report.parent.glob("*.png"))
