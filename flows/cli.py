@@ -30,7 +30,10 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+_held_slots: list = []
+
 
 
 class UserError(Exception):
@@ -46,7 +49,33 @@ def prepare_environment(workspace_dir: str | None) -> Path:
     root = workspace(workspace_dir)
     os.environ["TINYSEEK_WORKSPACE"] = str(root)
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    if not os.environ.get("PREFECT_API_URL") and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ:
+        database = ephemeral_database(Path(os.environ["PREFECT_HOME"]))
+        os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
     return root
+
+
+def ephemeral_database(home: Path) -> Path:
+    """The SQLite file for this process's temporary Prefect server.
+
+    Runs on one workspace share `prefect.db`; a run that starts while another holds it takes
+    `prefect-1.db`, `prefect-2.db`, ... so two temporary servers never migrate or write one
+    SQLite file at the same time. The slot is held (flock) for the life of the process.
+    """
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    for slot in range(64):
+        name = "prefect.db" if slot == 0 else f"prefect-{slot}.db"
+        handle = open(home / f".{name}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _held_slots.append(handle)
+        return home / name
+    raise UserError(f"64 tinyseek runs already use {home}; wait for some to finish")
 
 
 def check_servers() -> None:

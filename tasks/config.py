@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import ConfigError, ModelConfig
 from tasks.clean import CleanConfig
@@ -48,6 +48,15 @@ class PipelineConfig(BaseModel):
         description="Instruction fine-tuning from the pretrained model.",
     )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="What to measure after training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_underneath(cls, data: Any) -> Any:
+        """A known `preset` supplies every value the data leaves out, so a deployment or a UI
+        form can say `{"preset": "demo", "pretrain": {"steps": 50}}` and get the rest of demo."""
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in presets():
+            return merge(_read_yaml(PRESETS_DIR / f"{data['preset']}.yaml"), data)
+        return data
 
     def model_for(self, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
         """The model config with the tokenizer's vocabulary and special token ids filled in."""
@@ -134,7 +143,6 @@ def load_config(
         available = presets()
         if preset not in available:
             raise StageError(f"unknown preset {preset!r}; {_suggest(preset, available)}")
-        values = merge(values, _read_yaml(PRESETS_DIR / f"{preset}.yaml"))
         values["preset"] = preset
     if config_file:
         values = merge(values, _read_yaml(Path(config_file)))

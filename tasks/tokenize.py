@@ -18,13 +18,16 @@ shadow the standard library's module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -53,7 +56,10 @@ class TokenizeConfig(BaseModel):
     )
     min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
     train_max_bytes: int | None = Field(
-        None, ge=1, description="Train the tokenizer on at most this many bytes of the train split (all when empty)."
+        None,
+        ge=1,
+        description="Train the tokenizer on an even sample of about this many bytes of the train split (all of it when "
+        "empty); bounds training cost on big corpora.",
     )
 
 
@@ -140,22 +146,34 @@ def _batches(shards: list[Path]) -> Iterator[tuple[list[str], list[str]]]:
             yield batch.column("text").to_pylist(), batch.column("split").to_pylist()
 
 
-def _training_texts(shards: list[Path], max_bytes: int | None, seen: dict[str, int]) -> Iterator[list[str]]:
-    """Batches of train-split texts, up to `max_bytes`; `seen` counts what was used."""
-    for texts, splits in _batches(shards):
-        batch = []
-        for text, split in zip(texts, splits):
-            if split != "train":
-                continue
-            if max_bytes is not None and seen["bytes"] >= max_bytes:
-                break
-            batch.append(text)
-            seen["bytes"] += len(text.encode())
-            seen["documents"] += 1
-        if batch:
-            yield batch
-        if max_bytes is not None and seen["bytes"] >= max_bytes:
-            return
+def _train_bytes(shards: list[Path]) -> int:
+    total = 0
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["text", "split"]):
+            train = pc.filter(batch.column("text"), pc.equal(batch.column("split"), "train"))
+            total += pc.sum(pc.binary_length(train)).as_py() or 0
+    return total
+
+
+def _sampled(doc_id: str, rate: float) -> bool:
+    """A stable pseudo-random choice of documents, independent of the train/validation hash."""
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8, person=b"tokenizer").digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
+def _training_texts(shards: list[Path], max_bytes: int | None, used: Counter) -> Iterator[list[str]]:
+    """Batches of train-split texts: all of them, or an even sample of about `max_bytes`.
+
+    `used` counts the documents and bytes handed to the trainer."""
+    rate = 1.0 if max_bytes is None else min(1.0, max_bytes / max(_train_bytes(shards), 1))
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id", "text", "split"]):
+            rows = zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(), batch.column("split").to_pylist())
+            texts = [text for doc_id, text, split in rows if split == "train" and (rate == 1.0 or _sampled(doc_id, rate))]
+            used["documents"] += len(texts)
+            used["bytes"] += sum(len(text.encode()) for text in texts)
+            if texts:
+                yield texts
 
 
 class _SplitWriter:
@@ -190,7 +208,7 @@ class _SplitWriter:
 
 
 def _build(shards: list[Path], config: TokenizeConfig, out: Path) -> dict[str, Any]:
-    trained_on = {"bytes": 0, "documents": 0}
+    trained_on: Counter = Counter()
     tokenizer = train_tokenizer(_training_texts(shards, config.train_max_bytes, trained_on), config)
     if trained_on["documents"] == 0:
         raise StageError("the clean output has no train-split documents to train the tokenizer on")
@@ -218,7 +236,7 @@ def _build(shards: list[Path], config: TokenizeConfig, out: Path) -> dict[str, A
         "files": {split: [f"{split}.bin"] for split in SPLITS},
         "layout": f"one flat little-endian {dtype.name} array of token ids per split; every document starts "
         f"with BOS (id {special[chat.BOS]}); bytes_per_token = UTF-8 text bytes / tokens including BOS",
-        "tokenizer_training": trained_on,
+        "tokenizer_training": {"documents": trained_on["documents"], "bytes": trained_on["bytes"]},
     }
 
 
@@ -226,7 +244,7 @@ def tokenize(upstream: Ref, config: TokenizeConfig, root: Path | str | None = No
     """Train the tokenizer on the clean output's train split and encode both splits."""
     root = workspace(root)
     shards = _shards(upstream)
-    fp = fingerprint("tokenize", config.model_dump(), [upstream.fingerprint], code_version(sys.modules[__name__], chat))
+    fp = fingerprint("tokenize", config.model_dump(), [upstream.key], code_version(sys.modules[__name__], chat))
     return run_stage(
         "tokenize",
         fp,

@@ -9,6 +9,8 @@ is `sqlite:///<workspace>/mlflow.db` with artifacts beside it in `<workspace>/ml
 
 from __future__ import annotations
 
+import fcntl
+
 import functools
 import logging
 import os
@@ -159,6 +161,21 @@ def _parquet_sample(path: Path) -> pd.DataFrame | None:
     return pads.dataset([str(f) for f in files], format="parquet").head(DATASET_SAMPLE_ROWS).to_pandas()
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """The pipeline's view of one MLflow experiment, every call naming its run explicitly."""
 
@@ -166,8 +183,10 @@ class Tracker:
         quiet_mlflow()
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+        # the first use of a SQLite store creates and migrates it: one process at a time
+        with _store_lock(self.uri):
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

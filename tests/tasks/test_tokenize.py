@@ -1,0 +1,153 @@
+"""The tokenize stage: the tokenizer itself, its transformers files, and the token files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import chat
+from tasks.clean import CleanConfig, clean
+from tasks.stage import Ref, StageError
+from tasks.tokenize import (
+    TokenData,
+    TokenizeConfig,
+    load_tokenizer,
+    load_tokens,
+    save_tokenizer,
+    dtype_for,
+    token_files,
+    tokenize,
+    train_tokenizer,
+)
+from tests.tasks.test_clean import good_docs, output, write_collect
+
+UNICODE = "Grüße, 世界! naïve café — 😀 ∑x² \t tabs\n\nand 12345 digits, \u200b zero-width, العربية."
+SMALL = TokenizeConfig(vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return good_docs(60, 120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(texts):
+    return train_tokenizer(iter([texts, [UNICODE]]), SMALL)
+
+
+@pytest.fixture
+def collected(tmp_path, texts):
+    return write_collect(tmp_path / "collect", [(f"doc-{i}", text) for i, text in enumerate(texts)], shards=2)
+
+
+@pytest.fixture
+def cleaned(ws, collected):
+    return clean(collected, CleanConfig(val_fraction=0.2), ws)
+
+
+def test_special_tokens_come_first(tokenizer):
+    assert [tokenizer.token_to_id(token) for token in chat.SPECIAL_TOKENS] == list(range(7))
+    assert tokenizer.get_vocab_size() == SMALL.vocab_size
+
+
+def test_digits_are_split_one_by_one(tokenizer):
+    tokens = tokenizer.encode("x = 2024 + 77", add_special_tokens=False).tokens
+    assert [t for t in tokens if any(c.isdigit() for c in t)] == ["2", "0", "2", "4", "7", "7"]
+
+
+@pytest.mark.parametrize("text", [UNICODE, "  leading spaces\n\n\ntrailing  ", "ελληνικά και русский", ""])
+def test_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
+
+
+def test_special_tokens_are_atomic_and_text_is_not_special(tokenizer):
+    ids = tokenizer.encode(f"{chat.USER}hi{chat.END}", add_special_tokens=False).ids
+    assert ids[0] == tokenizer.token_to_id(chat.USER) and ids[-1] == tokenizer.token_to_id(chat.END)
+    assert tokenizer.encode("hi", add_special_tokens=False).ids == ids[1:-1]
+
+
+def test_transformers_loads_it_with_the_chat_template(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(tokenizer, tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (chat.BOS, chat.EOS, chat.PAD)
+    assert loaded.pad_token_id == tokenizer.token_to_id(chat.PAD)
+    rendered = loaded.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == "<|bos|><|user|>hi<|end|><|assistant|>"
+    assert loaded.encode(UNICODE, add_special_tokens=False) == tokenizer.encode(UNICODE, add_special_tokens=False).ids
+    assert loaded.decode(loaded.encode(UNICODE, add_special_tokens=False)) == UNICODE
+
+
+def documents(ref: Ref, split: str, tokens: np.ndarray) -> list[np.ndarray]:
+    """The token stream cut at BOS: one array per document (BOS dropped)."""
+    bos = TokenData(ref).bos_id
+    assert tokens[0] == bos
+    starts = np.flatnonzero(tokens == bos)
+    return [tokens[start + 1 : end] for start, end in zip(starts, [*starts[1:], len(tokens)])]
+
+
+def test_token_files(ws, cleaned):
+    ref = tokenize(cleaned, SMALL, ws)
+    manifest = ref.manifest()
+    tokenizer = load_tokenizer(ref)
+    table = output(cleaned)
+    assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == SMALL.vocab_size
+    assert manifest["special_tokens"] == {token: i for i, token in enumerate(chat.SPECIAL_TOKENS)}
+    for split in ("train", "validation"):
+        expected = table[table["split"] == split]["text"].tolist()
+        assert expected, split
+        tokens = load_tokens(ref, split)
+        assert tokens.dtype == np.uint16 and token_files(ref, split) == [ref.dir / f"{split}.bin"]
+        docs = documents(ref, split, tokens)
+        assert [tokenizer.decode(doc.tolist()) for doc in docs] == expected
+        summary = manifest["splits"][split]
+        assert summary["tokens"] == len(tokens) == manifest["counts"][f"{split}_tokens"]
+        assert summary["documents"] == len(expected) == manifest["counts"][f"{split}_documents"]
+        assert summary["bytes"] == sum(len(text.encode()) for text in expected)
+        assert summary["bytes_per_token"] == pytest.approx(summary["bytes"] / summary["tokens"], abs=1e-4)
+    data = TokenData(ref)
+    assert data.bytes_per_token("validation") > 1 and data.files("train") == [ref.dir / "train.bin"]
+
+
+def test_dtype_fits_the_vocabulary():
+    assert dtype_for(2**16) == np.uint16 and dtype_for(2**16 + 1) == np.uint32
+
+
+def test_train_max_bytes_samples_the_train_split(ws, cleaned):
+    full = tokenize(cleaned, SMALL, ws).manifest()["tokenizer_training"]
+    capped = tokenize(cleaned, SMALL.model_copy(update={"train_max_bytes": full["bytes"] // 3}), ws)
+    used = capped.manifest()["tokenizer_training"]
+    assert 0 < used["documents"] < full["documents"]
+    assert full["bytes"] // 6 < used["bytes"] < full["bytes"] // 3 * 2
+    train_ids = output(cleaned).query("split == 'train'")["id"]
+    assert full["documents"] == len(train_ids)
+
+
+def test_rerun_is_cached_and_clean_config_reaches_the_fingerprint(ws, collected, cleaned):
+    first = tokenize(cleaned, SMALL, ws)
+    again = tokenize(cleaned, SMALL, ws)
+    assert again.cached and (again.fingerprint, again.manifest()) == (first.fingerprint, first.manifest())
+    stricter = clean(collected, CleanConfig(val_fraction=0.2, min_words=20), ws)
+    assert stricter.fingerprint != cleaned.fingerprint
+    assert tokenize(stricter, SMALL, ws).fingerprint != first.fingerprint
+    assert tokenize(cleaned, TokenizeConfig(vocab_size=401), ws).fingerprint != first.fingerprint
+
+
+def test_split_is_the_clean_split(ws, cleaned):
+    ref = tokenize(cleaned, SMALL, ws)
+    table = output(cleaned)
+    counts = pd.Series(table["split"]).value_counts()
+    assert ref.counts["validation_documents"] == counts["validation"]
+    assert ref.counts["train_documents"] == counts["train"]
+
+
+def test_upstream_without_split_column_is_a_stage_error(ws, tmp_path):
+    (tmp_path / "raw").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "raw" / "shard-00000.parquet")
+    with pytest.raises(StageError, match="split"):
+        tokenize(Ref(stage="collect", path=str(tmp_path / "raw"), fingerprint="raw"), SMALL, ws)
