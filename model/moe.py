@@ -69,19 +69,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n_experts = self.gate_up_proj.shape[0]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         token = order // ids.shape[1]
-        counts = torch.bincount(flat_ids, minlength=n_experts).tolist()
-        routed = x[token]
-        outputs = []
-        for e, chunk in enumerate(routed.split(counts)):
-            if counts[e] == 0:
-                continue
-            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        out = torch.cat(outputs).to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        offsets = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        routed = x.to(dtype)[token]
+        gate, up = F.grouped_mm(routed, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
+        out = out.to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, out)
 
 

@@ -1,0 +1,114 @@
+"""A real Prefect server: the deployments are served, `build-llm` is triggered through the
+API the way the UI does and completes, `retrain` has its schedule, and a
+`tinyseek.corpus.updated` event creates a `retrain` run."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port
+
+QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float = 150) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"{proc.args[:3]} exited with {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = root / "prefect-server"
+    server_env = cli_env(PREFECT_HOME=str(home),
+                         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'server.db'}")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    procs = [server]
+    try:
+        wait_for(f"{api}/health", server)
+        log = open(root / "serve.log", "w")
+        serve = subprocess.Popen([TINYSEEK, "serve", "--preset", "tiny", "--workspace", str(root / "ws"), *QUICK],
+                                 env=cli_env(PREFECT_API_URL=api), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        procs.append(serve)
+        yield api, root
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+async def deployment_ids(client, names: set[str], timeout: float = 120) -> dict[str, object]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {d.name: d for d in await client.read_deployments() if d.name in names}
+        if set(found) == names:
+            return found
+        await asyncio.sleep(1)
+    raise TimeoutError(f"deployments {names} were not served")
+
+
+def test_served_deployments_run_from_the_api_and_react_to_events(served):
+    api, root = served
+    os.environ["PREFECT_API_URL"] = api
+    try:
+        asyncio.run(exercise(root))
+    finally:
+        del os.environ["PREFECT_API_URL"]
+
+
+async def exercise(root):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.events.clients import get_events_client
+    from prefect.events.schemas.events import Event
+
+    async with get_client() as client:
+        deployments = await deployment_ids(client, {"build-llm", "data", "pretrain", "finetune", "evaluate", "retrain"})
+        retrain = deployments["retrain"]
+        assert any(s.schedule.cron == "0 3 * * *" for s in retrain.schedules)
+
+        # the UI's "Quick run": a flow run from the deployment with its default parameters
+        run = await client.create_flow_run_from_deployment(deployments["build-llm"].id)
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state.is_final():
+                break
+            await asyncio.sleep(2)
+        assert run.state.is_completed(), (run.state, (root / "serve.log").read_text()[-3000:])
+
+        async with get_events_client() as events:
+            await events.emit(Event(event="tinyseek.corpus.updated", resource={"prefect.resource.id": "tinyseek.corpus"}))
+        deadline = time.time() + 90
+        triggered = []
+        while time.time() < deadline and not triggered:
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id])))
+            triggered = [r for r in runs if str(r.parameters.get("refresh_token", "")).startswith("event-")]
+            await asyncio.sleep(1)
+        assert triggered, "no retrain run was created by the corpus-updated event"
