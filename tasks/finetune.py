@@ -17,13 +17,12 @@ from tokenizers import Tokenizer
 from model.checkpoint import load_model
 from model.data import SFTBatches
 from model.trainer import Trainer
-from tasks import distributed
 from tasks.chat import render
 from tasks.config import PipelineConfig
 from tasks.instructions import build_examples
 from tasks.pretrain import MODEL_CODE
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
-from tasks.training import train_into, work_dir
+from tasks.training import train_stage, work_dir
 
 QUARANTINE = "quarantine.parquet"
 
@@ -78,16 +77,9 @@ def finetune(
     cfg = config.finetune
 
     def build(out: Path) -> dict:
-        checkpoints = work_dir(root, "finetune", fp)
         quarantine: list[dict] = []
-        if cfg.devices > 1:
-            fields = distributed.launch("finetune", {"pretrained": pretrained}, config, out, checkpoints, callback, log)
-        else:
-            cfg.apply_threads()
-            trainer = build_trainer(pretrained, config, checkpoints, quarantine=quarantine)
-            trainer.callback = callback or trainer.callback
-            trainer.warn = log
-            fields = train_into(out, trainer, tokenizer_dir(pretrained), log=log)
+        fields = train_stage("finetune", {"pretrained": pretrained}, config, out, work_dir(root, "finetune", fp),
+                             build_trainer, tokenizer_dir(pretrained), callback, log, quarantine=quarantine)
         pd.DataFrame(quarantine, columns=["source", "line", "reason"]).to_parquet(out / QUARANTINE)
         fields["counts"]["quarantined_rows"] = len(quarantine)
         return fields

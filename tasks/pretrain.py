@@ -21,11 +21,10 @@ from model.checkpoint import load_model
 from model.data import TokenWindows, eval_batches
 from model.trainer import Trainer
 from model.transformer import Transformer
-from tasks import distributed
 from tasks.config import PipelineConfig
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.tokenize import TokenData
-from tasks.training import train_into, work_dir
+from tasks.training import train_stage, work_dir
 
 MODEL_CODE = (model.attention, model.moe, model.transformer, model.trainer)
 
@@ -96,17 +95,10 @@ def pretrain(
     """Train a model on `tokens` (the tokenize stage's output) and return its Ref."""
     root = workspace(root)
     fp = pretrain_fingerprint(tokens, config)
-    train_cfg = config.pretrain
 
     def build(out: Path) -> dict:
-        checkpoints = work_dir(root, "pretrain", fp)
-        if train_cfg.devices > 1:
-            return distributed.launch("pretrain", {"tokens": tokens}, config, out, checkpoints, callback, log)
-        train_cfg.apply_threads()
-        trainer = build_trainer(tokens, config, checkpoints)
-        trainer.callback = callback or trainer.callback
-        trainer.warn = log
-        return train_into(out, trainer, tokenizer_dir(tokens), log=log)
+        return train_stage("pretrain", {"tokens": tokens}, config, out, work_dir(root, "pretrain", fp),
+                           build_trainer, tokenizer_dir(tokens), callback, log)
 
     return run_stage("pretrain", fp, build, root=root, inputs={"tokens": tokens.model_dump()},
-                     config={"model": config.model, "pretrain": train_cfg.model_dump()})
+                     config={"model": config.model, "pretrain": config.pretrain.model_dump()})

@@ -115,7 +115,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing) for the block."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -152,7 +153,7 @@ def run_stage(
     done = find(stage, fp, root)
     if done:
         return done.model_copy(update={"cached": True})
-    with _locked(root / stage / f".{fp}.lock"):
+    with file_lock(root / stage / f".{fp}.lock"):
         done = find(stage, fp, root)
         if done:
             return done.model_copy(update={"cached": True})

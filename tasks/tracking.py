@@ -9,7 +9,6 @@ is `sqlite:///<workspace>/mlflow.db` with artifacts beside it in `<workspace>/ml
 
 from __future__ import annotations
 
-import fcntl
 
 import functools
 import logging
@@ -46,7 +45,7 @@ from mlflow.utils.validation import (
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
-from tasks.stage import REPO_ROOT
+from tasks.stage import REPO_ROOT, file_lock
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -166,14 +165,8 @@ def _store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")):
+        yield
 
 
 class Tracker:

@@ -137,6 +137,31 @@ def train_into(
     }
 
 
+def train_stage(
+    stage: str,
+    upstream: dict[str, Any],
+    config: Any,
+    out: Path,
+    checkpoints: Path,
+    build_trainer: Callable[..., Trainer],
+    tokenizer_dir: Path,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    log: Callable[[str], None],
+    **trainer_options: Any,
+) -> dict[str, Any]:
+    """Train in this process, or under torchrun when the stage's `devices` > 1."""
+    settings: TrainingConfig = getattr(config, stage)
+    if settings.devices > 1:
+        from tasks import distributed
+
+        return distributed.launch(stage, upstream, config, out, checkpoints, callback, log)
+    settings.apply_threads()
+    trainer = build_trainer(**upstream, config=config, checkpoints=checkpoints, **trainer_options)
+    trainer.callback = callback or trainer.callback
+    trainer.warn = log
+    return train_into(out, trainer, tokenizer_dir, log=log)
+
+
 def read_history(ref_dir: Path) -> list[dict[str, float]]:
     """The per-step metrics of a finished training stage (the last record wins per step)."""
     path = Path(ref_dir) / HISTORY

@@ -162,15 +162,15 @@ def test_sft_targets_mask_prompt_and_padding():
     loader = SFTBatches(sft_examples(), seq_len=32, batch_size=3, pad_id=0, seed=0)
     assert loader.examples == 3 and loader.dropped == 1
     inputs, targets = loader.next_batch()
-    assert inputs.shape == targets.shape == (3, 7)
+    assert inputs.shape == targets.shape == (3, 8)  # longest example (7) rounded up to WIDTH_STEP
     rows = {int(row[1]): (row, tgt) for row, tgt in zip(inputs, targets)}
     row, tgt = rows[12]
-    assert row.tolist() == [1, 12, 22, 0, 0, 0, 0]
-    assert tgt.tolist() == [-100, 22, 2, -100, -100, -100, -100]
+    assert row.tolist() == [1, 12, 22, 0, 0, 0, 0, 0]
+    assert tgt.tolist() == [-100, 22, 2, -100, -100, -100, -100, -100]
     row, tgt = rows[10]
-    assert row.tolist() == [1, 10, 11, 20, 21, 0, 0]
-    assert tgt.tolist() == [-100, -100, 20, 21, 2, -100, -100]
-    assert rows[13][1].tolist() == [-100, -100, -100, 23, 24, 25, 2]
+    assert row.tolist() == [1, 10, 11, 20, 21, 0, 0, 0]
+    assert tgt.tolist() == [-100, -100, 20, 21, 2, -100, -100, -100]
+    assert rows[13][1].tolist() == [-100, -100, -100, 23, 24, 25, 2, -100]
 
 
 def test_sft_truncates_to_seq_len():

@@ -1,0 +1,65 @@
+"""The pretrain and finetune stages on the tiny preset: outputs, reuse, and torchrun DDP."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from model.checkpoint import load_model
+from tasks.clean import clean
+from tasks.collect import collect
+from tasks.config import load_config
+from tasks.finetune import finetune
+from tasks.instructions import eval_texts
+from tasks.pretrain import pretrain
+from tasks.stage import StageError
+from tasks.tokenize import tokenize
+from tasks.training import read_history
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    config = load_config("tiny")
+    cleaned = clean(collect(config.collect, root), config.clean, root, eval_texts(config.instructions))
+    return root, tokenize(cleaned, config.tokenize, root)
+
+
+def quick(*overrides):
+    return load_config("tiny", None, ["pretrain.steps=6", "pretrain.checkpoint_every=3", "finetune.steps=4",
+                                      *overrides])
+
+
+def test_pretrain_then_finetune_write_models_histories_and_checkpoints(tokens):
+    root, toks = tokens
+    config = quick()
+    seen = []
+    base = pretrain(toks, config, root, callback=lambda step, metrics: seen.append(step), log=lambda m: None)
+    assert seen == list(range(1, 7))
+    assert [r["step"] for r in read_history(base.dir)] == seen
+    assert sorted(p.name for p in (base.dir / "checkpoints").glob("step-*")) == ["step-000003", "step-000006"]
+    model = load_model(base.dir)
+    assert model.config.vocab_size == json.loads((toks.dir / "manifest.json").read_text())["vocab_size"]
+    assert (base.dir / "tokenizer.json").exists()
+    assert pretrain(toks, config, root).cached
+
+    tuned = finetune(base, config, root, log=lambda m: None)
+    assert tuned.counts["steps"] == 4
+    before, after = load_file(str(base.dir / "model.safetensors")), load_file(str(tuned.dir / "model.safetensors"))
+    assert any(not before[name].equal(after[name]) for name in before)
+
+
+def test_sequence_longer_than_the_model_is_a_clear_error(tokens):
+    root, toks = tokens
+    with pytest.raises(StageError, match="pretrain.seq_len=512 exceeds model.max_position_embeddings=256"):
+        pretrain(toks, quick("pretrain.seq_len=512"), root)
+
+
+def test_two_devices_train_under_torchrun(tokens):
+    root, toks = tokens
+    logged = []
+    ref = pretrain(toks, quick("pretrain.devices=2", "pretrain.micro_batch=2"), root,
+                   callback=lambda step, metrics: logged.append((step, metrics["loss"])), log=lambda m: None)
+    assert [step for step, _ in logged] == list(range(1, 7))
+    assert ref.counts["steps"] == 6 and (ref.dir / "model.safetensors").exists()
+    assert not list(ref.dir.glob("ddp-*"))
