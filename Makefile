@@ -15,12 +15,12 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run test install clean
+.PHONY: run test stack-test install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,stack]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the docker-compose topology run natively (PostgreSQL from Debian's packages)
+stack-test: $(STAMP)
+	bash stack/stack_test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

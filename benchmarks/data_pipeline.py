@@ -42,9 +42,18 @@ MB = 1e6
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the clean stage's workers)."""
+    """CPU time of this process and its descendants: finished children, and live children
+    with the children they reaped (the clean stage's fork server and its workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():  # fields after the name: state, ppid, ..., utime at index 11
+            total += sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def peak_rss() -> int:
@@ -144,8 +153,8 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int]) -> str:
         row = f"{stage:<10}"
         for size in sizes:
             s = results[size]["stages"][stage]
-            throughput = s["bytes"] / MB / s["seconds"]
-            row += f"  {s['bytes'] / MB:>8.2f} {s['seconds']:>6.2f} {s['cpu']:>6.2f} {throughput:>6.2f} {s['rss'] >> 20:>5}"
+            throughput, rss_mib = s["bytes"] / MB / s["seconds"], s["rss"] >> 20
+            row += f"  {s['bytes'] / MB:>8.2f} {s['seconds']:>6.2f} {s['cpu']:>6.2f} {throughput:>6.2f} {rss_mib:>5}"
         lines.append(row)
     row = f"{'all':<10}"
     for size in sizes:
@@ -154,7 +163,10 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int]) -> str:
         raw = results[size]["raw_bytes"]
         row += f"  {raw / MB:>8.2f} {seconds:>6.2f} {cpu:>6.2f} {raw / MB / seconds:>6.2f} {'':>5}"
     lines.append(row)
-    lines.append("(MB: text entering the stage; all: raw text over the three stages' seconds; RSS: peak MiB so far)")
+    lines.append(
+        "(MB: text entering the stage; cpu s: CPU time of the stage's processes; "
+        "all: raw text over the three stages' seconds; RSS: peak MiB so far)"
+    )
     for size in sizes:
         r = results[size]
         lines.append(
@@ -193,6 +205,8 @@ def main() -> None:
                     out.write(json.dumps(doc) + "\n")
             results[f"{scale}x"], rss[f"{scale}x"] = run_size(corpus, base / f"ws-{scale}x")
         print(report(results, rss))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(f"{cores} cores; load average {os.getloadavg()[0]:.1f} (other work on the machine stretches wall time)")
     finally:
         if not args.workspace:
             shutil.rmtree(base, ignore_errors=True)

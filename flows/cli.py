@@ -300,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.debug or not type(exc).__module__.startswith("mlflow"):
+            raise
+        where = os.environ.get("MLFLOW_TRACKING_URI") or "the workspace's MLflow store"
+        detail = str(exc).splitlines()[0][:300]
+        print(f"error: MLflow tracking at {where} failed ({detail}); finished stages are kept, "
+              "run again when it answers", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

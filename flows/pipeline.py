@@ -69,7 +69,12 @@ class PipelineRun:
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
 
     def finish(self, ok: bool) -> None:
-        self.tracker.end_run(self.parent_id, "FINISHED" if ok else "FAILED")
+        """Close the parent run; after a failure, a tracking error here must not hide the cause."""
+        try:
+            self.tracker.end_run(self.parent_id, "FINISHED" if ok else "FAILED")
+        except Exception:
+            if ok:
+                raise
 
 
 class TrainingProgress:
@@ -99,10 +104,7 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
     logger = get_run_logger()
     tracker = run.tracker
-    child = tracker.start_run(stage, parent_id=run.parent_id, params=params,
-                              tags=run_tags(run.config.preset, data_fingerprint=_data_fp(run),
-                                            flow_run_id=flow_run.get_id(),
-                                            flow_run_url=flow_run.get_flow_run_ui_url()))
+    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_tags(run))
     run.child_runs[stage] = child
     for name, upstream in inputs.items():
         tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.fingerprint)
@@ -122,6 +124,11 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     logger.info(f"{stage}: {'reused' if ref.cached else 'built'} {ref.path} {ref.counts}")
     return Completed(data=ref, name="Cached" if ref.cached else "Completed",
                      message=f"reused {ref.path}" if ref.cached else None)
+
+
+def _tags(run: PipelineRun) -> dict[str, str]:
+    return run_tags(run.config.preset, data_fingerprint=_data_fp(run), flow_run_id=flow_run.get_id(),
+                    flow_run_url=flow_run.get_flow_run_ui_url())
 
 
 def _data_fp(run: PipelineRun) -> str:
@@ -217,7 +224,8 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
                         "reason": f"unchanged: version {existing} (the champion) is this model", "champion_before": champion}
         write_run_report(run, None)
         return run.decision
-    child = tracker.start_run("register", parent_id=run.parent_id, tags={"fingerprint": tuned.fingerprint})
+    child = tracker.start_run("register", parent_id=run.parent_id,
+                              tags={**_tags(run), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
     tracker.log_metrics(child, run.metrics)
     if existing is None:

@@ -4,8 +4,8 @@ Near-deduplication and decontamination both see a document as its lowercased wor
 tokens with punctuation stripped. What they keep in memory are hashes, never text:
 MinHash signatures and an LSH index (rensa, in Rust) for near-duplicates, sorted
 arrays of 64-bit n-gram hashes for decontamination. Memory therefore grows with the
-number of documents kept (about 0.5 KiB each) and with the size of the reference
-sets, not with the corpus text.
+number of documents kept (about 1 KiB each: a 128-value signature and its LSH band
+entries) and with the size of the reference sets, never with the corpus text.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import rensa
 
 _WORD = re.compile(r"\w+")
-# Multiplier of the polynomial n-gram hash: h(w1..wn) = h(w1..wn-1) * P + h(wn) mod 2^64.
+# Base of the polynomial n-gram hash (see `Words`).
 _P = np.uint64(0x9E3779B97F4A7C15)
 # LSH banding is chosen so a pair exactly at the threshold becomes a candidate with at
 # least this probability; candidates are then verified against the signatures.
@@ -29,21 +29,24 @@ _MAX_BITMAP = 1 << 26
 class Words:
     """A text as lowercased word tokens, their 64-bit hashes and (lazily) their n-gram hashes.
 
-    The hash of an n-gram extends the (n-1)-gram's: h(w1..wn) = h(w1..wn-1) * P + h(wn)
-    mod 2^64, so all n-gram sizes up to n cost n vector operations in total.
+    An n-gram's hash is the polynomial h(w1..wn) = sum of h(wi) * P^(n-i) mod 2^64, so
+    an n-gram joins two shorter ones: h(w1..wn) = h(w1..wk) * P^(n-k) + h(wk+1..wn).
+    Sizes are built by halving and cached, so 13-grams take a handful of vector operations.
     """
 
     def __init__(self, text: str):
         self.tokens = _WORD.findall(text.lower())
         self.hashes = np.array(rensa.RMinHash.hash_token_sets([self.tokens])[0], dtype=np.uint64)
-        self._grams = [self.hashes]
+        self._grams = {1: self.hashes}
 
     def grams(self, n: int) -> np.ndarray:
         """Hashes of every word n-gram, in order (empty when the text has fewer than n words)."""
-        while len(self._grams) < n:
-            shorter = self._grams[-1]
-            self._grams.append(shorter[:-1] * _P + self.hashes[len(self._grams) :])
-        return self._grams[n - 1]
+        if n not in self._grams:
+            head, tail = n // 2, n - n // 2
+            count = max(len(self.hashes) - n + 1, 0)
+            shift = np.uint64(pow(int(_P), tail, 1 << 64))
+            self._grams[n] = self.grams(head)[:count] * shift + self.grams(tail)[head : head + count]
+        return self._grams[n]
 
 
 class Overlap:
@@ -63,6 +66,7 @@ class Overlap:
         self._pending: dict[int, list[np.ndarray]] = defaultdict(list)
         self._sorted: dict[int, np.ndarray] = {}
         self._bitmap = np.zeros(1, dtype=bool)
+        self._mask = np.uint64(0)
 
     def add(self, words: Words) -> None:
         if len(words.tokens) >= self.min_words:
@@ -82,17 +86,20 @@ class Overlap:
         self._pending.clear()
         total = sum(len(grams) for grams in self._sorted.values())
         self._bitmap = np.zeros(min(1 << max(total * 8, 1).bit_length(), _MAX_BITMAP), dtype=bool)
+        self._mask = np.uint64(self._bitmap.size - 1)  # the size is a power of two
         for grams in self._sorted.values():
-            self._bitmap[grams % np.uint64(self._bitmap.size)] = True
+            self._bitmap[grams & self._mask] = True
 
     def contains(self, words: Words) -> bool:
         """Whether the document has any reference n-gram (or phrase)."""
         self.freeze()
         for size, reference in self._sorted.items():
             grams = words.grams(size)
-            grams = grams[self._bitmap[grams % np.uint64(self._bitmap.size)]]
-            if grams.size and np.any(reference[np.minimum(np.searchsorted(reference, grams), reference.size - 1)] == grams):
-                return True
+            hits = grams[self._bitmap[grams & self._mask]]
+            if hits.size:
+                where = np.minimum(np.searchsorted(reference, hits), reference.size - 1)
+                if np.any(reference[where] == hits):
+                    return True
         return False
 
 

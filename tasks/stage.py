@@ -157,6 +157,8 @@ def run_stage(
         done = find(stage, fp, root)
         if done:
             return done.model_copy(update={"cached": True})
+        for leftover in (root / stage).glob(f".{fp}.tmp-*"):  # from a killed run: we hold the lock now
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = root / stage / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:

@@ -3,14 +3,15 @@
 The tokenizer is GPT-4-style: text is pre-split with the cl100k pattern (except that
 numbers split into single digits, which helps small models with arithmetic), then
 mapped to bytes, so any string round-trips. The chat special tokens of `tasks.chat`
-are reserved first and get ids 0..6 in every tokenizer the pipeline builds. Only the
-train split is used to learn merges.
+are reserved first and get ids 0..6 in every tokenizer the pipeline builds. Merges are
+learned from the train split only (an even sample of it on big corpora).
 
 Each split becomes one flat file of token ids (`train.bin`, `validation.bin`), uint16
 when the vocabulary fits, with BOS before every document, written batch by batch so
-memory stays flat; `load_tokens` maps them with numpy. Next to them lie `tokenizer.json`
-and the small config files that let `transformers.AutoTokenizer` load the directory
-with the chat template.
+memory stays flat; `load_tokens` maps them with numpy. Corpus text that spells a
+special token stays text. Next to the token files lie `tokenizer.json` and the small
+config files that let `transformers.AutoTokenizer` load the directory with the chat
+template.
 
 Always import this module as `tasks.tokenize`: a `tokenize.py` on `sys.path` would
 shadow the standard library's module.
@@ -27,17 +28,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks import chat
+from tasks.clean import read_batches, shards
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 
 SPLITS = ("train", "validation")
 TOKENIZER = "tokenizer.json"
-BATCH_ROWS = 512
+BATCH_ROWS = 256
+ENCODE_BYTES = 1 << 18
 # cl100k's pre-tokenisation pattern with numbers split into single digits (\p{N}, not \p{N}{1,3}).
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -56,10 +58,11 @@ class TokenizeConfig(BaseModel):
     )
     min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
     train_max_bytes: int | None = Field(
-        None,
+        8_000_000,
         ge=1,
         description="Train the tokenizer on an even sample of about this many bytes of the train split (all of it when "
-        "empty); bounds training cost on big corpora.",
+        "empty). Bounds the time and memory of training; merges for vocabularies up to ~32k are well estimated "
+        "from a few MB.",
     )
 
 
@@ -131,28 +134,17 @@ def load_tokens(ref: Ref, split: str) -> np.memmap:
 
 
 def _shards(ref: Ref) -> list[Path]:
-    shards = sorted(ref.dir.glob("shard-*.parquet"))
-    if not shards:
-        raise StageError(f"no shard-*.parquet files in {ref.dir}; run the {ref.stage} stage again")
-    if "split" not in pq.read_schema(shards[0]).names:
+    paths = shards(ref)
+    if "split" not in pq.read_schema(paths[0]).names:
         raise StageError(f"{ref.dir} has no `split` column; tokenize takes the output of the clean stage")
-    return shards
+    return paths
 
 
-def _batches(shards: list[Path]) -> Iterator[tuple[list[str], list[str]]]:
-    """(texts, splits) of every batch of every shard, in order."""
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["text", "split"]):
-            yield batch.column("text").to_pylist(), batch.column("split").to_pylist()
-
-
-def _train_bytes(shards: list[Path]) -> int:
-    total = 0
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["text", "split"]):
-            train = pc.filter(batch.column("text"), pc.equal(batch.column("split"), "train"))
-            total += pc.sum(pc.binary_length(train)).as_py() or 0
-    return total
+def _batches(paths: list[Path], columns: list[str]) -> Iterator[list[list[Any]]]:
+    """The given columns of every batch of every shard, as Python lists, in order."""
+    for path in paths:
+        for batch in read_batches(path, columns, rows=BATCH_ROWS):
+            yield [batch.column(name).to_pylist() for name in columns]
 
 
 def _sampled(doc_id: str, rate: float) -> bool:
@@ -161,31 +153,49 @@ def _sampled(doc_id: str, rate: float) -> bool:
     return int.from_bytes(digest, "big") < rate * 2**64
 
 
-def _training_texts(shards: list[Path], max_bytes: int | None, used: Counter) -> Iterator[list[str]]:
+def _training_texts(paths: list[Path], max_bytes: int | None, used: Counter) -> Iterator[list[str]]:
     """Batches of train-split texts: all of them, or an even sample of about `max_bytes`.
 
     `used` counts the documents and bytes handed to the trainer."""
-    rate = 1.0 if max_bytes is None else min(1.0, max_bytes / max(_train_bytes(shards), 1))
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=BATCH_ROWS, columns=["id", "text", "split"]):
-            rows = zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(), batch.column("split").to_pylist())
-            texts = [text for doc_id, text, split in rows if split == "train" and (rate == 1.0 or _sampled(doc_id, rate))]
-            used["documents"] += len(texts)
-            used["bytes"] += sum(len(text.encode()) for text in texts)
-            if texts:
-                yield texts
+    rate = 1.0
+    if max_bytes is not None:
+        train_bytes = sum(
+            len(text.encode())
+            for texts, splits in _batches(paths, ["text", "split"])
+            for text, split in zip(texts, splits)
+            if split == "train"
+        )
+        rate = min(1.0, max_bytes / max(train_bytes, 1))
+    for ids, texts, splits in _batches(paths, ["id", "text", "split"]):
+        chosen = [
+            text for doc_id, text, split in zip(ids, texts, splits) if split == "train" and _sampled(doc_id, rate)
+        ]
+        used["documents"] += len(chosen)
+        used["bytes"] += sum(len(text.encode()) for text in chosen)
+        if chosen:
+            yield chosen
 
 
 class _SplitWriter:
-    """Appends documents (BOS + ids) to one split's token file and counts them."""
+    """Encodes one split's documents in batches of about ENCODE_BYTES of text (large enough
+    for the tokenizer's threads, small enough to keep memory flat) and appends BOS + ids
+    to the split's token file."""
 
-    def __init__(self, path: Path, dtype: np.dtype, bos: int):
-        self.path, self.dtype, self.bos = path, dtype, bos
+    def __init__(self, path: Path, dtype: np.dtype, bos: int, tokenizer: Tokenizer):
+        self.dtype, self.bos, self.tokenizer = dtype, bos, tokenizer
         self.handle: BinaryIO = open(path, "wb")
+        self.pending: list[str] = []
+        self.pending_bytes = 0
         self.tokens = self.documents = self.bytes = 0
 
-    def write(self, texts: list[str], tokenizer: Tokenizer) -> None:
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.pending_bytes += len(text.encode())
+        if self.pending_bytes >= ENCODE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        encodings = self.tokenizer.encode_batch_fast(self.pending, add_special_tokens=False)
         lengths = np.array([len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
         tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -194,10 +204,13 @@ class _SplitWriter:
             tokens[start + 1 : start + 1 + len(encoding.ids)] = encoding.ids
         self.handle.write(tokens.tobytes())
         self.tokens += tokens.size
-        self.documents += len(texts)
-        self.bytes += sum(len(text.encode()) for text in texts)
+        self.documents += len(self.pending)
+        self.bytes += self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
 
-    def summary(self) -> dict[str, Any]:
+    def close(self) -> dict[str, Any]:
+        if self.pending:
+            self._flush()
         self.handle.close()
         return {
             "tokens": self.tokens,
@@ -207,22 +220,23 @@ class _SplitWriter:
         }
 
 
-def _build(shards: list[Path], config: TokenizeConfig, out: Path) -> dict[str, Any]:
+def _build(paths: list[Path], config: TokenizeConfig, out: Path) -> dict[str, Any]:
     trained_on: Counter = Counter()
-    tokenizer = train_tokenizer(_training_texts(shards, config.train_max_bytes, trained_on), config)
+    tokenizer = train_tokenizer(_training_texts(paths, config.train_max_bytes, trained_on), config)
     if trained_on["documents"] == 0:
         raise StageError("the clean output has no train-split documents to train the tokenizer on")
     save_tokenizer(tokenizer, out)
+    # Corpus text that happens to spell a special token is encoded as text: only the
+    # pipeline itself (BOS here, the chat format in fine-tuning) places special tokens.
+    tokenizer.encode_special_tokens = True
     vocab_size = tokenizer.get_vocab_size()
     dtype = dtype_for(vocab_size)
     special = {token: tokenizer.token_to_id(token) for token in chat.SPECIAL_TOKENS}
-    writers = {split: _SplitWriter(out / f"{split}.bin", dtype, special[chat.BOS]) for split in SPLITS}
-    for texts, splits in _batches(shards):
-        for split, writer in writers.items():
-            chosen = [text for text, which in zip(texts, splits) if which == split]
-            if chosen:
-                writer.write(chosen, tokenizer)
-    summary = {split: writer.summary() for split, writer in writers.items()}
+    writers = {split: _SplitWriter(out / f"{split}.bin", dtype, special[chat.BOS], tokenizer) for split in SPLITS}
+    for texts, splits in _batches(paths, ["text", "split"]):
+        for text, split in zip(texts, splits):
+            writers[split].add(text)
+    summary = {split: writer.close() for split, writer in writers.items()}
     return {
         "counts": {
             **{f"{split}_tokens": summary[split]["tokens"] for split in SPLITS},
@@ -243,12 +257,12 @@ def _build(shards: list[Path], config: TokenizeConfig, out: Path) -> dict[str, A
 def tokenize(upstream: Ref, config: TokenizeConfig, root: Path | str | None = None) -> Ref:
     """Train the tokenizer on the clean output's train split and encode both splits."""
     root = workspace(root)
-    shards = _shards(upstream)
+    paths = _shards(upstream)
     fp = fingerprint("tokenize", config.model_dump(), [upstream.key], code_version(sys.modules[__name__], chat))
     return run_stage(
         "tokenize",
         fp,
-        lambda out: _build(shards, config, out),
+        lambda out: _build(paths, config, out),
         root=root,
         inputs={"upstream": upstream.model_dump()},
         config=config.model_dump(),

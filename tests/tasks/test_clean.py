@@ -245,7 +245,8 @@ def test_near_duplicates_recall_and_precision():
     docs = base + light + heavy
     rng.shuffle(docs)
     sets = [shingles(doc, config.shingle_words) for doc in docs]
-    truth = {i for i in range(len(docs)) if any(jaccard(sets[i], sets[j]) >= config.near_dup_threshold for j in range(i))}
+    threshold = config.near_dup_threshold
+    truth = {i for i in range(len(docs)) if any(jaccard(sets[i], sets[j]) >= threshold for j in range(i))}
     assert len(truth) >= 95  # the planted light copies (a copy may come before its original)
 
     index = NearDuplicates(config.near_dup_threshold, config.num_perm)
@@ -321,7 +322,8 @@ def test_decontamination(ws, tmp_path, corpus):
         ("has-phrase", corpus[5][1] + " so reverse the words of this short sentence now"),
         ("clean", corpus[6][1]),
     ]
-    ref = clean(write_collect(tmp_path / "collect", docs), CleanConfig(val_fraction=0), ws, eval_texts=[eval_text, short_eval])
+    upstream = write_collect(tmp_path / "collect", docs)
+    ref = clean(upstream, CleanConfig(val_fraction=0), ws, eval_texts=[eval_text, short_eval])
     samples = quarantine(ref).set_index("id")
     assert set(samples.index) == {"has-span", "has-phrase"}
     assert (samples["reason"] == "contaminated").all()

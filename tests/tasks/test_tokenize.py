@@ -58,7 +58,7 @@ def test_digits_are_split_one_by_one(tokenizer):
     assert [t for t in tokens if any(c.isdigit() for c in t)] == ["2", "0", "2", "4", "7", "7"]
 
 
-@pytest.mark.parametrize("text", [UNICODE, "  leading spaces\n\n\ntrailing  ", "ελληνικά και русский", ""])
+@pytest.mark.parametrize("text", [UNICODE, "  spaces\n\n\ntrailing  ", "ελληνικά и русский", ""])
 def test_round_trip(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
 
@@ -112,6 +112,18 @@ def test_token_files(ws, cleaned):
         assert summary["bytes_per_token"] == pytest.approx(summary["bytes"] / summary["tokens"], abs=1e-4)
     data = TokenData(ref)
     assert data.bytes_per_token("validation") > 1 and data.files("train") == [ref.dir / "train.bin"]
+
+
+def test_special_token_text_in_the_corpus_stays_text(ws, tmp_path, texts):
+    spelled = f"A document that spells {chat.BOS} and {chat.END} in its text, with the usual words."
+    docs = [(f"doc-{i}", text) for i, text in enumerate(texts)] + [("spells", spelled)]
+    cleaned = clean(write_collect(tmp_path / "collect", docs), CleanConfig(val_fraction=0), ws)
+    ref = tokenize(cleaned, SMALL, ws)
+    assert output(cleaned)["id"].iloc[-1] == "spells"
+    tokens = load_tokens(ref, "train")
+    assert (tokens == TokenData(ref).bos_id).sum() == ref.counts["train_documents"] == len(output(cleaned))
+    assert not np.isin(tokens, [load_tokenizer(ref).token_to_id(chat.END)]).any()
+    assert load_tokenizer(ref).decode(documents(ref, "train", tokens)[-1].tolist()) == spelled
 
 
 def test_dtype_fits_the_vocabulary():

@@ -1,0 +1,1 @@
+"""The team stack (docker-compose.yml) run as plain local processes, for machines without Docker."""

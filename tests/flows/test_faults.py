@@ -1,0 +1,137 @@
+"""Faults in the middle of a pipeline run: the MLflow server goes away, the worker is killed.
+
+Neither may lose or corrupt what was already finished, and the next run must pick up where
+the last one stopped: finished stages are reused, an interrupted training resumes from its
+last checkpoint.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, last_json, tinyseek
+
+QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
+DATA_STAGES = ("collect", "clean", "tokenize")
+LOG_RECORD = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # Prefect's log lines, not the command's error
+# Fail fast once the server is gone instead of MLflow's default ~4 minutes of retries.
+FAST_FAILING_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"{what}: the process exited with {proc.returncode} first"
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def start_mlflow(store: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, "the MLflow server answers", server, timeout=120)
+    return server
+
+
+def run_in_background(*args: str, logs: Path, **env: str) -> subprocess.Popen:
+    """`tinyseek ARGS` in its own process group, its output in `logs`.out and `logs`.err."""
+    with open(logs.with_suffix(".out"), "w") as out, open(logs.with_suffix(".err"), "w") as err:
+        return subprocess.Popen([TINYSEEK, *args], env=cli_env(**env), stdout=out, stderr=err, start_new_session=True)
+
+
+def finished_outputs(ws: Path, stage: str) -> dict[str, dict]:
+    """Every finished output of `stage` (a directory with a manifest), its manifest parsed."""
+    return {out.name: json.loads((out / "manifest.json").read_text())
+            for out in (ws / stage).glob("*") if (out / "manifest.json").is_file()}
+
+
+def test_mlflow_outage_fails_the_run_cleanly_and_the_rerun_reuses_finished_stages(ws, tmp_path):
+    store, port = tmp_path / "mlflow", free_port()
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", **FAST_FAILING_CLIENT}
+    server = start_mlflow(store, port)
+    run = run_in_background("run", "--preset", "tiny", "--workspace", str(ws), *QUICK, logs=tmp_path / "outage", **env)
+    try:
+        wait_for(lambda: (ws / "pretrain").is_dir(), "the pretrain stage starts", run)
+        kill_group(server)
+        run.wait(timeout=300)
+    finally:
+        kill_group(server)
+        kill_group(run)
+    stderr = (tmp_path / "outage.err").read_text()
+
+    assert run.returncode != 0
+    final_error = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)][-1]
+    assert final_error.startswith("error: MLflow tracking at"), stderr[-3000:]
+    assert f"127.0.0.1:{port}" in final_error, stderr[-3000:]
+    before = {}
+    for stage in DATA_STAGES:
+        outputs = finished_outputs(ws, stage)
+        assert len(outputs) == 1, (stage, outputs)
+        [(fp, manifest)] = outputs.items()
+        assert manifest["fingerprint"] == fp and manifest["counts"]
+        before[stage] = fp
+    for stage_dir in ws.iterdir():
+        assert not list(stage_dir.glob(".*.tmp-*")), f"half-written output left in {stage_dir}"
+
+    server = start_mlflow(store, port)
+    try:
+        rerun = tinyseek("run", "--preset", "tiny", "--workspace", str(ws), *QUICK, "--json", **env)
+    finally:
+        kill_group(server, signal.SIGTERM)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = last_json(rerun.stdout)
+    for stage in DATA_STAGES:
+        assert summary["stages"][stage]["cached"], stage
+        assert Path(summary["stages"][stage]["path"]).name == before[stage]
+    assert not summary["stages"]["finetune"]["cached"]
+    assert summary["version"] is not None
+
+
+def test_killed_worker_resumes_pretraining_from_the_last_checkpoint(ws, tmp_path):
+    settings = ["--preset", "tiny", "--workspace", str(ws),
+                "--set", "pretrain.steps=20", "--set", "pretrain.checkpoint_every=5"]
+    run = run_in_background("run", *settings, logs=tmp_path / "killed")
+    try:
+        wait_for(lambda: any((ws / "pretrain").glob(".*.work/step-*")), "a pretraining checkpoint", run)
+    finally:
+        kill_group(run)
+    assert run.returncode == -signal.SIGKILL
+    assert not finished_outputs(ws, "pretrain"), "the killed pretraining looks finished"
+    [work] = (ws / "pretrain").glob(".*.work")
+    last_checkpoint = max(int(step.name.removeprefix("step-")) for step in work.glob("step-*"))
+
+    rerun = tinyseek("pretrain", *settings, "--json")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [line for line in rerun.stdout.splitlines() if line.startswith("resuming from step ")]
+    assert resumed, rerun.stdout[-3000:]
+    assert int(resumed[0].split()[3]) == last_checkpoint < 20, resumed
+    summary = last_json(rerun.stdout)
+    pretrain = summary["stages"]["pretrain"]
+    assert not pretrain["cached"] and pretrain["counts"]["steps"] == 20
+    history = [json.loads(line)["step"] for line in (Path(pretrain["path"]) / "history.jsonl").read_text().splitlines()]
+    assert history[0] < last_checkpoint and history[-1] == 20, history  # the curve before the kill is kept
+    assert all(summary["stages"][stage]["cached"] for stage in DATA_STAGES)

@@ -1,0 +1,96 @@
+"""The faster formulations compute what the plain ones do: chunked cross-entropy,
+padded expert batches, fp32 routing under autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.moe import Experts, Router
+from model.transformer import ChunkedCrossEntropy, cross_entropy
+from tests.model.helpers import config
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Three rows per chunk, so that several chunks and a partial last one are exercised."""
+    monkeypatch.setattr(ChunkedCrossEntropy, "rows_per_chunk", staticmethod(lambda logits: 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch(small_chunks, dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 7, 11) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 11, (2, 7))
+    targets[0, 2] = targets[1, 6] = -100
+    reference = logits.detach().clone().requires_grad_()
+
+    loss = cross_entropy(logits, targets)
+    expected = F.cross_entropy(reference.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    (loss * 2).backward()
+    (expected * 2).backward()
+
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad, reference.grad, atol=1e-6, rtol=1e-6)
+    assert torch.all(logits.grad[0, 2] == 0)
+
+
+def test_chunked_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
+    logits = torch.randn(1, 4, 5)
+    targets = torch.full((1, 4), -100)
+    assert torch.isnan(cross_entropy(logits, targets))
+    assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+
+
+def reference_experts(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token by token, slot by slot: the definition the batched version must match."""
+    rows = []
+    for token in range(x.shape[0]):
+        total = torch.zeros_like(x[token])
+        for slot in range(ids.shape[1]):
+            e = int(ids[token, slot])
+            gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2)
+            total = total + weights[token, slot] * F.linear(F.silu(gate) * up, experts.down_proj[e])
+        rows.append(total)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("rows", [4, 1000], ids=["padded", "exact"])
+def test_expert_batches_match_token_by_token(monkeypatch, rows):
+    monkeypatch.setattr(Experts, "ROWS", rows)
+    torch.manual_seed(0)
+    experts = Experts(config("plain-q"))
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(13, experts.gate_up_proj.shape[-1], requires_grad=True)
+    # expert 0 gets 13 of the 26 slots (padded to 16 rows when ROWS=4); expert 7 gets none
+    ids = torch.stack([torch.zeros(13, dtype=torch.long), torch.randint(1, 7, (13,))], dim=1)
+    ids[:4, 1] = 0
+    ids[:4, 0] = torch.tensor([1, 2, 3, 4])
+    weights = torch.rand(13, 2, requires_grad=True)
+
+    got = experts(x, ids, weights)
+    grads = torch.autograd.grad(got.square().sum(), [x, weights, experts.gate_up_proj, experts.down_proj])
+    expected = reference_experts(experts, x, ids, weights)
+    expected_grads = torch.autograd.grad(
+        expected.square().sum(), [x, weights, experts.gate_up_proj, experts.down_proj]
+    )
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert torch.all(grads[2][7] == 0)  # the expert that saw no token
+
+
+def test_routing_stays_fp32_under_autocast():
+    torch.manual_seed(0)
+    router = Router(config("grouped"))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(20, router.weight.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, ids, scores = router(x)
+    expected_weights, expected_ids, expected_scores = router(x)
+    assert scores.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(scores, expected_scores, atol=0, rtol=0)
+    assert torch.equal(ids, expected_ids)
