@@ -10,12 +10,14 @@ ratio of the two medians is what a benchmark reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import torch
 
 from model.config import ModelConfig
 from model.hf import hf_config
+from model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,12 +62,46 @@ def preset_setup(preset: str, *, mtp: bool = False, **overrides: Any) -> Setup:
 
 
 def named_setup(name: str, *, mtp: bool = False) -> Setup:
-    """`demo` (configs/demo.yaml) or `4x` (the demo scaled to about four times the parameters)."""
-    if name == "demo":
-        return preset_setup("demo", mtp=mtp)
+    """`4x` (the demo scaled to about four times the parameters) or a preset of `configs/`."""
     if name == "4x":
         return preset_setup("demo", mtp=mtp, **SCALE_4X)
-    raise ValueError(f"unknown benchmark config {name!r}: use demo or 4x")
+    return preset_setup(name, mtp=mtp)
+
+
+def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
+                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One full step as the trainer takes it: forward and loss under autocast (bf16) or
+    not (fp32), backward, clipping, optimizer step, and for our model the router-bias
+    update. Works for our `Transformer` (also compiled) and transformers' model."""
+    ours = isinstance(getattr(model, "_orig_mod", model), Transformer)
+    device = inputs.device.type
+    cast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def loss() -> torch.Tensor:
+        if ours:
+            out = model(inputs, targets)
+            return out.loss + out.aux_loss
+        return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+
+    def step() -> None:
+        with cast:
+            value = loss()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ours:
+            getattr(model, "_orig_mod", model).update_router_bias()
+
+    return step
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int, device: str | torch.device = "cpu",
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [batch, seq_len] of seeded random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=generator).to(device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def hf_model(config: ModelConfig) -> torch.nn.Module:
@@ -157,7 +194,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def table(rows: list[tuple[str, float, float, str]], higher_is_better: bool = True) -> str:
+def table(rows: list[tuple[str, float, float, str]]) -> str:
     """Rows of (metric, peer, ours, unit) as `metric: peer | ours | ours/peer`."""
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  {'transformers':>14}  {'tinyseek':>14}  {'ours/peer':>9}"]

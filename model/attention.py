@@ -21,14 +21,16 @@ from model.rope import apply_rope
 
 
 class LatentCache:
-    """Per-layer decode cache: normalised kv latents and rope keys, [B, max_len, dim]."""
+    """Per-layer decode cache: each token's normalised kv latent and rotated rope key side
+    by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]; `kv` and `pe`
+    are views of the two parts. Side by side, one matmul scores a query against both."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
-        self.kv = torch.zeros(batch, max_len, config.kv_lora_rank, device=device, dtype=dtype)
-        self.pe = torch.zeros(batch, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.data = torch.zeros(batch, max_len, config.kv_lora_rank + config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.kv, self.pe = self.data.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
 
     def bytes_per_token(self) -> int:
-        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+        return self.data.shape[-1] * self.data.element_size()
 
 
 class MLA(nn.Module):
@@ -78,8 +80,18 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope.transpose(1, 2), q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = self._attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal SDPA. On CUDA a value head smaller than the query/key head is zero-padded
+        to it, because the flash kernel takes a single head size; the padding's outputs are
+        dropped. (CPU SDPA takes mixed sizes as they are.)"""
+        pad = self.qk_dim - self.v_dim if v.is_cuda else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out[..., : self.v_dim]
 
     def forward_cached(
         self,
@@ -99,16 +111,16 @@ class MLA(nn.Module):
         end = start + T
         q_nope, q_pe = self._queries(x)
         kv, k_pe = self._latent(x)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # [B, T, H, rope]
-        cache.kv[:B, start:end] = kv.to(cache.kv.dtype)
-        cache.pe[:B, start:end] = apply_rope(k_pe, cos, sin).to(cache.pe.dtype)
+        cache.kv[:B, start:end] = kv
+        cache.pe[:B, start:end] = apply_rope(k_pe, cos, sin)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope_dim])
-        latents, rope_keys = cache.kv[:B, :end].to(x.dtype), cache.pe[:B, :end].to(x.dtype)
-        scores = torch.einsum("bthc,bsc->bhts", q_latent, latents)
-        scores = (scores + torch.einsum("bthr,bsr->bhts", q_pe, rope_keys)) * self.scale
-        scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+        # a query in latent space: its nope part through the key half of kv_b_proj, then its rope part
+        q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope_dim]),
+                       apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))], dim=-1)
+        keys = cache.data[:B, :end].to(x.dtype)  # [B, S, kv_rank + rope]
+        scores = torch.matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(B, T, self.n_heads, end) * self.scale
+        scores = scores.float().masked_fill(~mask.unsqueeze(2), float("-inf"))
         probs = scores.softmax(dim=-1).to(x.dtype)
-        out = torch.einsum("bhts,bsc->bthc", probs, latents)
-        out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope_dim :])
+        out = torch.matmul(probs.flatten(1, 2), keys[..., : self.kv_rank]).view(B, T, self.n_heads, self.kv_rank)
+        out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope_dim :])  # values: the value half of kv_b_proj
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))

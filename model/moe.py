@@ -9,6 +9,8 @@ weight them, is nudged after every optimizer step towards equal load
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,8 +44,10 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, hidden] -> (weights [N, k], expert ids [N, k], scores [N, E]); routing in fp32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        """x [N, hidden] -> (weights [N, k], expert ids [N, k], scores [N, E]); routing in fp32,
+        also under autocast (which would otherwise run the scoring matmul in bf16)."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             groups = choice.view(x.shape[0], self.n_group, -1)
@@ -60,7 +64,17 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """All routed experts' weights as 3-D tensors (HF layout), computed expert by expert
-    over the tokens sorted by expert, so there is no loop over tokens."""
+    over the tokens sorted by expert, so there is no loop over tokens.
+
+    An expert batch of more than `ROWS` rows is padded to a multiple of `ROWS` (padding
+    rows read token 0 and are weighted 0), so that matmul shapes repeat. Otherwise a
+    training step brings new shapes whenever routing shifts, and oneDNN, which runs CPU
+    bf16 matmuls, keeps kernels and buffers per shape: resident memory then grows for
+    hundreds of steps. Small batches (decoding) stay exact; large ones gain under
+    `ROWS` rows per expert.
+    """
+
+    ROWS = 128
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -68,17 +82,39 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def _layout(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Rows sorted by expert, each expert's rows padded as described above: the token
+        each row reads, its routing weight (0 on padding) and the rows per expert."""
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         token = order // ids.shape[1]
-        offsets = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
-        routed = x.to(dtype)[token]
-        gate, up = F.grouped_mm(routed, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        out = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        out = out.to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        scale = weights.flatten()[order].float()
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        sizes = [n if n <= self.ROWS else -(-n // self.ROWS) * self.ROWS for n in counts]
+        if sizes == counts:
+            return token, scale, sizes
+        # in the padded layout each expert's rows start where the previous expert's padded rows end
+        starts = accumulate([0] + sizes[:-1])
+        row = torch.cat([torch.arange(start, start + n, device=ids.device) for start, n in zip(starts, counts)])
+        padded_token = token.new_zeros(sum(sizes)).index_copy_(0, row, token)
+        padded_scale = scale.new_zeros(sum(sizes)).index_copy_(0, row, scale)
+        return padded_token, padded_scale, sizes
+
+    # data-dependent sizes: torch.compile would recompile for every new routing, so it runs this eagerly
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        token, scale, sizes = self._layout(ids, weights)
+        routed = x.index_select(0, token)
+        # one cast of all experts' weights to x's dtype (autocast's: the norm before emits it),
+        # and unbind, not indexing: its backward stacks the expert gradients in one go
+        gate_ups, downs = self.gate_up_proj.to(x.dtype).unbind(0), self.down_proj.to(x.dtype).unbind(0)
+        outputs = []
+        for chunk, gate_up, down in zip(routed.split(sizes), gate_ups, downs):
+            if chunk.shape[0]:
+                gate, up = F.linear(chunk, gate_up).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate) * up, down))
+        out = torch.cat(outputs) * scale.unsqueeze(-1)  # fp32 (scale is): the k outputs add up in fp32
+        return out.new_zeros(x.shape).index_add_(0, token, out)
 
 
 class MoE(nn.Module):

@@ -1,7 +1,42 @@
-"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek-V3 and HF do)."""
+"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek-V3 and HF do).
+
+The arithmetic is HF's: normalise in fp32, round to the input dtype, scale by the gain.
+It runs as one autograd function so that backward keeps only the input and one scale
+per row (plain autograd would also keep the normalised copy). Under autocast the
+output is already in autocast's dtype: every consumer is a matmul that would cast it
+anyway, and casting once here means one copy instead of one per consumer.
+"""
 
 import torch
 from torch import nn
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, or None when autocast is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(compute)
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, scale)
+        out = weight * (x32 * scale).to(x.dtype)
+        return out if out_dtype is None else out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        x, weight, scale = ctx.saved_tensors
+        compute = scale.dtype
+        normed = x.to(compute) * scale
+        grad = grad.to(compute)
+        grad_weight = (grad * normed.to(x.dtype).to(compute)).flatten(0, -2).sum(0)
+        grad_normed = grad * weight.to(compute)
+        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +46,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps, autocast_dtype(x))

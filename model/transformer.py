@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import MLA, LatentCache
@@ -19,6 +18,53 @@ from model.config import ModelConfig
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import rope_cache
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over the targets that are not -100, with fp32 math done on
+    row chunks of the logits.
+
+    Equal to `F.cross_entropy(logits.float(), targets, ignore_index=-100)`, but the
+    fp32 copy, the log-softmax and the gradient of the whole [N, vocab] matrix never
+    exist at once: backward keeps nothing beyond the logits and recomputes the softmax
+    chunk by chunk, writing the gradient in the logits' own dtype. On a CPU the chunks
+    stay in cache; everywhere the loss no longer triples the logits' memory. (The
+    fused softmax kernels are also faster than `exp`/`logsumexp` on a CPU.)
+    """
+
+    @staticmethod
+    def rows_per_chunk(logits: torch.Tensor) -> int:
+        budget = 2**19 if logits.device.type == "cpu" else 2**26  # fp32 elements per chunk (2 MiB, 256 MiB)
+        return max(1, budget // logits.shape[-1])
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = targets != -100
+        safe = targets.masked_fill(~valid, 0).unsqueeze(1)
+        step = ChunkedCrossEntropy.rows_per_chunk(logits)
+        picked = torch.cat([torch.log_softmax(rows, dim=-1, dtype=torch.float32).gather(1, index)
+                            for rows, index in zip(logits.split(step), safe.split(step))])
+        count = valid.sum()
+        ctx.save_for_backward(logits, safe, valid, count)
+        return -(picked.squeeze(1) * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, safe, valid, count = ctx.saved_tensors
+        row_scale = valid * (grad / count)
+        out = torch.empty_like(logits)
+        step = ChunkedCrossEntropy.rows_per_chunk(logits)
+        for i in range(0, logits.shape[0], step):
+            rows = slice(i, i + step)
+            probs = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
+            probs.scatter_add_(1, safe[rows], probs.new_full(safe[rows].shape, -1.0))
+            out[rows] = probs.mul_(row_scale[rows].unsqueeze(1))
+        return out, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of logits [B, T, vocab] against targets [B, T] (-100: no loss)."""
+    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
 
 
 @dataclass
@@ -110,7 +156,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(h))
         if targets is None:
             return ModelOutput(logits=logits)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = cross_entropy(logits, targets)
         mtp_loss = h.new_zeros((), dtype=torch.float32)
         for depth, module in enumerate(self.mtp, start=1):
             if depth >= T:
@@ -122,9 +168,7 @@ class Transformer(nn.Module):
             h, layer_aux = module.block(h, cos[: h.shape[1]], sin[: h.shape[1]])
             aux = aux + layer_aux
             mtp_logits = self.lm_head(module.norm(h))
-            mtp_loss = mtp_loss + F.cross_entropy(
-                mtp_logits.flatten(0, 1).float(), targets[:, depth:].flatten(), ignore_index=-100
-            )
+            mtp_loss = mtp_loss + cross_entropy(mtp_logits, targets[:, depth:])
         if len(self.mtp):
             mtp_loss = mtp_loss / len(self.mtp)
         return ModelOutput(logits=logits, loss=loss, mtp_loss=mtp_loss, aux_loss=aux)

@@ -1,11 +1,12 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy,
-padded expert batches, fp32 routing under autocast."""
+padded expert batches, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.moe import Experts, Router
+from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import ChunkedCrossEntropy, cross_entropy
 from tests.model.helpers import config
 
@@ -94,3 +95,57 @@ def test_routing_stays_fp32_under_autocast():
     assert scores.dtype == weights.dtype == torch.float32
     torch.testing.assert_close(scores, expected_scores, atol=0, rtol=0)
     assert torch.equal(ids, expected_ids)
+
+
+def test_experts_add_up_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    experts = Experts(config("plain-q"))
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(6, experts.gate_up_proj.shape[-1]).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, torch.randint(0, 8, (6, 2)), torch.rand(6, 2))
+    assert out.dtype == torch.float32
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """HF's DeepseekV3RMSNorm, written out."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rms_norm_gradients_are_exact_in_fp64():
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6, None), (x, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_plain_formula(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    x = (torch.randn(4, 7, 16) * 2).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    weight_ref = norm.weight.detach().clone().requires_grad_()
+
+    out, expected = norm(x), reference_rms_norm(x_ref, weight_ref)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    # in bf16 the plain formula rounds the incoming gradient to bf16 first; ours keeps fp32
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(norm.weight.grad, weight_ref.grad, atol=tolerance, rtol=tolerance)
+
+
+def test_rms_norm_emits_the_autocast_dtype():
+    norm = RMSNorm(16)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference_rms_norm(x, norm.weight).bfloat16(), atol=0, rtol=0)

@@ -1,0 +1,108 @@
+"""Model FLOP utilisation of a training step: achieved model FLOP/s
+(`flops_per_token` x tokens/s) as a fraction of the matmul peak measured on the same
+machine in the same run (`model.perf.matmul_peak_flops`), per precision.
+
+On a GPU the fraction is also given against the datasheet dense bf16 peak of known
+GPUs. MTP is switched off: `flops_per_token` does not count MTP modules, so the step
+computes exactly the FLOPs it is credited with.
+
+    python -m benchmarks.mfu                                     # demo, CPU, fp32 and bf16
+    python -m benchmarks.mfu --device cuda --preset gpu-small --precision bf16 --compile
+    python -m benchmarks.mfu --device cpu --tiny                 # smoke test of the above
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import machine, named_setup, random_batch, training_step
+from model.perf import matmul_peak_flops
+from model.transformer import Transformer, flops_per_token
+
+# dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name
+DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16.items() if key in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args: argparse.Namespace, precision: str, device: torch.device) -> dict[str, float]:
+    """Tokens/s of training steps, and the warm-up steps' extra time (compilation)."""
+    setup = named_setup(args.preset)
+    torch.manual_seed(0)
+    model = Transformer(setup.model).to(device).train()
+    batch = args.micro_batch or setup.micro_batch
+    seq_len = args.seq_len or setup.seq_len
+    inputs, targets = random_batch(setup.model.vocab_size, batch, seq_len, device)
+    net = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    step = training_step(net, inputs, targets, precision, optimizer)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    timed = sorted(times[args.warmup:])
+    seconds = timed[len(timed) // 2]
+    return {"tokens_per_s": inputs.numel() / seconds, "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds,
+            "flops_per_token": flops_per_token(model, seq_len), "batch": batch, "seq_len": seq_len}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="demo", help="a preset of configs/ or 4x")
+    parser.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median counts)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--micro-batch", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tiny", action="store_true", help="smoke test: the tiny preset")
+    args = parser.parse_args()
+    if args.tiny:
+        args.preset = "tiny"
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+
+    print(f"machine: {machine() if device.type == 'cpu' else torch.cuda.get_device_name(device)}")
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # the peak is measured before and after the steps; the higher counts
+        size = 8192 if device.type == "cuda" else 2048
+        peak = matmul_peak_flops(device, dtype, size=size, seconds=0.5)
+        result = measure(args, precision, device)
+        peak = max(peak, matmul_peak_flops(device, dtype, size=size, seconds=1.0))
+        achieved = result["flops_per_token"] * result["tokens_per_s"]
+        line = (f"{args.preset} {precision}{' compiled' if args.compile else ''}: batch {result['batch']} x "
+                f"{result['seq_len']}, {result['tokens_per_s']:,.0f} tokens/s, {achieved / 1e9:,.1f} GFLOP/s "
+                f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token, MTP off); measured {precision} matmul peak "
+                f"{peak / 1e9:,.1f} GFLOP/s -> MFU {achieved / peak:.1%}")
+        sheet = datasheet_peak(device) if precision == "bf16" else None
+        if sheet:
+            line += f"; datasheet dense bf16 peak {sheet / 1e12:.0f} TFLOP/s -> MFU {achieved / sheet:.1%}"
+        if args.compile:
+            line += f"; compilation took {result['warmup_extra_s']:.1f} s"
+        if device.type == "cuda":
+            line += f"; peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
