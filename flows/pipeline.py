@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from prefect.states import Completed
+from tqdm import tqdm
 
 from tasks.clean import clean, drop_reasons
 from tasks.collect import collect
@@ -78,15 +80,22 @@ class PipelineRun:
 
 
 class TrainingProgress:
-    """Mirrors training steps into a Prefect progress artifact and the flow log."""
+    """Mirrors training steps into a Prefect progress artifact, the flow log (every 5%) and,
+    on a terminal, a progress bar."""
 
     def __init__(self, stage: str, total: int):
         self.stage, self.total = stage, total
         self.artifact = create_progress_artifact(progress=0.0, description=f"{stage} training progress")
         self.logger = get_run_logger()
         self.every = max(1, total // 20)
+        self.bar = tqdm(total=total, desc=stage, unit="step", leave=False, disable=not sys.stderr.isatty())
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.bar.update(step - self.bar.n)
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if step == self.total:
+            self.bar.close()
         if step % self.every and step != self.total:
             return
         update_progress_artifact(self.artifact, progress=100.0 * step / self.total)

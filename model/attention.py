@@ -23,7 +23,7 @@ from model.rope import apply_rope
 class LatentCache:
     """Per-layer decode cache: each token's normalised kv latent and rotated rope key side
     by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]; `kv` and `pe`
-    are views of the two parts. Side by side, one matmul scores a query against both."""
+    are views of the two parts. Side by side, the rows are the keys of one attention."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
         self.data = torch.zeros(batch, max_len, config.kv_lora_rank + config.qk_rope_head_dim, device=device, dtype=dtype)
@@ -84,12 +84,11 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA. On CUDA a value head smaller than the query/key head is zero-padded
-        to it, because the flash kernel takes a single head size; the padding's outputs are
-        dropped. (CPU SDPA takes mixed sizes as they are.)"""
-        pad = self.qk_dim - self.v_dim if v.is_cuda else 0
-        if pad > 0:
-            v = F.pad(v, (0, pad))
+        """Causal SDPA. A value head smaller than the query/key head is zero-padded to it:
+        the flash kernels (CPU and CUDA) take a single head size, and other sizes fall back
+        to the unfused kernel, which materialises every score. The padding's outputs are dropped."""
+        if self.v_dim < self.qk_dim:
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return out[..., : self.v_dim]
 
@@ -117,10 +116,13 @@ class MLA(nn.Module):
         # a query in latent space: its nope part through the key half of kv_b_proj, then its rope part
         q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope_dim]),
                        apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))], dim=-1)
-        keys = cache.data[:B, :end].to(x.dtype)  # [B, S, kv_rank + rope]
-        scores = torch.matmul(q.flatten(1, 2), keys.transpose(1, 2)).view(B, T, self.n_heads, end) * self.scale
-        scores = scores.float().masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        out = torch.matmul(probs.flatten(1, 2), keys[..., : self.kv_rank]).view(B, T, self.n_heads, self.kv_rank)
-        out = torch.einsum("bthc,hdc->bthd", out, w[:, self.nope_dim :])  # values: the value half of kv_b_proj
+        # every head of every new token is one query of a single-head attention over the cached
+        # rows; the values are the rows' latent part, taken as the whole rows (one head size lets
+        # SDPA use its flash kernel) whose rope part of the output is dropped
+        rows = cache.data[:B, :end].to(q.dtype).unsqueeze(1)  # [B, 1, S, kv_rank + rope]
+        visible = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
+        out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=visible,
+                                             scale=self.scale)[..., : self.kv_rank]
+        # back from latent space: the value half of kv_b_proj
+        out = torch.einsum("bthc,hdc->bthd", out.reshape(B, T, self.n_heads, self.kv_rank), w[:, self.nope_dim :])
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))

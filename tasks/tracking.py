@@ -291,7 +291,17 @@ class Tracker:
         else:
             dataset = from_pandas(sample, source=_dataset_source(source), name=name, digest=digest)
         tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags)
+        # MLflow looks a dataset up, then inserts it: two runs logging the same dataset at
+        # once collide on its unique key. Serialise on SQLite; elsewhere the retry finds it.
+        for attempt in range(2):
+            try:
+                with _store_lock(self.uri):
+                    self.client.log_inputs(run_id, datasets=[entry])
+                return
+            except MlflowException as exc:
+                if attempt or "UNIQUE" not in str(exc).upper():
+                    raise
 
 
 @contextmanager
