@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+import transformers
 
 from model.hf import export_hf, import_hf
 from model.transformer import Transformer
 from tests.model.helpers import CONFIGS, config
-
-transformers = pytest.importorskip("transformers")
 
 
 def perturb_router_bias(model: Transformer) -> None:
