@@ -139,8 +139,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         weights, ids, scores = self.gate(flat)
         if self.training:
-            with torch.no_grad():
-                self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel()).float()
+            with torch.no_grad():  # index_add_, not bincount: a fixed output shape keeps torch.compile's graph whole
+                self.expert_load.index_add_(0, ids.flatten(), self.expert_load.new_ones(ids.numel()))
         out = self.experts(flat, ids, weights).view(B, T, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -19,13 +19,19 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        x32 = x.to(compute)
+    def compute(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and the per-row scale 1/rms, outside autograd."""
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, scale)
         out = weight * (x32 * scale).to(x.dtype)
-        return out if out_dtype is None else out.to(out_dtype)
+        return (out if out_dtype is None else out.to(out_dtype)), scale
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+        out, scale = RMSNormFunction.compute(x, weight, eps, out_dtype)
+        ctx.save_for_backward(x, weight, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
@@ -46,4 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(x, self.weight, self.eps, autocast_dtype(x))
+        out_dtype = autocast_dtype(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+        return RMSNormFunction.compute(x, self.weight, self.eps, out_dtype)[0]  # decoding: no autograd overhead
