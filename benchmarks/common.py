@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -40,32 +40,29 @@ SCALE_4X = dict(
 
 @dataclass
 class Setup:
-    """A model config and the batch shape and precision its preset trains with."""
+    """A model config and the batch shape its preset pretrains with."""
 
     model: ModelConfig
     seq_len: int
     micro_batch: int
-    precision: str
 
 
-def preset_setup(preset: str, *, mtp: bool = False, **overrides: Any) -> Setup:
-    """The model of a preset in `configs/` (its tokenizer's vocabulary size), optionally
-    without MTP so that it computes exactly what transformers' DeepseekV3 computes."""
+def preset_setup(preset: str, **overrides: Any) -> Setup:
+    """The model of a preset in `configs/` with its tokenizer's vocabulary size and without
+    MTP, so that it computes exactly what transformers' DeepseekV3 computes (and what
+    `flops_per_token` counts)."""
     from tasks.config import load_config
 
     config = load_config(preset)
-    values = {**config.model, "vocab_size": config.tokenize.vocab_size, **overrides}
-    if not mtp:
-        values["num_nextn_predict_layers"] = 0
-    return Setup(ModelConfig.from_dict(values), config.pretrain.seq_len, config.pretrain.micro_batch,
-                 config.pretrain.precision)
+    values = {**config.model, "vocab_size": config.tokenize.vocab_size, **overrides, "num_nextn_predict_layers": 0}
+    return Setup(ModelConfig.from_dict(values), config.pretrain.seq_len, config.pretrain.micro_batch)
 
 
-def named_setup(name: str, *, mtp: bool = False) -> Setup:
+def named_setup(name: str) -> Setup:
     """`4x` (the demo scaled to about four times the parameters) or a preset of `configs/`."""
     if name == "4x":
-        return preset_setup("demo", mtp=mtp, **SCALE_4X)
-    return preset_setup(name, mtp=mtp)
+        return preset_setup("demo", **SCALE_4X)
+    return preset_setup(name)
 
 
 def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
@@ -113,7 +110,7 @@ def hf_model(config: ModelConfig) -> torch.nn.Module:
 
 
 def machine() -> str:
-    """CPU model, core count, torch and transformers versions, threads in use."""
+    """CPU model, core count, threads in use, torch and transformers versions."""
     import transformers
 
     name = platform.processor() or platform.machine()
@@ -123,7 +120,7 @@ def machine() -> str:
                 name = line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    return (f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    return (f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, python {platform.python_version()}")
 
 
@@ -163,7 +160,7 @@ class Worker:
         return final
 
 
-def serve(ready: dict[str, Any], handle) -> None:
+def serve(ready: dict[str, Any], handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """Worker side: announce `ready`, then answer each request with `handle(request)`
     until `close`, which answers with the peak RSS."""
     send = sys.stdout
@@ -188,10 +185,6 @@ def alternate(workers: dict[str, Worker], rounds: int, **request: Any) -> dict[s
         for name in names if r % 2 == 0 else reversed(names):
             results[name].append(workers[name].ask(**request))
     return results
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def table(rows: list[tuple[str, float, float, str]]) -> str:

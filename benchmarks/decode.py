@@ -8,12 +8,13 @@ weights (exported with `model.hf.export_hf`), same prompts, same number of new t
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
 import torch
 
-from benchmarks.common import machine, median, named_setup, table
+from benchmarks.common import machine, named_setup, table
 from model.generate import generate
 from model.hf import export_hf
 from model.transformer import Transformer
@@ -53,7 +54,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         export_hf(ours, directory)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    prompts = torch.randint(3, setup.model.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, setup.model.vocab_size, (args.batch, args.prompt), generator=generator)
 
     def run_ours(new: int) -> list[list[int]]:
         return generate(ours, prompts.tolist(), max_new_tokens=new)
@@ -77,8 +79,9 @@ def main() -> None:
                 sides[name](new)
                 times.append(time.perf_counter() - start)
             seconds[name].append(tuple(times))
-    generated = {name: median([args.batch * args.new / whole for whole, _ in values]) for name, values in seconds.items()}
-    decoded = {name: median([args.batch * (args.new - 1) / (whole - prefill) for whole, prefill in values])
+    generated = {name: statistics.median([args.batch * args.new / whole for whole, _ in values])
+                 for name, values in seconds.items()}
+    decoded = {name: statistics.median([args.batch * (args.new - 1) / (whole - prefill) for whole, prefill in values])
                for name, values in seconds.items()}
     hf_tokens = results["hf"].sequences[:, args.prompt:].tolist()
     context = args.prompt + args.new - 1  # the last token is sampled, never cached
@@ -86,8 +89,8 @@ def main() -> None:
     ours_bytes = sum(cache.bytes_per_token() for cache in ours.new_caches(1, 1))
 
     print(f"machine: {machine()}")
-    print(f"config {args.config}: batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens, greedy, fp32; "
-          f"same weights; completions identical: {hf_tokens == results['ours']}")
+    print(f"config {args.config}: batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens, greedy, "
+          f"fp32; same weights; completions identical: {hf_tokens == results['ours']}")
     print(table([("generate tokens/s", generated["hf"], generated["ours"], "(higher is better; prefill included)"),
                  ("decode tokens/s", decoded["hf"], decoded["ours"], "(higher is better; after the prefill)"),
                  ("KV cache bytes/token", hf_bytes, ours_bytes, "(lower is better; all layers)")]))

@@ -14,6 +14,7 @@ computes exactly the FLOPs it is credited with.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -56,10 +57,9 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    timed = sorted(times[args.warmup:])
-    seconds = timed[len(timed) // 2]
-    return {"tokens_per_s": inputs.numel() / seconds, "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds,
-            "flops_per_token": flops_per_token(model, seq_len), "batch": batch, "seq_len": seq_len}
+    seconds = statistics.median(times[args.warmup:])
+    return {"tokens_per_s": inputs.numel() / seconds, "flops_per_token": flops_per_token(model, seq_len),
+            "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds, "batch": batch, "seq_len": seq_len}
 
 
 def main() -> None:

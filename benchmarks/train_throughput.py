@@ -13,6 +13,7 @@ then its own); timed bursts alternate between them after a warm-up.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.common import (
-    Worker, alternate, hf_model, machine, median, named_setup, peak_rss_bytes, random_batch, serve, table, training_step,
+    Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, serve, table, training_step,
 )
 from model.hf import WEIGHTS, export_hf
 from model.transformer import Transformer
@@ -103,7 +104,7 @@ def main() -> None:
         timed = alternate(workers, args.rounds, op="steps", n=args.steps)
         finals = {side: w.close() for side, w in workers.items()}
     tokens = workers["ours"].ready["tokens_per_step"] * args.steps
-    rate = {side: median([tokens / r["seconds"] for r in timed[side]]) for side in workers}
+    rate = {side: statistics.median([tokens / r["seconds"] for r in timed[side]]) for side in workers}
     growth = {side: (finals[side]["peak_rss"] - workers[side].ready["baseline_rss"]) / 2**20 for side in workers}
     print(table([("training tokens/s", rate["hf"], rate["ours"], "(higher is better)"),
                  ("peak memory MiB", growth["hf"], growth["ours"],

@@ -26,7 +26,8 @@ class LatentCache:
     are views of the two parts. Side by side, the rows are the keys of one attention."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
-        self.data = torch.zeros(batch, max_len, config.kv_lora_rank + config.qk_rope_head_dim, device=device, dtype=dtype)
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.data = torch.zeros(batch, max_len, width, device=device, dtype=dtype)
         self.kv, self.pe = self.data.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
 
     def bytes_per_token(self) -> int:
