@@ -42,12 +42,12 @@ from model.hf import export_hf as export_hf_weights
 from model.transformer import Transformer
 from tasks.chat import BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, render_prompt
 from tasks.stage import StageError
+from tasks.tracking import tracking_uri
 
 DEFAULT_REF = "models:/tinyseek@champion"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)
 TOKENIZER_FILE = "tokenizer.json"
 CACHE_DIR = "models-cache"
-DB_FILE = "mlflow.db"
 DEFAULT_MAX_NEW_TOKENS = 64
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -60,11 +60,6 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 # --- finding a model -------------------------------------------------------------------
-
-
-def tracking_uri(workspace: Path) -> str:
-    """`$MLFLOW_TRACKING_URI` if set, else the SQLite store in the workspace."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workspace).resolve() / DB_FILE}"
 
 
 def is_model_dir(path: Path) -> bool:
