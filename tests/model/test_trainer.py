@@ -148,6 +148,7 @@ DDP_WORKER = textwrap.dedent(
     if rank == 0:
         (tmp / f"losses-{{world}}.json").write_text(json.dumps(losses))
     if world > 1:
+        dist.barrier()  # neither rank tears the file store down while the other still uses it
         dist.destroy_process_group()
     """
 )
