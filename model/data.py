@@ -49,14 +49,24 @@ def _open_tokens(path: str | Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _window_starts(tokens: np.ndarray, bos_id: int, window: int) -> np.ndarray:
-    """Positions of `bos_id` that have at least `window` tokens from there to the end."""
-    last = len(tokens) - window
+def _window_starts(tokens: np.ndarray, bos_id: int, seq_len: int) -> np.ndarray:
+    """Where windows of `seq_len + 1` tokens begin: at every document start (a `bos_id`), then
+    every `seq_len` tokens further while the document lasts; a window that would run past
+    the end of the file is moved back to end there.
+
+    A document longer than a window is thus trained on whole, not only its beginning:
+    per epoch every token of the file after the first BOS is a target at least once.
+    """
     found = []
-    for begin in range(0, max(last + 1, 0), SCAN_CHUNK):
-        chunk = tokens[begin : min(begin + SCAN_CHUNK, last + 1)]
-        found.append(np.flatnonzero(chunk == bos_id) + begin)
-    return np.concatenate(found).astype(np.int64) if found else np.empty(0, dtype=np.int64)
+    for begin in range(0, len(tokens), SCAN_CHUNK):
+        found.append(np.flatnonzero(tokens[begin : begin + SCAN_CHUNK] == bos_id) + begin)
+    bos = np.concatenate(found).astype(np.int64) if found else np.empty(0, dtype=np.int64)
+    ends = np.append(bos[1:], len(tokens))
+    pieces = -(-(ends - bos) // seq_len)  # windows per document
+    first = np.cumsum(pieces) - pieces  # index of each document's first window
+    starts = np.repeat(bos, pieces) + seq_len * (np.arange(pieces.sum()) - np.repeat(first, pieces))
+    last = len(tokens) - seq_len - 1  # the last start whose window fits
+    return np.unique(np.minimum(starts, last)) if last >= 0 else np.empty(0, dtype=np.int64)
 
 
 def _shifted(rows: np.ndarray) -> Batch:
@@ -130,7 +140,8 @@ class _Resumable:
 
 
 class TokenWindows(_Resumable):
-    """Shuffled, resumable batches of `seq_len + 1`-token windows that start at document starts."""
+    """Shuffled, resumable batches of `seq_len + 1`-token windows that start at document
+    starts and continue through long documents (see `_window_starts`)."""
 
     def __init__(
         self,
@@ -149,7 +160,7 @@ class TokenWindows(_Resumable):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self._tokens = [_open_tokens(path, token_dtype) for path in files]
-        starts = [_window_starts(tokens, bos_id, seq_len + 1) for tokens in self._tokens]
+        starts = [_window_starts(tokens, bos_id, seq_len) for tokens in self._tokens]
         self._file_of = np.repeat(np.arange(len(starts), dtype=np.int32), [len(s) for s in starts])
         self._start_of = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
         self._order = _ShuffledOrder(

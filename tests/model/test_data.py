@@ -26,8 +26,11 @@ def shards(tmp_path):
     return [tmp_path / "a.bin", tmp_path / "b.bin"], [a, b]
 
 
-def expected_starts(tokens, window):
-    return [int(p) for p in np.flatnonzero(tokens == BOS) if p + window <= len(tokens)]
+def expected_starts(tokens, seq_len):
+    """Each document's start, then every seq_len tokens into it; a window past the end ends there."""
+    bounds = [*np.flatnonzero(tokens == BOS), len(tokens)]
+    last = len(tokens) - seq_len - 1
+    return sorted({min(s, last) for begin, end in zip(bounds, bounds[1:]) for s in range(begin, end, seq_len)})
 
 
 def drain_epoch(loader):
@@ -35,29 +38,39 @@ def drain_epoch(loader):
 
 
 def first_ids(batches):
-    """Each window named by its first token after BOS (unique in the fixture)."""
-    return [int(t) for inputs, _ in batches for t in inputs[:, 1]]
+    """Each window named by its first two tokens (unique in the fixtures: one at most is BOS)."""
+    return [tuple(row[:2].tolist()) for inputs, _ in batches for row in inputs]
 
 
-def test_windows_start_at_bos_and_targets_are_shifted(shards):
+def test_windows_start_at_documents_and_targets_are_shifted(shards):
     files, tokens = shards
     loader = TokenWindows(files, "uint16", seq_len=16, bos_id=BOS, batch_size=4, seed=0)
-    assert loader.windows == sum(len(expected_starts(t, 17)) for t in tokens)
+    assert loader.windows == sum(len(expected_starts(t, 16)) for t in tokens)
     inputs, targets = loader.next_batch()
     assert inputs.dtype == targets.dtype == torch.int64
     assert inputs.shape == targets.shape == (4, 16)
-    assert (inputs[:, 0] == BOS).all()
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
-    whole = {(f, s): t[s : s + 17] for f, t in enumerate(tokens) for s in expected_starts(t, 17)}
+    whole = {(f, s): t[s : s + 17] for f, t in enumerate(tokens) for s in expected_starts(t, 16)}
     rows = torch.cat([inputs, targets[:, -1:]], dim=1).numpy()
     for row in rows:
         assert any(np.array_equal(row, w) for w in whole.values())
 
 
+def test_long_documents_are_trained_on_whole(tmp_path):
+    tokens, _ = write_docs(tmp_path / "t.bin", [40, 5, 30])  # BOS at 0, 41, 47; 78 tokens
+    loader = TokenWindows([tmp_path / "t.bin"], "uint16", seq_len=16, bos_id=BOS, batch_size=1, seed=0)
+    batches = drain_epoch(loader)
+    # document starts, then 16 and 32 tokens into the first document and 16 into the last,
+    # whose second window (63) would pass the end and ends there instead (start 61)
+    assert sorted(int(inputs[0, 0]) for inputs, _ in batches) == sorted(tokens[[0, 16, 32, 41, 47, 61]].tolist())
+    targets = {int(t) for _, target in batches for t in target[0]}
+    assert targets == set(tokens[1:].tolist())
+
+
 def test_each_window_once_per_epoch_and_reshuffled(shards):
     files, tokens = shards
     loader = TokenWindows(files, np.uint16, seq_len=8, bos_id=BOS, batch_size=1, seed=3)
-    starts = [t[s + 1] for t in tokens for s in expected_starts(t, 9)]
+    starts = [tuple(t[s : s + 2].tolist()) for t in tokens for s in expected_starts(t, 8)]
     epoch0 = first_ids(drain_epoch(loader))
     assert sorted(epoch0) == sorted(starts)
     epoch1 = first_ids(drain_epoch(loader))
@@ -65,10 +78,13 @@ def test_each_window_once_per_epoch_and_reshuffled(shards):
     assert sorted(epoch1) == sorted(starts) and epoch1 != epoch0
 
 
-def test_windows_near_file_end_are_excluded(tmp_path):
+def test_a_window_past_the_file_end_ends_there(tmp_path):
     write_docs(tmp_path / "t.bin", [10, 10, 3])  # BOS at 0, 11, 22; file is 26 tokens
     loader = TokenWindows([tmp_path / "t.bin"], "uint16", seq_len=12, bos_id=BOS, batch_size=1, seed=0)
-    assert loader.windows == 2  # a window from 22 would need 13 tokens, only 4 remain
+    assert loader.windows == 3  # from 0, 11, and 13 instead of 22 (13 tokens need 13..25)
+    write_docs(tmp_path / "short.bin", [5])
+    with pytest.raises(ValueError, match="document-aligned windows"):
+        TokenWindows([tmp_path / "short.bin"], "uint16", seq_len=12, bos_id=BOS, batch_size=1, seed=0)
 
 
 def test_index_scan_crosses_chunk_boundaries(shards, monkeypatch):
@@ -82,9 +98,10 @@ def test_index_scan_crosses_chunk_boundaries(shards, monkeypatch):
 
 def test_uint32_tokens(tmp_path):
     tokens, _ = write_docs(tmp_path / "big.bin", [30] * 5, dtype="uint32", first=70_000)
-    loader = TokenWindows([tmp_path / "big.bin"], "uint32", seq_len=20, bos_id=BOS, batch_size=5, seed=0)
+    loader = TokenWindows([tmp_path / "big.bin"], "uint32", seq_len=20, bos_id=BOS, batch_size=10, seed=0)
+    assert loader.windows == len(expected_starts(tokens, 20)) == 10  # 2 per document (the last moved back)
     inputs, _ = loader.next_batch()
-    assert sorted(inputs[:, 1].tolist()) == [70_000 + 30 * i for i in range(5)]
+    assert sorted(inputs[:, 0].tolist()) == sorted(tokens[expected_starts(tokens, 20)].tolist())
 
 
 def test_resume_continues_with_the_same_batches(shards):
