@@ -63,13 +63,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token loss of logits [B, T, vocab] against targets [B, T] (-100: no loss)."""
-    return ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
+    """Next-token loss of logits [..., vocab] against targets [...] (-100: no loss)."""
+    return ChunkedCrossEntropy.apply(logits.flatten(0, -2), targets.flatten())
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab] from the main head
+    """Logits when called without targets; with targets, the losses (and no logits)."""
+
+    logits: torch.Tensor | None = None  # [B, T, vocab] from the main head
     loss: torch.Tensor | None = None  # next-token cross-entropy
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths (0 when there are none)
     aux_loss: torch.Tensor | None = None  # sequence-wise balance loss summed over MoE layers
@@ -153,10 +155,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h, layer_aux = layer(h, cos, sin)
             aux = aux + layer_aux
-        logits = self.lm_head(self.norm(h))
         if targets is None:
-            return ModelOutput(logits=logits)
-        loss = cross_entropy(logits, targets)
+            return ModelOutput(logits=self.lm_head(self.norm(h)))
+        loss = self._head_loss(self.norm, h, targets)
         mtp_loss = h.new_zeros((), dtype=torch.float32)
         for depth, module in enumerate(self.mtp, start=1):
             if depth >= T:
@@ -167,11 +168,25 @@ class Transformer(nn.Module):
             h = module.eh_proj(torch.cat([module.hnorm(h), module.enorm(emb)], dim=-1))
             h, layer_aux = module.block(h, cos[: h.shape[1]], sin[: h.shape[1]])
             aux = aux + layer_aux
-            mtp_logits = self.lm_head(module.norm(h))
-            mtp_loss = mtp_loss + cross_entropy(mtp_logits, targets[:, depth:])
+            mtp_loss = mtp_loss + self._head_loss(module.norm, h, targets[:, depth:])
         if len(self.mtp):
             mtp_loss = mtp_loss / len(self.mtp)
-        return ModelOutput(logits=logits, loss=loss, mtp_loss=mtp_loss, aux_loss=aux)
+        return ModelOutput(loss=loss, mtp_loss=mtp_loss, aux_loss=aux)
+
+    def _head_loss(self, norm: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the output head, run only on the positions that have a target.
+
+        Fine-tuning batches supervise the answers alone (a few tokens of each chat), so the
+        [tokens, vocab] head, the largest matmul of a small model, shrinks to those rows.
+        Under torch.compile the data-dependent row count would break the graph: there the
+        head runs on every position and the loss ignores the rest, which is the same value.
+        """
+        h, targets = h.flatten(0, 1), targets.flatten()
+        if not torch.compiler.is_compiling():
+            rows = (targets != -100).nonzero().squeeze(1)
+            if len(rows) < len(targets):
+                h, targets = h[rows], targets[rows]
+        return cross_entropy(self.lm_head(norm(h)), targets)
 
     def new_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[LatentCache]:
         device = self.embed_tokens.weight.device

@@ -8,6 +8,8 @@ pipeline speaks the same format:
 Only the assistant's content and its closing <|end|> carry loss in fine-tuning.
 """
 
+from typing import Any
+
 from tokenizers import Tokenizer
 
 BOS = "<|bos|>"
@@ -29,6 +31,23 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+
+
+def hf_tokenizer_files(model_max_length: int | None = None) -> dict[str, dict[str, Any]]:
+    """`tokenizer_config.json` and `special_tokens_map.json`: what `transformers.AutoTokenizer`
+    needs beside `tokenizer.json` to know the special tokens and the chat template."""
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    extra = [token for token in SPECIAL_TOKENS if token not in special.values()]
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "additional_special_tokens": extra,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    return {"tokenizer_config.json": config, "special_tokens_map.json": {**special, "additional_special_tokens": extra}}
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:

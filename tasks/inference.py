@@ -40,7 +40,7 @@ from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
 from model.generate import generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.transformer import Transformer
-from tasks.chat import BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, render_prompt
+from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
 from tasks.stage import StageError
 from tasks.tracking import tracking_uri
 
@@ -281,22 +281,10 @@ def complete_ids(
     return generate(loaded.model, [ids], max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed)[0]
 
 
-def complete(
-    loaded: LoadedModel,
-    prompt: str,
-    *,
-    chat: bool,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-) -> str:
-    """The model's completion of `prompt` (a reply to it as a user turn when `chat`)."""
-    ids = complete_ids(
-        loaded, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed,
-    )
+def complete(loaded: LoadedModel, prompt: str, *, chat: bool, **sampling: Any) -> str:
+    """The model's completion of `prompt` (a reply to it as a user turn when `chat`);
+    `sampling` takes `complete_ids`' options."""
+    ids = complete_ids(loaded, prompt, chat=chat, **sampling)
     return loaded.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -454,18 +442,8 @@ def format_table(rows: list[tuple[str, float]], bar_width: int = 20) -> str:
 
 def tokenizer_files(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
     """`tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` for transformers."""
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    extra = [token for token in SPECIAL_TOKENS if token not in special.values()]
     return {
-        "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special,
-            "additional_special_tokens": extra,
-            "chat_template": CHAT_TEMPLATE,
-            "model_max_length": loaded.context,
-            "clean_up_tokenization_spaces": False,
-        },
-        "special_tokens_map.json": {**special, "additional_special_tokens": extra},
+        **hf_tokenizer_files(model_max_length=loaded.context),
         "generation_config.json": {
             "bos_token_id": loaded.token_id(BOS),
             "eos_token_id": [loaded.token_id(EOS), loaded.token_id(END)],

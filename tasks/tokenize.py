@@ -96,17 +96,8 @@ def train_tokenizer(batches: Iterator[list[str]], config: TokenizeConfig) -> Tok
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """Write tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained` needs."""
     tokenizer.save(str(out / TOKENIZER))
-    special = {"bos_token": chat.BOS, "eos_token": chat.EOS, "pad_token": chat.PAD}
-    extra = [token for token in chat.SPECIAL_TOKENS if token not in special.values()]
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "additional_special_tokens": extra,
-        "chat_template": chat.CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps({**special, "additional_special_tokens": extra}, indent=2))
+    for name, content in chat.hf_tokenizer_files().items():
+        (out / name).write_text(json.dumps(content, indent=2))
 
 
 def load_tokenizer(ref_or_dir: Ref | str | Path) -> Tokenizer:

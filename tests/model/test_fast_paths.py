@@ -1,13 +1,15 @@
-"""The faster formulations compute what the plain ones do: chunked cross-entropy,
-padded expert batches, fp32 routing under autocast, RMSNorm's own backward."""
+"""The faster formulations compute what the plain ones do: chunked cross-entropy, the
+output head on target rows only, unfused attention for short CPU sequences, padded
+expert batches, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model import attention
 from model.moe import Experts, Router
 from model.norm import RMSNorm, RMSNormFunction
-from model.transformer import ChunkedCrossEntropy, cross_entropy
+from model.transformer import ChunkedCrossEntropy, Transformer, cross_entropy
 from tests.model.helpers import config
 
 
@@ -42,6 +44,41 @@ def test_chunked_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
     targets = torch.full((1, 4), -100)
     assert torch.isnan(cross_entropy(logits, targets))
     assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+
+
+def losses_and_grads(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor):
+    model.zero_grad()
+    out = model(inputs, targets)
+    (out.loss + out.mtp_loss).backward()
+    return out.loss.detach(), out.mtp_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(config("q-lora", num_nextn_predict_layers=1))
+    inputs = torch.randint(0, 97, (3, 20))
+    targets = torch.full_like(inputs, -100)
+    targets[:, 12:17] = torch.randint(0, 97, (3, 5))  # answers only, as in fine-tuning
+    rows = losses_and_grads(model, inputs, targets)
+    torch.testing.assert_close(rows[0], cross_entropy(model(inputs).logits, targets))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the compiled path: every row
+    full = losses_and_grads(model, inputs, targets)
+    torch.testing.assert_close(rows[:2], full[:2], atol=1e-6, rtol=1e-6)
+    for name, grad in full[2].items():
+        torch.testing.assert_close(rows[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("length", [24, attention.CPU_UNFUSED_MAX_LEN])
+def test_unfused_short_attention_matches_the_flash_kernel(monkeypatch, length):
+    torch.manual_seed(0)
+    model = Transformer(config("plain-q", max_position_embeddings=256))
+    inputs, targets = torch.randint(0, 97, (2, length)), torch.randint(0, 97, (2, length))
+    unfused = losses_and_grads(model, inputs, targets)
+    monkeypatch.setattr(attention, "CPU_UNFUSED_MAX_LEN", 0)
+    flash = losses_and_grads(model, inputs, targets)
+    torch.testing.assert_close(unfused[:2], flash[:2], atol=1e-5, rtol=1e-5)
+    for name, grad in flash[2].items():
+        torch.testing.assert_close(unfused[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def reference_experts(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

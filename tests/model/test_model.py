@@ -123,9 +123,9 @@ def test_mtp_scores_position_t_against_token_t_plus_2():
     out = model(inputs, only_j)
     hook.remove()
     main_logits, mtp_logits = head_inputs
-    assert mtp_logits.shape[1] == T - 1
-    # MTP position j-1 is the one scored, against token (j-1)+2
-    expected = torch.nn.functional.cross_entropy(mtp_logits[0, j - 1 : j], targets[0, j : j + 1])
+    assert main_logits.shape[0] == mtp_logits.shape[0] == 1  # each head ran on its one scored row
+    # the MTP row scored (position j-1, as the causality check below shows) is scored against token (j-1)+2
+    expected = torch.nn.functional.cross_entropy(mtp_logits, targets[0, j : j + 1])
     torch.testing.assert_close(out.mtp_loss, expected)
     # and the MTP prediction at position i sees token i+1 but nothing later
     changed = inputs.clone()
@@ -138,9 +138,10 @@ def test_mtp_scores_position_t_against_token_t_plus_2():
         for x in (inputs, changed, later):
             model(x, targets)
     hook.remove()
-    base, seen, unseen = logits[1], logits[3], logits[5]
-    assert not torch.allclose(base[0, j - 1], seen[0, j - 1])
-    torch.testing.assert_close(base[0, j - 1], unseen[0, j - 1], atol=1e-6, rtol=1e-5)
+    base, seen, unseen = logits[1], logits[3], logits[5]  # MTP heads over all T-1 positions
+    assert base.shape[0] == T - 1
+    assert not torch.allclose(base[j - 1], seen[j - 1])
+    torch.testing.assert_close(base[j - 1], unseen[j - 1], atol=1e-6, rtol=1e-5)
 
 
 def test_parameter_counts_and_flops():

@@ -12,13 +12,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from model.checkpoint import save_model
 from model.config import ModelConfig
 from model.transformer import Transformer
-from tasks import inference
-from tasks.chat import BOS, END, EOS, PAD, SPECIAL_TOKENS, render_prompt
+from tasks import inference, tokenize
+from tasks.chat import BOS, END, EOS, PAD, render_prompt
 from tasks.inference import (
     LoadedModel,
     chat_loop,
@@ -46,17 +46,8 @@ CORPUS = [
 
 
 def train_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return tokenizer
+    """The pipeline's own byte-level BPE with the chat special tokens, trained on a few sentences."""
+    return tokenize.train_tokenizer(iter([CORPUS]), tokenize.TokenizeConfig(vocab_size=300, min_frequency=1))
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,14 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from model.checkpoint import load_model, save_model
 from model.config import ModelConfig
 from model.generate import generate
 from model.transformer import Transformer
-from tasks.chat import BOS, END, EOS, SPECIAL_TOKENS, render_prompt
+from tasks import tokenize
+from tasks.chat import BOS, END, EOS, render_prompt
 from tasks.register import (
     CHALLENGER,
     MODEL_NAME,
@@ -41,17 +42,8 @@ SERVE_TIMEOUT_S = 90
 
 
 def tiny_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(TEXT * 10, trainer)
-    return tokenizer
+    """The pipeline's own byte-level BPE with the chat special tokens, trained on a few sentences."""
+    return tokenize.train_tokenizer(iter([TEXT * 10]), tokenize.TokenizeConfig(vocab_size=300, min_frequency=1))
 
 
 @pytest.fixture(scope="module")
