@@ -32,7 +32,7 @@ from functools import partial
 from itertools import permutations
 from pathlib import Path
 from string import ascii_lowercase
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -364,11 +364,12 @@ def _generate(family: str, config: InstructionConfig) -> dict[str, list[Problem]
         )
     held_out = frozenset(problem.key for problem in test)
     train_rng = random.Random(f"{config.seed}/{family}/train")
-    train = _distinct(make, train_rng, config.train_per_family, lambda p: p.prompt, held_out)
-    if config.train_per_family and not train:
+    wanted = config.train_counts.get(family, config.train_per_family)
+    train = _distinct(make, train_rng, wanted, lambda p: p.prompt, held_out)
+    if wanted and not train:
         raise StageError(f"family {family!r} has no problems left for training after the test split")
-    while train and len(train) < config.train_per_family:
-        train += train_rng.sample(train, min(len(train), config.train_per_family - len(train)))
+    while train and len(train) < wanted:
+        train += train_rng.sample(train, min(len(train), wanted - len(train)))
     return {"test": test, "train": train}
 
 
@@ -409,6 +410,11 @@ class InstructionConfig(BaseModel):
         default_factory=lambda: list(FAMILIES), description="Generated task families to include."
     )
     train_per_family: int = Field(default=2000, ge=0, description="Training examples per generated family.")
+    train_counts: dict[Family, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Training examples of particular families instead of train_per_family, to weight the mix "
+        "toward what takes longer to learn, e.g. {add: 6000}.",
+    )
     test_per_family: int = Field(default=100, ge=0, description="Held-out test examples per generated family.")
     digits: int = Field(default=2, ge=1, le=12, description="Digits of each operand in the arithmetic families.")
     units: UnitSet = Field(

@@ -153,6 +153,19 @@ def test_every_family_has_the_requested_counts(small):
         assert counts == {family: n for family in FAMILIES}
 
 
+def test_train_counts_weight_chosen_families():
+    config = InstructionConfig(families=["add", "upper"], train_per_family=30, test_per_family=5,
+                               train_counts={"add": 90})
+    examples = build_examples(config)
+    families = [e.family for e in examples["train"]]
+    assert (families.count("add"), families.count("upper")) == (90, 30)
+    assert len({_prompt(e) for e in examples["train"] if e.family == "add"}) == 90
+    with pytest.raises(ValidationError):
+        InstructionConfig(train_counts={"divide": 10})
+    with pytest.raises(ValidationError):
+        InstructionConfig(train_counts={"add": -1})
+
+
 def test_no_test_problem_is_trained_on_under_any_phrasing(small):
     train_prompts = {_prompt(e) for e in small["train"]}
     assert not train_prompts & {_prompt(e) for e in small["test"]}
