@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from prefect.states import Completed
+from prefect.settings import PREFECT_UI_URL
 from tqdm import tqdm
 
 from tasks.clean import clean, drop_reasons
@@ -65,7 +66,7 @@ class PipelineRun:
         root = workspace(workspace_dir)
         tracker = Tracker(root)
         tags = run_tags(config.preset, data_fingerprint="pending", flow_run_id=flow_run.get_id(),
-                        flow_run_url=flow_run.get_flow_run_ui_url())
+                        flow_run_url=_flow_run_url())
         parent = tracker.start_run(name, tags=tags, params={"preset": config.preset})
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
@@ -135,9 +136,15 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
                      message=f"reused {ref.path}" if ref.cached else None)
 
 
+def _flow_run_url() -> str | None:
+    """The flow run's page in the Prefect UI; None under the temporary server `tinyseek run`
+    starts when PREFECT_API_URL is unset, which has no UI."""
+    return flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None
+
+
 def _tags(run: PipelineRun) -> dict[str, str]:
     return run_tags(run.config.preset, data_fingerprint=_data_fp(run), flow_run_id=flow_run.get_id(),
-                    flow_run_url=flow_run.get_flow_run_ui_url())
+                    flow_run_url=_flow_run_url())
 
 
 def _data_fp(run: PipelineRun) -> str:
@@ -287,7 +294,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
         run.root / "reports" / run.parent_id,
         title=f"tinyseek run ({cfg.preset} preset)",
         data_summary={**refs["collect"].counts, **refs["clean"].counts, **refs["tokenize"].counts,
-                      "drop reasons": drop_reasons(refs["clean"])},
+                      "drop_reasons": drop_reasons(refs["clean"])},
         model_summary={"parameters (total)": counts.get("params_total"),
                        "parameters (activated per token)": counts.get("params_activated"),
                        **{k: v for k, v in refs["pretrain"].manifest().get("model_config", {}).items()
@@ -302,7 +309,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
         next_token=table("next_token"),
         comparison=comparison,
         links={"MLflow run": f"{run.tracker.uri} run {run.parent_id}",
-               "Prefect flow run": flow_run.get_flow_run_ui_url() or "(no server)"},
+               "Prefect flow run": _flow_run_url() or f"{flow_run.get_id()} (temporary local server, no UI)"},
         decision=run.decision["reason"] if run.decision else "",
     )
     run.tracker.log_artifacts(run.parent_id, report.parent, "report")
