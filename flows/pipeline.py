@@ -65,9 +65,7 @@ class PipelineRun:
     def start(cls, name: str, config: PipelineConfig, workspace_dir: str | None) -> PipelineRun:
         root = workspace(workspace_dir)
         tracker = Tracker(root)
-        tags = run_tags(config.preset, data_fingerprint="pending", flow_run_id=flow_run.get_id(),
-                        flow_run_url=_flow_run_url())
-        parent = tracker.start_run(name, tags=tags, params={"preset": config.preset})
+        parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params={"preset": config.preset})
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
 
@@ -114,7 +112,7 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
     logger = get_run_logger()
     tracker = run.tracker
-    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_tags(run))
+    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_tags(run.config.preset, _data_fp(run)))
     run.child_runs[stage] = child
     for name, upstream in inputs.items():
         tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.fingerprint)
@@ -142,9 +140,8 @@ def _flow_run_url() -> str | None:
     return flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None
 
 
-def _tags(run: PipelineRun) -> dict[str, str]:
-    return run_tags(run.config.preset, data_fingerprint=_data_fp(run), flow_run_id=flow_run.get_id(),
-                    flow_run_url=_flow_run_url())
+def _tags(preset: str, data_fp: str) -> dict[str, str]:
+    return run_tags(preset, data_fingerprint=data_fp, flow_run_id=flow_run.get_id(), flow_run_url=_flow_run_url())
 
 
 def _data_fp(run: PipelineRun) -> str:
@@ -241,7 +238,7 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
         write_run_report(run, None)
         return run.decision
     child = tracker.start_run("register", parent_id=run.parent_id,
-                              tags={**_tags(run), "fingerprint": tuned.fingerprint})
+                              tags={**_tags(run.config.preset, _data_fp(run)), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
     tracker.log_metrics(child, run.metrics)
     if existing is None:
