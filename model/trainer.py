@@ -106,6 +106,10 @@ class Trainer:
         self.extra_state = extra_state or {}
         self.device = next(model.parameters()).device
         self.rank, self.world = distributed()
+        # MTP depths without loss weight are not run, and frozen: neither the optimizer nor
+        # DDP waits for gradients they will never get
+        self.use_mtp = config.mtp_lambda > 0
+        model.mtp.requires_grad_(self.use_mtp)
         self.optimizer = build_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer
         )
@@ -147,7 +151,7 @@ class Trainer:
     def _micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
         sync = contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync()
         with sync, autocast(self.device, self.config.precision):
-            out = self.net(inputs.to(self.device), targets.to(self.device))
+            out = self.net(inputs.to(self.device), targets.to(self.device), mtp=self.use_mtp)
             total = out.loss + self.config.mtp_lambda * out.mtp_loss + out.aux_loss
             (total / self.config.grad_accum).backward()
         return {"loss": out.loss.detach(), "mtp_loss": out.mtp_loss.detach(), "balance_loss": out.aux_loss.detach()}

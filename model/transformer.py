@@ -144,8 +144,11 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T]; targets [B, T] = next tokens, -100 where no loss is wanted."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp: bool = True) -> ModelOutput:
+        """input_ids [B, T]; targets [B, T] = next tokens, -100 where no loss is wanted.
+
+        mtp=False skips the MTP depths (mtp_loss is then 0): a trainer that gives them no
+        weight, as fine-tuning may, does not pay for their forward and backward."""
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}")
@@ -159,7 +162,8 @@ class Transformer(nn.Module):
             return ModelOutput(logits=self.lm_head(self.norm(h)))
         loss = self._head_loss(self.norm, h, targets)
         mtp_loss = h.new_zeros((), dtype=torch.float32)
-        for depth, module in enumerate(self.mtp, start=1):
+        depths = self.mtp if mtp else []
+        for depth, module in enumerate(depths, start=1):
             if depth >= T:
                 break
             # position i now carries token i+depth's embedding and predicts token i+depth+1
@@ -169,8 +173,8 @@ class Transformer(nn.Module):
             h, layer_aux = module.block(h, cos[: h.shape[1]], sin[: h.shape[1]])
             aux = aux + layer_aux
             mtp_loss = mtp_loss + self._head_loss(module.norm, h, targets[:, depth:])
-        if len(self.mtp):
-            mtp_loss = mtp_loss / len(self.mtp)
+        if len(depths):
+            mtp_loss = mtp_loss / len(depths)
         return ModelOutput(loss=loss, mtp_loss=mtp_loss, aux_loss=aux)
 
     def _head_loss(self, norm: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -94,11 +94,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _valid_keys(node: Any) -> list[str]:
-    if isinstance(node, BaseModel):
-        return list(type(node).model_fields)
-    if isinstance(node, dict):
-        return list(node)
-    return []
+    return list(type(node).model_fields) if isinstance(node, BaseModel) else []
 
 
 def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig) -> dict[str, Any]:
@@ -114,6 +110,8 @@ def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig)
             valid = list(ModelConfig.__dataclass_fields__)
             if key not in valid:
                 raise StageError(f"--set {path}: unknown key {key!r}; {_suggest(key, valid)}")
+            break
+        if isinstance(node, dict):  # a mapping field (e.g. train_counts): validation checks its keys
             break
         valid = _valid_keys(node)
         if key not in valid:

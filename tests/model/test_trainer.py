@@ -59,6 +59,19 @@ def test_loss_falls(tmp_path):
     assert "val_bpb" in seen[-1] and "max_vio" in seen[-1] and seen[-1]["mfu"] > 0
 
 
+def test_mtp_without_loss_weight_is_not_run_nor_changed(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, mtp_lambda=0.0, checkpoint_every=100)
+    assert len(trainer.model.mtp) == 1
+    before = {name: value.clone() for name, value in trainer.model.mtp.state_dict().items()}
+    embeddings = trainer.model.embed_tokens.weight.detach().clone()
+    seen = []
+    trainer.callback = lambda step, metrics: seen.append(metrics)
+    trainer.fit()
+    assert [m["mtp_loss"] for m in seen if "mtp_loss" in m] == [0.0] * 4
+    assert all(torch.equal(before[name], value) for name, value in trainer.model.mtp.state_dict().items())
+    assert not torch.equal(embeddings, trainer.model.embed_tokens.weight)
+
+
 def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(tmp_path):
     trainer = make_trainer(tmp_path, steps=12)
     trainer.config.steps = 5

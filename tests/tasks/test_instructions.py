@@ -26,6 +26,7 @@ from tasks.chat import (
     render,
     render_prompt,
 )
+from tasks.config import load_config
 from tasks.instructions import (
     FAMILIES,
     UNITS,
@@ -164,6 +165,13 @@ def test_train_counts_weight_chosen_families():
         InstructionConfig(train_counts={"divide": 10})
     with pytest.raises(ValidationError):
         InstructionConfig(train_counts={"add": -1})
+
+
+def test_set_reaches_into_train_counts():
+    config = load_config("tiny", overrides=["instructions.train_counts.add=50"])
+    assert config.instructions.train_counts == {"add": 50}
+    with pytest.raises(StageError, match="instructions.train_counts.divide"):
+        load_config("tiny", overrides=["instructions.train_counts.divide=5"])
 
 
 def test_no_test_problem_is_trained_on_under_any_phrasing(small):
