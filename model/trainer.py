@@ -158,9 +158,9 @@ class Trainer:
 
     def _balance_routers(self) -> list[float]:
         if self.world > 1:
-            for moe in self.model.moe_layers():
+            for moe in self.model.moe_layers(self.use_mtp):
                 dist.all_reduce(moe.expert_load)
-        return self.model.update_router_bias()
+        return self.model.update_router_bias(self.use_mtp)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config

@@ -141,8 +141,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
             nn.init.normal_(module.down_proj, mean=0.0, std=std)
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self, mtp: bool = True) -> list[MoE]:
+        """The MoE layers of the main stack, then (with mtp=True) those of the MTP depths."""
+        modules = [*self.layers, *self.mtp] if mtp else self.layers
+        return [m for module in modules for m in module.modules() if isinstance(m, MoE)]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp: bool = True) -> ModelOutput:
         """input_ids [B, T]; targets [B, T] = next tokens, -100 where no loss is wanted.
@@ -217,9 +219,10 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(h))
 
     @torch.no_grad()
-    def update_router_bias(self) -> list[float]:
-        """Aux-loss-free balancing step for every MoE layer; returns MaxVio per layer."""
-        return [moe.update_bias() for moe in self.moe_layers()]
+    def update_router_bias(self, mtp: bool = True) -> list[float]:
+        """Aux-loss-free balancing step for every MoE layer (those of the MTP depths only with
+        mtp=True, i.e. when they were run); returns MaxVio per layer."""
+        return [moe.update_bias() for moe in self.moe_layers(mtp)]
 
 
 def parameter_counts(model: Transformer, include_mtp: bool = False) -> dict[str, int]:

@@ -70,6 +70,9 @@ def test_mtp_without_loss_weight_is_not_run_nor_changed(tmp_path):
     assert [m["mtp_loss"] for m in seen if "mtp_loss" in m] == [0.0] * 4
     assert all(torch.equal(before[name], value) for name, value in trainer.model.mtp.state_dict().items())
     assert not torch.equal(embeddings, trainer.model.embed_tokens.weight)
+    main_layers = len(trainer.model.moe_layers(mtp=False))
+    assert 0 < main_layers < len(trainer.model.moe_layers())
+    assert sorted(k for k in seen[-1] if k.startswith("max_vio/")) == [f"max_vio/moe_{i}" for i in range(main_layers)]
 
 
 def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(tmp_path):
