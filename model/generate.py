@@ -34,7 +34,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_steps(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
