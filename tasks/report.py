@@ -126,7 +126,7 @@ def plot_exact_match(exact_match: pd.DataFrame, path: Path) -> None:
         axes.bar(positions + offset * width, exact_match[model].astype(float), width, label=model)
     axes.set_xticks(positions + width * (len(models) - 1) / 2, exact_match["family"], rotation=30, ha="right")
     axes.set(ylim=(0, 1), ylabel="exact match")
-    axes.legend()
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=len(models), frameon=False)  # above: bars reach 1
     _save(figure, path)
 
 
