@@ -211,9 +211,11 @@ def _scores_section(metrics: Mapping[str, Any], exact_match: pd.DataFrame) -> st
     families = {f"exact_match_{f}" for f in exact_match["family"]} if _has(exact_match, "family") else set()
     return _section(
         "What it scored",
-        "Validation loss is the average surprise per token on held-out text (lower is better); bits per byte "
-        "is the same measured per byte of text, so it compares across tokenizers. Exact match is the share of "
-        "held-out instruction problems answered exactly right, before (base) and after (tuned) fine-tuning.",
+        "Validation loss is the average surprise per token on held-out text of the pretraining corpus (lower "
+        "is better); bits per byte is the same measured per byte of text, so it compares across tokenizers. "
+        "Fine-tuning on instruction chats alone can raise it, as the model moves from continuing that text to "
+        "answering in the chat format. Exact match is the share of held-out instruction problems answered "
+        "exactly right, before (base) and after (tuned) fine-tuning.",
         markdown_table(_paired_metrics(metrics, families)),
         "**Exact match per task family**",
         markdown_table(exact_match),
