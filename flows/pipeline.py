@@ -112,7 +112,7 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
     logger = get_run_logger()
     tracker = run.tracker
-    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_tags(run.config.preset, _data_fp(run)))
+    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_stage_tags(run))
     run.child_runs[stage] = child
     for name, upstream in inputs.items():
         tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.fingerprint)
@@ -142,6 +142,10 @@ def _flow_run_url() -> str | None:
 
 def _tags(preset: str, data_fp: str) -> dict[str, str]:
     return run_tags(preset, data_fingerprint=data_fp, flow_run_id=flow_run.get_id(), flow_run_url=_flow_run_url())
+
+
+def _stage_tags(run: PipelineRun) -> dict[str, str]:
+    return _tags(run.config.preset, _data_fp(run))
 
 
 def _data_fp(run: PipelineRun) -> str:
@@ -238,7 +242,7 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
         write_run_report(run, None)
         return run.decision
     child = tracker.start_run("register", parent_id=run.parent_id,
-                              tags={**_tags(run.config.preset, _data_fp(run)), "fingerprint": tuned.fingerprint})
+                              tags={**_stage_tags(run), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
     tracker.log_metrics(child, run.metrics)
     if existing is None:

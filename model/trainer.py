@@ -109,7 +109,8 @@ class Trainer:
         # MTP depths without loss weight are not run, and frozen: neither the optimizer nor
         # DDP waits for gradients they will never get
         self.use_mtp = config.mtp_lambda > 0
-        model.mtp.requires_grad_(self.use_mtp)
+        if not self.use_mtp:
+            model.mtp.requires_grad_(False)
         self.optimizer = build_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer
         )
