@@ -151,7 +151,7 @@ def load_config(
         config = PipelineConfig.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # a bad mapping key: name the key
         raise StageError(f"config {where}: {first['msg']} ({exc.error_count()} problem(s) in all)") from None
     config.model_for(vocab_size=max(config.tokenize.vocab_size, 8), special_ids={})
     return config
