@@ -189,6 +189,7 @@ def main() -> None:
         return
 
     from tasks.collect import collect, iter_documents
+    from tasks.stage import cpu_cores
 
     base = Path(args.workspace or tempfile.mkdtemp(prefix="tinyseek-bench-"))
     try:
@@ -205,8 +206,7 @@ def main() -> None:
                     out.write(json.dumps(doc) + "\n")
             results[f"{scale}x"], rss[f"{scale}x"] = run_size(corpus, base / f"ws-{scale}x")
         print(report(results, rss))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"{cores} cores; load average {os.getloadavg()[0]:.1f} (other work on the machine stretches wall time)")
+        print(f"{cpu_cores()} cores; load average {os.getloadavg()[0]:.1f} (other work on the machine stretches wall time)")
     finally:
         if not args.workspace:
             shutil.rmtree(base, ignore_errors=True)

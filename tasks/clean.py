@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import multiprocessing
-import os
 import re
 import sys
 import unicodedata
@@ -46,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import dedup
 from tasks.dedup import NearDuplicates, Overlap, Words, minhash
-from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
+from tasks.stage import Ref, StageError, code_version, cpu_cores, fingerprint, run_stage, workspace
 
 QUARANTINE = "quarantine.parquet"
 EMAIL = "<EMAIL>"
@@ -511,7 +510,7 @@ def _workers(config: CleanConfig, input_bytes: int) -> int:
         return 1
     if config.workers:
         return config.workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpu_cores()
 
 
 def _build(paths: list[Path], config: CleanConfig, eval_texts: list[str], out: Path) -> dict[str, Any]:

@@ -421,13 +421,25 @@ def _stdlib_modules(root: Path) -> list[str]:
     return sorted(found)
 
 
+def _definitions(statements: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Every class and function defined in `statements`, at any depth, in source order.
+
+    Definitions are statements, so only statement lists are searched: the bodies of
+    definitions and compound statements, their `else`/`finally` parts, `except` clauses and
+    `match` cases. Skipping the expressions (most of a module's nodes) makes this several
+    times faster than `ast.walk`."""
+    for node in statements:
+        if isinstance(node, DEFINITIONS):
+            yield node
+        clauses = [clause.body for clause in [*getattr(node, "handlers", ()), *getattr(node, "cases", ())]]
+        for block in [getattr(node, "body", None), *clauses, getattr(node, "orelse", None), getattr(node, "finalbody", None)]:
+            if isinstance(block, list):  # a lambda's body is an expression
+                yield from _definitions(block)
+
+
 def _docstrings(tree: ast.Module) -> list[str]:
     """The module docstring, then every class and function docstring in source order."""
-    definitions = sorted(
-        (node for node in ast.walk(tree) if isinstance(node, DEFINITIONS)),
-        key=lambda node: (node.lineno, node.col_offset),
-    )
-    return [doc for node in [tree, *definitions] if (doc := ast.get_docstring(node, clean=True))]
+    return [doc for node in [tree, *_definitions(tree.body)] if (doc := ast.get_docstring(node, clean=True))]
 
 
 def _read_stdlib(source: StdlibSource) -> Iterator[_Item]:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("torch", "tokenizers", "datasets", "pyarrow", "numpy", "rensa", "prefect", "mlflow")
+TOOLS = ("torch", "tokenizers", "tiktoken", "datasets", "pyarrow", "numpy", "rensa", "prefect", "mlflow")
 
 
 class StageError(RuntimeError):
@@ -73,6 +73,11 @@ def workspace(path: str | os.PathLike | None = None) -> Path:
     except OSError as exc:
         raise StageError(f"workspace {root} is not writable ({exc.strerror}); pass --workspace DIR") from None
     return root
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def canonical_json(obj: Any) -> str:

@@ -120,6 +120,36 @@ def test_stdlib_document_is_module_docstring_then_definitions_in_order():
     assert _docstrings(tree) == [module, "First function.", "A class.", "Method doc."]
 
 
+def test_stdlib_docstrings_nested_in_compound_statements_come_in_source_order():
+    tree = ast.parse(textwrap.dedent('''
+        try:
+            def a(): "1"
+        except ImportError:
+            def b(): "2"
+        else:
+            def c(): "3"
+        finally:
+            def d(): "4"
+        if x:
+            def e(): "5"
+        elif y:
+            with z:
+                def f(): "6"
+        for i in ():
+            async def g(): "7"
+        match w:
+            case 1:
+                class H: "8"
+        while True:
+            key = lambda: "not a docstring"
+        async def outer():
+            "9"
+            async with v:
+                def inner(): "10"
+    '''))
+    assert _docstrings(tree) == [str(n) for n in range(1, 11)]
+
+
 def test_stdlib_include_code_adds_the_source(ws):
     ref = run(ws, StdlibSource(max_files=5, include_code=True))
     code = {origin: text for origin, text in texts(ref).items() if origin.endswith("#source")}

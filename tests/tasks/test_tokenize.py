@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import random
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import tasks.tokenize
 from tasks import chat
 from tasks.clean import CleanConfig, clean
 from tasks.stage import Ref, StageError
@@ -17,6 +23,7 @@ from tasks.tokenize import (
     load_tokenizer,
     load_tokens,
     save_tokenizer,
+    tiktoken_encoding,
     dtype_for,
     token_files,
     tokenize,
@@ -105,6 +112,8 @@ def test_token_files(ws, cleaned):
         assert tokens.dtype == np.uint16 and token_files(ref, split) == [ref.dir / f"{split}.bin"]
         docs = documents(ref, split, tokens)
         assert [tokenizer.decode(doc.tolist()) for doc in docs] == expected
+        reference = tokenizer.encode_batch(expected, add_special_tokens=False)
+        assert [doc.tolist() for doc in docs] == [encoding.ids for encoding in reference]
         summary = manifest["splits"][split]
         assert summary["tokens"] == len(tokens) == manifest["counts"][f"{split}_tokens"]
         assert summary["documents"] == len(expected) == manifest["counts"][f"{split}_documents"]
@@ -112,6 +121,33 @@ def test_token_files(ws, cleaned):
         assert summary["bytes_per_token"] == pytest.approx(summary["bytes"] / summary["tokens"], abs=1e-4)
     data = TokenData(ref)
     assert data.bytes_per_token("validation") > 1 and data.files("train") == [ref.dir / "train.bin"]
+    assert manifest["encoding"]["encoder"].startswith("tiktoken")
+
+
+def test_tiktoken_encoding_gives_the_tokenizers_ids(tokenizer, texts):
+    code = (Path(ast.__file__).read_text() + Path(json.__file__).read_text())[:60_000]
+    rng = random.Random(0)
+    shuffled = "".join(rng.sample(UNICODE * 20 + code[:4000], 5000))
+    corpus = [*texts, UNICODE, code, shuffled, "", " ", "\n\n\t", "x" * 5000, "1234567890" * 50]
+    fast = tiktoken_encoding(tokenizer).encode_ordinary_batch(corpus)
+    assert fast == [encoding.ids for encoding in tokenizer.encode_batch(corpus, add_special_tokens=False)]
+
+
+def test_encoding_falls_back_to_the_tokenizer_when_tiktoken_disagrees(ws, cleaned, monkeypatch):
+    class Wrong:
+        def encode_ordinary_batch(self, texts, num_threads):
+            return [[0] for _ in texts]
+
+    monkeypatch.setattr(tasks.tokenize, "tiktoken_encoding", lambda _: Wrong())
+    monkeypatch.setattr(tasks.tokenize, "CHECK_RATE", 0.5)
+    ref = tokenize(cleaned, SMALL, ws)
+    assert ref.manifest()["encoding"]["encoder"] == "tokenizers"
+    assert "tiktoken_mismatch" in ref.manifest()["encoding"]
+    expected = output(cleaned)
+    expected = expected[expected["split"] == "train"]["text"].tolist()
+    tokenizer = load_tokenizer(ref)
+    docs = documents(ref, "train", load_tokens(ref, "train"))
+    assert [doc.tolist() for doc in docs] == [e.ids for e in tokenizer.encode_batch(expected, add_special_tokens=False)]
 
 
 def test_special_token_text_in_the_corpus_stays_text(ws, tmp_path, texts):
