@@ -1,5 +1,5 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy, the
-output head on target rows only, unfused attention for short CPU sequences, padded
+output head on target rows only, explicit bf16 attention on CPUs, padded
 expert batches, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
@@ -68,17 +68,68 @@ def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monk
         torch.testing.assert_close(rows[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("length", [24, attention.CPU_UNFUSED_MAX_LEN])
-def test_unfused_short_attention_matches_the_flash_kernel(monkeypatch, length):
+@pytest.mark.parametrize("v_dim", [16, 8])
+def test_explicit_attention_matches_sdpa_in_fp32(v_dim):
     torch.manual_seed(0)
-    model = Transformer(config("plain-q", max_position_embeddings=256))
-    inputs, targets = torch.randint(0, 97, (2, length)), torch.randint(0, 97, (2, length))
-    unfused = losses_and_grads(model, inputs, targets)
-    monkeypatch.setattr(attention, "CPU_UNFUSED_MAX_LEN", 0)
-    flash = losses_and_grads(model, inputs, targets)
-    torch.testing.assert_close(unfused[:2], flash[:2], atol=1e-5, rtol=1e-5)
-    for name, grad in flash[2].items():
-        torch.testing.assert_close(unfused[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    q, k = torch.randn(2, 2, 3, 40, 16, dtype=torch.float64).unbind(0)
+    v, grad = torch.randn(2, 2, 3, 40, v_dim, dtype=torch.float64).unbind(0)
+    results = []
+    for attend in (attention.ExplicitCausalAttention.apply, None):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        if attend:
+            out = attend(*inputs, 0.3)
+        else:
+            out = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=0.3)
+        out.backward(grad)
+        results.append([out] + [t.grad for t in inputs])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+
+
+def test_bf16_training_on_cpu_takes_explicit_attention_and_matches_flash(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(config("plain-q", max_position_embeddings=attention.CPU_EXPLICIT_MAX_LEN))
+    inputs, targets = torch.randint(0, 97, (2, 48)), torch.randint(0, 97, (2, 48))
+    calls = []
+    explicit_apply = attention.ExplicitCausalAttention.apply
+    monkeypatch.setattr(attention.ExplicitCausalAttention, "apply", lambda *a: calls.append(1) or explicit_apply(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = losses_and_grads(model, inputs, targets)
+        layers = len(calls)
+        monkeypatch.setattr(attention, "CPU_EXPLICIT_MAX_LEN", 0)
+        flash = losses_and_grads(model, inputs, targets)
+    assert layers == model.config.num_hidden_layers + model.config.num_nextn_predict_layers == len(calls)
+    monkeypatch.setattr(attention, "CPU_EXPLICIT_MAX_LEN", 512)
+    losses_and_grads(model, inputs, targets)  # fp32 takes flash
+    assert len(calls) == layers
+    torch.testing.assert_close(explicit[:2], flash[:2], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("v_dim", [16, 8])
+def test_explicit_attention_in_bf16_is_as_close_to_fp32_as_flash(v_dim):
+    """Its scores and probabilities are bf16 (flash keeps the scores in fp32): its output and
+    gradients must stay, like flash's, within 3 bf16 steps of the largest reference value."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 3, 40, 16).unbind(0)
+    v, grad = torch.randn(2, 2, 3, 40, v_dim).unbind(0)
+    scale = 16**-0.5
+
+    def run(attend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs)
+        out.backward(grad.to(dtype))
+        return [out.float()] + [t.grad.float() for t in inputs]
+
+    def sdpa(q, k, v):  # v zero-padded to the query's head size: the flash kernel takes one size
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, 16 - v_dim)), is_causal=True, scale=scale)
+        return out[..., :v_dim]
+
+    reference, flash = run(sdpa, torch.float32), run(sdpa, torch.bfloat16)
+    explicit = run(lambda q, k, v: attention.ExplicitCausalAttention.apply(q, k, v, scale), torch.bfloat16)
+    for ours, theirs, ref in zip(explicit, flash, reference):
+        bf16_step = 2.0 ** (ref.abs().max().log2().floor() - 7)
+        assert (theirs - ref).abs().max() <= 3 * bf16_step
+        assert (ours - ref).abs().max() <= 3 * bf16_step
 
 
 def reference_experts(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
