@@ -68,11 +68,13 @@ def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monk
         torch.testing.assert_close(rows[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [1, 40 * 40 * 3 * 2, 1 << 20], ids=["row-by-row", "two-rows", "whole"])
 @pytest.mark.parametrize("v_dim", [16, 8])
-def test_explicit_attention_matches_sdpa_in_fp32(v_dim):
+def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk):
+    monkeypatch.setattr(attention, "SCORES_PER_CHUNK", chunk)
     torch.manual_seed(0)
-    q, k = torch.randn(2, 2, 3, 40, 16, dtype=torch.float64).unbind(0)
-    v, grad = torch.randn(2, 2, 3, 40, v_dim, dtype=torch.float64).unbind(0)
+    q, k = torch.randn(2, 5, 3, 40, 16, dtype=torch.float64).unbind(0)
+    v, grad = torch.randn(2, 5, 3, 40, v_dim, dtype=torch.float64).unbind(0)
     results = []
     for attend in (attention.ExplicitCausalAttention.apply, None):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
