@@ -35,9 +35,12 @@ SCORES_PER_CHUNK = 1 << 20
 
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    T = q.shape[-2]
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    return torch.matmul(q * scale, k.transpose(-1, -2)).masked_fill_(future, float("-inf")).softmax(-1)
+    """softmax(q k^T * scale) with the future masked, [b, H, T, T]: the mask (0, or -inf above
+    the diagonal) is added and the scale applied by the matmul itself (`baddbmm`)."""
+    b, H, T, d = q.shape
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    scores = torch.baddbmm(mask, q.reshape(b * H, T, d), k.reshape(b * H, T, d).transpose(1, 2), alpha=scale)
+    return scores.softmax(-1).view(b, H, T, T)
 
 
 def _batch_chunks(q: torch.Tensor) -> list[slice]:
