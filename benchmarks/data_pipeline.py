@@ -206,7 +206,8 @@ def main() -> None:
                     out.write(json.dumps(doc) + "\n")
             results[f"{scale}x"], rss[f"{scale}x"] = run_size(corpus, base / f"ws-{scale}x")
         print(report(results, rss))
-        print(f"{cpu_cores()} cores; load average {os.getloadavg()[0]:.1f} (other work on the machine stretches wall time)")
+        load = os.getloadavg()[0]
+        print(f"{cpu_cores()} cores; load average {load:.1f} (other work on the machine stretches wall time)")
     finally:
         if not args.workspace:
             shutil.rmtree(base, ignore_errors=True)

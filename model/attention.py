@@ -34,11 +34,16 @@ CPU_EXPLICIT_MAX_LEN = 512
 SCORES_PER_CHUNK = 1 << 20
 
 
-def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) with the future masked, [b, H, T, T]: the mask (0, or -inf above
-    the diagonal) is added and the scale applied by the matmul itself (`baddbmm`)."""
+def _future_mask(q: torch.Tensor) -> torch.Tensor:
+    """[T, T] in q's dtype: 0 where a query may attend, -inf above the diagonal."""
+    T = q.shape[-2]
+    return torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+
+
+def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask), [b, H, T, T]: the matmul itself (`baddbmm`) adds the
+    mask and applies the scale."""
     b, H, T, d = q.shape
-    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     scores = torch.baddbmm(mask, q.reshape(b * H, T, d), k.reshape(b * H, T, d).transpose(1, 2), alpha=scale)
     return scores.softmax(-1).view(b, H, T, T)
 
@@ -64,17 +69,18 @@ class ExplicitCausalAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out, mask = q.new_empty(*q.shape[:-1], v.shape[-1]), _future_mask(q)
         for rows in _batch_chunks(q):
-            torch.matmul(_causal_probs(q[rows], k[rows], scale), v[rows], out=out[rows])
+            torch.matmul(_causal_probs(q[rows], k[rows], mask, scale), v[rows], out=out[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, k, v = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), grad.new_empty(v.shape)
+        mask = _future_mask(q)
         for rows in _batch_chunks(q):
-            probs = _causal_probs(q[rows], k[rows], ctx.scale)  # the forward's, bit for bit
+            probs = _causal_probs(q[rows], k[rows], mask, ctx.scale)  # the forward's, bit for bit
             torch.matmul(probs.transpose(-1, -2), grad[rows], out=grad_v[rows])
             # the gradient of the scores, through softmax's own backward kernel
             grad_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2))

@@ -432,7 +432,8 @@ def _definitions(statements: list[ast.stmt]) -> Iterator[ast.stmt]:
         if isinstance(node, DEFINITIONS):
             yield node
         clauses = [clause.body for clause in [*getattr(node, "handlers", ()), *getattr(node, "cases", ())]]
-        for block in [getattr(node, "body", None), *clauses, getattr(node, "orelse", None), getattr(node, "finalbody", None)]:
+        blocks = [getattr(node, "body", None), *clauses, getattr(node, "orelse", None), getattr(node, "finalbody", None)]
+        for block in blocks:
             if isinstance(block, list):  # a lambda's body is an expression
                 yield from _definitions(block)
 

@@ -15,7 +15,6 @@ Each CLI command is one call here: `complete` (generate), `chat_loop` (chat),
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from model.hf import export_hf as export_hf_weights
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
 from tasks.stage import StageError
+from tasks.tokenize import byte_of_char
 from tasks.tracking import tracking_uri
 
 DEFAULT_REF = "models:/tinyseek@champion"
@@ -387,15 +387,6 @@ def chat_loop(
 # --- looking inside --------------------------------------------------------------------
 
 
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte each character of a byte-level BPE token stands for (GPT-2's mapping)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-    return {char: byte for byte, char in chars.items()}
-
-
 def show_token(tokenizer: Tokenizer, token_id: int) -> str:
     """A token as a reader can see it: special tokens as they are, text quoted with escapes
     (so spaces and newlines show), bytes that are only part of a character as bytes."""
@@ -404,7 +395,7 @@ def show_token(tokenizer: Tokenizer, token_id: int) -> str:
         return f"<unknown id {token_id}>"
     if token_id in tokenizer.get_added_tokens_decoder():
         return token
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_of_char()
     if not all(char in alphabet for char in token):
         return repr(tokenizer.decode([token_id]))
     raw = bytes(alphabet[char] for char in token)

@@ -22,6 +22,7 @@ shadow the standard library's module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -175,9 +176,10 @@ def _training_texts(paths: list[Path], max_bytes: int | None, used: Counter) -> 
             yield chosen
 
 
-def _byte_of_char() -> dict[str, int]:
-    """The inverse of the ByteLevel alphabet: GPT-2's map of bytes to printable characters
-    (printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards, in order)."""
+@functools.cache
+def byte_of_char() -> dict[str, int]:
+    """The byte each character of a byte-level BPE token stands for: the inverse of GPT-2's
+    map (printable Latin-1 bytes are themselves, the other 68 are U+0100 onwards, in order)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [byte for byte in range(256) if byte not in printable]
     return {chr(byte): byte for byte in printable} | {chr(256 + i): byte for i, byte in enumerate(others)}
@@ -190,7 +192,7 @@ def tiktoken_encoding(tokenizer: Tokenizer) -> tiktoken.Encoding:
     trainer numbers each merged token in merge order, so with rank = id both apply the
     same merges (checked on samples by `_Encoder`). Special tokens are left out: corpus
     text is encoded as ordinary text."""
-    byte_of = _byte_of_char()
+    byte_of = byte_of_char()
     special = set(chat.SPECIAL_TOKENS)
     ranks = {
         bytes(byte_of[char] for char in token): token_id

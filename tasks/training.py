@@ -48,7 +48,9 @@ class TrainingConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms, biases, embeddings).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping threshold.")
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="AdamW, or Muon for hidden matrices.")
-    mtp_lambda: float = Field(0.3, ge=0, description="Weight of the multi-token-prediction loss (0: the MTP modules are not run).")
+    mtp_lambda: float = Field(
+        0.3, ge=0, description="Weight of the multi-token-prediction loss (0: the MTP modules are not run)."
+    )
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast (fp32 master weights) or fp32.")
     compile: bool = Field(False, description="Compile the model with torch.compile.")
     eval_every: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
