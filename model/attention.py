@@ -178,7 +178,8 @@ class MLA(nn.Module):
         """Decode path over the latent cache with `kv_b_proj` absorbed.
 
         x: [B, T, hidden] new tokens written at cache slots [start, start+T);
-        cos/sin: [B, T, rope] for their positions; mask: [B, T, start+T] bool, True = may attend.
+        cos/sin: [B, T, rope] for their positions; mask: [B, T, start+T] bool, True = may attend,
+        or None: every token sees every slot (one new token and no padding).
         """
         B, T, _ = x.shape
         end = start + T
@@ -188,15 +189,17 @@ class MLA(nn.Module):
         cache.pe[:B, start:end] = apply_rope(k_pe, cos, sin)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         # a query in latent space: its nope part through the key half of kv_b_proj, then its rope part
-        q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope_dim]),
-                       apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))], dim=-1)
+        q_latent = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope_dim]).transpose(1, 2)
+        q = torch.cat([q_latent, apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))], dim=-1)
         # every head of every new token is one query of a single-head attention over the cached
         # rows; the values are the rows' latent part, taken as the whole rows (one head size lets
         # SDPA use its flash kernel) whose rope part of the output is dropped
         rows = cache.data[:B, :end].to(q.dtype).unsqueeze(1)  # [B, 1, S, kv_rank + rope]
-        visible = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
-        out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=visible,
+        if mask is not None:
+            mask = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
+        out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=mask,
                                              scale=self.scale)[..., : self.kv_rank]
-        # back from latent space: the value half of kv_b_proj
-        out = torch.einsum("bthc,hdc->bthd", out.reshape(B, T, self.n_heads, self.kv_rank), w[:, self.nope_dim :])
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+        # back from latent space: the value half of kv_b_proj, per head [B, H, T, v]
+        out = torch.matmul(out.view(B, T, self.n_heads, self.kv_rank).transpose(1, 2),
+                           w[:, self.nope_dim :].transpose(1, 2))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))

@@ -57,6 +57,7 @@ def decode_steps(
     device = model.embed_tokens.weight.device
     total = longest + max_new_tokens
     pads = torch.tensor([longest - len(p) for p in prompts], device=device)
+    padded = any(len(p) < longest for p in prompts)
     ids = torch.tensor(
         [[model.config.pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device
     )
@@ -80,7 +81,8 @@ def decode_steps(
                 break
             start = longest + step
             positions = (start - pads)[:, None]
-            logits = model.forward_cached(token[:, None], positions, caches, start, visible[:, None, : start + 1])[:, -1]
+            step_mask = visible[:, None, : start + 1] if padded else None  # without padding every slot is visible
+            logits = model.forward_cached(token[:, None], positions, caches, start, step_mask)[:, -1]
     finally:
         model.train(was_training)
 

@@ -100,9 +100,22 @@ class Experts(nn.Module):
         padded_scale = scale.new_zeros(sum(sizes)).index_copy_(0, row, scale)
         return padded_token, padded_scale, sizes
 
+    def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding one token: its k experts one after the other, without the sorted layout
+        (half the time of the general path at this size), summed in the same order (by expert
+        id) and precision (fp32), so the result is the same."""
+        out = None
+        for expert, weight in sorted(zip(ids[0].tolist(), weights[0].float().unbind())):
+            gate, up = F.linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert].to(x.dtype)).float() * weight
+            out = y if out is None else out + y
+        return out
+
     # data-dependent sizes: torch.compile would recompile for every new routing, so it runs this eagerly
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self._one_token(x, ids, weights)
         token, scale, sizes = self._layout(ids, weights)
         routed = x.index_select(0, token)
         # one cast of all experts' weights to x's dtype (autocast's: the norm before emits it),

@@ -96,7 +96,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return self._feed_forward(x)
 
-    def forward_cached(self, x, cos, sin, cache: LatentCache, start: int, mask: torch.Tensor) -> torch.Tensor:
+    def forward_cached(self, x, cos, sin, cache: LatentCache, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, start, mask)
         return self._feed_forward(x)[0]
 
@@ -205,12 +205,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         caches: list[LatentCache],
         start: int,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for new tokens at cache slots [start, start+T).
 
         positions [B, T] are rope positions (they differ per row when prompts are
-        left-padded); mask [B, T, start+T] says which cache slots each token may see.
+        left-padded); mask [B, T, start+T] says which cache slots each token may see (None: all of
+        them, for one new token without padding).
         """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.embed_tokens(input_ids)

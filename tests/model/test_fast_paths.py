@@ -174,6 +174,24 @@ def test_expert_batches_match_token_by_token(monkeypatch, rows):
     assert torch.all(grads[2][7] == 0)  # the expert that saw no token
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_takes_its_experts_directly_with_the_batch_result(monkeypatch, dtype):
+    torch.manual_seed(0)
+    experts = Experts(config("plain-q"))
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(3, experts.gate_up_proj.shape[-1]).to(dtype)
+    ids, weights = torch.tensor([[5, 2, 7], [1, 5, 0], [2, 0, 3]]), torch.rand(3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        batch = experts(x, ids, weights)
+        layouts = []
+        monkeypatch.setattr(Experts, "_layout", lambda *args: layouts.append(args))
+        singles = [experts(x[row : row + 1], ids[row : row + 1], weights[row : row + 1]) for row in range(3)]
+    assert not layouts  # the sorted layout is not built for one token
+    assert all(single.dtype == torch.float32 for single in singles)
+    torch.testing.assert_close(torch.cat(singles), batch, atol=1e-6, rtol=1e-6)
+
+
 def test_routing_stays_fp32_under_autocast():
     torch.manual_seed(0)
     router = Router(config("grouped"))
