@@ -49,7 +49,7 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
     seq_len = args.seq_len or setup.seq_len
     inputs, targets = random_batch(setup.model.vocab_size, batch, seq_len, device)
     net = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     step = training_step(net, inputs, targets, precision, optimizer)
     times = []
     for _ in range(args.warmup + args.steps):

@@ -1,8 +1,8 @@
 """Training-step throughput and peak memory: tinyseek against transformers'
 DeepseekV3ForCausalLM built from the same config with the same weights.
 
-One step = forward, loss, backward, gradient clipping, AdamW step (the same
-`torch.optim.AdamW` for both), plus our router-bias update. MTP is switched off
+One step = forward, loss, backward, gradient clipping, AdamW step (the same fused
+`torch.optim.AdamW` for both, as the trainer takes it), plus our router-bias update. MTP is switched off
 (num_nextn_predict_layers=0) so that both models compute the same thing. Each
 model lives in its own process, loaded from the same exported weights (peak RSS is
 then its own); timed bursts alternate between them after a warm-up.
@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.compile:
         model = torch.compile(model)
     inputs, targets = random_batch(setup.model.vocab_size, args.micro_batch, setup.seq_len, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     step = training_step(model, inputs, targets, args.precision, optimizer)
 
     def steps(request: dict) -> dict:
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"config {args.config}: batch {batch} x {setup.seq_len} tokens, {args.precision}"
           f"{', torch.compile' if args.compile else ''}; MTP excluded (num_nextn_predict_layers=0) so both "
-          f"models compute the same loss; AdamW (foreach) for both")
+          f"models compute the same loss; fused AdamW for both")
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as weights:
         export_hf(Transformer(setup.model), weights)

@@ -88,7 +88,7 @@ def test_tied_head_counts_as_embedding():
     assert split.decay == [] and split.muon == []
 
 
-def test_build_adamw_groups_and_foreach_on_cpu():
+def test_build_adamw_groups_and_fused_on_cpu():
     model = Tiny()
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     assert isinstance(opt, torch.optim.AdamW)
@@ -96,14 +96,14 @@ def test_build_adamw_groups_and_foreach_on_cpu():
     assert groups["decay"]["weight_decay"] == 0.1
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert groups["decay"]["betas"] == (0.9, 0.95)
-    assert groups["decay"]["foreach"] is True and not groups["decay"]["fused"]
+    assert groups["decay"]["fused"] is True and not groups["decay"]["foreach"]
     covered = {id(p) for g in opt.param_groups for p in g["params"]}
     assert covered == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_fused_can_be_forced():
-    opt = build_optimizer(Tiny(), lr=1e-3, weight_decay=0.1, fused=True)
-    assert all(g["fused"] for g in opt.param_groups)
+def test_multi_tensor_path_can_be_chosen():
+    opt = build_optimizer(Tiny(), lr=1e-3, weight_decay=0.1, fused=False)
+    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)
 
 
 def run_steps(opt, model, steps=3):
