@@ -1,6 +1,6 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy, the
-output head on target rows only, explicit bf16 attention on CPUs, padded
-expert batches, fp32 routing under autocast, RMSNorm's own backward."""
+output head on target rows only, explicit bf16 attention on CPUs, padded expert batches,
+one token's experts taken directly, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
 import torch
