@@ -3,9 +3,9 @@ DeepseekV3ForCausalLM built from the same config with the same weights.
 
 One step = forward, loss, backward, gradient clipping, AdamW step (the same fused
 `torch.optim.AdamW` for both, as the trainer takes it), plus our router-bias update.
-MTP is switched off (num_nextn_predict_layers=0) so that both models compute the same thing. Each
-model lives in its own process, loaded from the same exported weights (peak RSS is
-then its own); timed bursts alternate between them after a warm-up.
+MTP is switched off (num_nextn_predict_layers=0) so that both models compute the same
+thing. Each model lives in its own process, loaded from the same exported weights (peak
+RSS is then its own); timed bursts alternate between them after a warm-up.
 
     python -m benchmarks.train_throughput --config demo --precision bf16 --steps 6
 """
