@@ -9,8 +9,6 @@ weight them, is nudged after every optimizer step towards equal load
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,18 +61,25 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts' weights as 3-D tensors (HF layout), computed expert by expert
-    over the tokens sorted by expert, so there is no loop over tokens.
+    """All routed experts' weights as 3-D tensors (HF layout), computed with two grouped
+    matmuls (`F.grouped_mm`) over the tokens sorted by expert: no loop over tokens or
+    experts, and the same values as one matmul per expert.
 
-    An expert batch of more than `ROWS` rows is padded to a multiple of `ROWS` (padding
-    rows read token 0 and are weighted 0), so that matmul shapes repeat. Otherwise a
-    training step brings new shapes whenever routing shifts, and oneDNN, which runs CPU
-    bf16 matmuls, keeps kernels and buffers per shape: resident memory then grows for
-    hundreds of steps. Small batches (decoding) stay exact; large ones gain under
-    `ROWS` rows per expert.
+    The sorted rows are padded per expert (padding rows read token 0 and are weighted 0):
+    - On CPUs (and on CUDA outside bf16), an expert batch of more than `ROWS` rows is padded
+      to a multiple of `ROWS`, so that matmul shapes repeat. Otherwise a training step brings
+      new shapes whenever routing shifts, and oneDNN, which runs CPU bf16 matmuls, keeps
+      kernels and buffers per shape: resident memory then grows for hundreds of steps. Small
+      batches (decoding) stay exact; large ones gain under `ROWS` rows per expert.
+    - On CUDA in bf16, every expert batch is padded to a multiple of `ALIGN` rows (16 bytes,
+      the alignment grouped GEMM kernels want), into a buffer of a size fixed by the token
+      count alone, the last expert taking the rows left over. Nothing then waits for the
+      routing to reach the host, and torch.compile sees one graph with static shapes (it
+      traces `grouped_mm` in bf16 only).
     """
 
     ROWS = 128
+    ALIGN = 8
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -82,23 +87,38 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def _layout(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Rows sorted by expert, each expert's rows padded as described above: the token
-        each row reads, its routing weight (0 on padding) and the rows per expert."""
+    def _layout(self, ids: torch.Tensor, weights: torch.Tensor,
+                fixed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows sorted by expert and padded as described above (`fixed`: the fixed-size layout):
+        the token each row reads, its routing weight (0 on padding) and each expert's end row."""
         flat_ids = ids.flatten()
+        n, experts = flat_ids.numel(), self.gate_up_proj.shape[0]
         order = flat_ids.argsort(stable=True)
-        token = order // ids.shape[1]
-        scale = weights.flatten()[order].float()
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        sizes = [n if n <= self.ROWS else -(-n // self.ROWS) * self.ROWS for n in counts]
-        if sizes == counts:
-            return token, scale, sizes
-        # in the padded layout each expert's rows start where the previous expert's padded rows end
-        starts = accumulate([0] + sizes[:-1])
-        row = torch.cat([torch.arange(start, start + n, device=ids.device) for start, n in zip(starts, counts)])
-        padded_token = token.new_zeros(sum(sizes)).index_copy_(0, row, token)
-        padded_scale = scale.new_zeros(sum(sizes)).index_copy_(0, row, scale)
-        return padded_token, padded_scale, sizes
+        # per-expert row counts (bincount's size would depend on the ids under torch.compile)
+        counts = flat_ids.new_zeros(experts).index_add_(0, flat_ids, torch.ones_like(flat_ids))
+        if fixed:
+            sizes = (counts + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+            total = n + experts * (self.ALIGN - 1)
+        else:
+            sizes = torch.where(counts > self.ROWS, (counts + self.ROWS - 1) // self.ROWS * self.ROWS, counts)
+            total = int(sizes.sum())
+        ends = sizes.cumsum(0)
+        # a sorted row moves from its expert's first row unpadded to its expert's first row padded
+        shift = (ends - sizes) - (counts.cumsum(0) - counts)
+        row = torch.arange(n, device=ids.device) + shift[flat_ids[order]]
+        token = torch.zeros(total, dtype=torch.long, device=ids.device).index_copy_(0, row, order // ids.shape[1])
+        scale = weights.new_zeros(total, dtype=torch.float32).index_copy_(0, row, weights.flatten()[order].float())
+        ends[-1] = total  # the rows left over belong to the last expert: grouped_mm leaves none unwritten
+        return token, scale, ends.int()
+
+    def _grouped(self, x: torch.Tensor, token: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The experts over a layout of `_layout`, summed per token in fp32."""
+        routed = x.index_select(0, token)
+        # all experts' weights cast once to x's dtype (autocast's: the norm before emits it)
+        gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
+        out = out * scale.unsqueeze(-1)  # fp32 (scale is): the k outputs add up in fp32
+        return out.new_zeros(x.shape).index_add_(0, token, out)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout
@@ -111,23 +131,23 @@ class Experts(nn.Module):
             out = y if out is None else out + y
         return out
 
-    # data-dependent sizes: torch.compile would recompile for every new routing, so it runs this eagerly
+    # this layout's size depends on the routing: torch.compile would recompile for every new
+    # routing, so it runs eagerly
     @torch.compiler.disable
+    def _routing_sized(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._grouped(x, *self._layout(ids, weights, fixed=False))
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             return self._one_token(x, ids, weights)
-        token, scale, sizes = self._layout(ids, weights)
-        routed = x.index_select(0, token)
-        # one cast of all experts' weights to x's dtype (autocast's: the norm before emits it),
-        # and unbind, not indexing: its backward stacks the expert gradients in one go
-        gate_ups, downs = self.gate_up_proj.to(x.dtype).unbind(0), self.down_proj.to(x.dtype).unbind(0)
-        outputs = []
-        for chunk, gate_up, down in zip(routed.split(sizes), gate_ups, downs):
-            if chunk.shape[0]:
-                gate, up = F.linear(chunk, gate_up).chunk(2, dim=-1)
-                outputs.append(F.linear(F.silu(gate) * up, down))
-        out = torch.cat(outputs) * scale.unsqueeze(-1)  # fp32 (scale is): the k outputs add up in fp32
-        return out.new_zeros(x.shape).index_add_(0, token, out)
+        if self.fixed_layout(x):
+            return self._grouped(x, *self._layout(ids, weights, fixed=True))
+        return self._routing_sized(x, ids, weights)
+
+    @staticmethod
+    def fixed_layout(x: torch.Tensor) -> bool:
+        """Whether x's rows take the fixed-size layout: on CUDA in bf16 (see the class docstring)."""
+        return x.device.type == "cuda" and x.dtype == torch.bfloat16
 
 
 class MoE(nn.Module):

@@ -1,5 +1,6 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy, the
-output head on target rows only, explicit bf16 attention on CPUs, padded expert batches,
+output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
+(and their fixed-size layout, which compiles into one graph),
 one token's experts taken directly, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
@@ -147,15 +148,17 @@ def reference_experts(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weig
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("rows", [4, 1000], ids=["padded", "exact"])
-def test_expert_batches_match_token_by_token(monkeypatch, rows):
+@pytest.mark.parametrize("rows, fixed", [(4, False), (1000, False), (4, True)], ids=["padded", "exact", "fixed-size"])
+def test_expert_batches_match_token_by_token(monkeypatch, rows, fixed):
+    """Both layouts (the fixed-size one is CUDA's in bf16; grouped_mm also runs it on CPUs in fp32)."""
     monkeypatch.setattr(Experts, "ROWS", rows)
+    monkeypatch.setattr(Experts, "fixed_layout", staticmethod(lambda x: fixed))
     torch.manual_seed(0)
     experts = Experts(config("plain-q"))
     torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
     torch.nn.init.normal_(experts.down_proj, std=0.2)
     x = torch.randn(13, experts.gate_up_proj.shape[-1], requires_grad=True)
-    # expert 0 gets 13 of the 26 slots (padded to 16 rows when ROWS=4); expert 7 gets none
+    # expert 0 gets 13 of the 26 slots (padded to 16 rows when ROWS=4 or fixed); expert 7 gets none
     ids = torch.stack([torch.zeros(13, dtype=torch.long), torch.randint(1, 7, (13,))], dim=1)
     ids[:4, 1] = 0
     ids[:4, 0] = torch.tensor([1, 2, 3, 4])
@@ -190,6 +193,21 @@ def test_one_token_takes_its_experts_directly_with_the_batch_result(monkeypatch,
     assert not layouts  # the sorted layout is not built for one token
     assert all(single.dtype == torch.float32 for single in singles)
     torch.testing.assert_close(torch.cat(singles), batch, atol=1e-6, rtol=1e-6)
+
+
+def test_fixed_size_expert_layout_compiles_into_one_graph(monkeypatch):
+    """The layout CUDA takes in bf16 has no data-dependent size: torch.compile traces the whole
+    model, forward and backward, without a graph break (fullgraph=True), with eager's loss."""
+    monkeypatch.setattr(Experts, "fixed_layout", staticmethod(lambda x: x.dtype == torch.bfloat16))
+    torch.manual_seed(0)
+    model = Transformer(config("grouped"))
+    inputs, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(inputs, targets), compiled(inputs, targets)
+    (got.loss + got.mtp_loss).backward()
+    assert torch.equal(got.loss, expected.loss) and torch.equal(got.mtp_loss, expected.mtp_loss)
+    assert model.layers[-1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
 
 
 def test_routing_stays_fp32_under_autocast():
