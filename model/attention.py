@@ -44,8 +44,9 @@ def _future_mask(q: torch.Tensor) -> torch.Tensor:
 # stop at its last key: a quarter of the T x T scores, all above the causal diagonal, is never
 # computed. Forward + backward of one layer (4 heads of 64, bf16, 2 cores, medians of ten
 # alternating runs, ms): 14.7 against 17.7 at 32 x 128 tokens, 22.4 against 26.6 at 16 x 256,
-# 37.4 against 47.6 at 8 x 512. Shorter sequences lose (7.0 against 5.5 at 64 x 40), and
-# quarters at 512 tokens gain nothing over the whole (41.4 against 40.6).
+# 37.4 against 47.6 at 8 x 512. Shorter sequences lose (7.0 against 5.5 at 64 x 40), quarters
+# at 512 tokens gain nothing over the whole (41.4 against 40.6), and odd lengths are left whole:
+# at 16 x 255, the length of pretraining's MTP depth, halves cost 30.3-30.8 against 27.3-27.6.
 SPLIT_MIN_LEN = 128
 
 
@@ -60,10 +61,11 @@ def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
 
 def _blocks(q: torch.Tensor) -> list[tuple[slice, slice, int]]:
     """(batch rows, queries, keys they see) of each piece: batch rows whose scores fit
-    SCORES_PER_CHUNK (at least one), and all queries or, from SPLIT_MIN_LEN tokens, each half."""
+    SCORES_PER_CHUNK (at least one), and all queries or, for an even length from
+    SPLIT_MIN_LEN tokens, each half."""
     B, H, T, _ = q.shape
     step = max(1, SCORES_PER_CHUNK // (H * T * T))
-    ends = [T // 2, T] if T >= SPLIT_MIN_LEN else [T]
+    ends = [T // 2, T] if T >= SPLIT_MIN_LEN and T % 2 == 0 else [T]
     return [(slice(rows, rows + step), slice(start, end), end)
             for rows in range(0, B, step) for start, end in zip([0] + ends[:-1], ends)]
 
@@ -76,8 +78,8 @@ class ExplicitCausalAttention(torch.autograd.Function):
     matmuls and softmax passes over the T x T scores. Like flash, it saves only q, k and v
     and recomputes the probabilities in the backward, and it computes the scores for a
     few batch rows at a time (SCORES_PER_CHUNK), so its memory does not grow with T x T
-    times the batch. From SPLIT_MIN_LEN tokens, the first half of the queries is computed
-    against the first half of the keys only."""
+    times the batch. For even lengths from SPLIT_MIN_LEN tokens, the first half of the
+    queries is computed against the first half of the keys only."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -92,12 +92,15 @@ def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk, spli
 
 
 def test_explicit_attention_takes_long_sequences_in_query_halves():
-    """From SPLIT_MIN_LEN tokens, the first half of the queries sees only the first half of the keys."""
+    """From SPLIT_MIN_LEN tokens (even lengths), the first half of the queries sees only the first half
+    of the keys."""
     pieces = attention._blocks(torch.zeros(2, 4, attention.SPLIT_MIN_LEN, 8))
     half = attention.SPLIT_MIN_LEN // 2
     assert [(queries, seen) for _, queries, seen in pieces] == [(slice(0, half), half),
                                                               (slice(half, 2 * half), 2 * half)]
-    assert [(queries, seen) for _, queries, seen in attention._blocks(torch.zeros(2, 4, 40, 8))] == [(slice(0, 40), 40)]
+    for short_or_odd in (40, attention.SPLIT_MIN_LEN + 1):
+        pieces = attention._blocks(torch.zeros(2, 4, short_or_odd, 8))
+        assert [(queries, seen) for _, queries, seen in pieces] == [(slice(0, short_or_odd), short_or_odd)]
 
 
 def test_bf16_training_on_cpu_takes_explicit_attention_and_matches_flash(monkeypatch):
