@@ -93,11 +93,11 @@ def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk, spli
 
 def test_explicit_attention_takes_long_sequences_in_query_halves():
     """From SPLIT_MIN_LEN tokens (even lengths), the first half of the queries sees only the first half
-    of the keys."""
+    of the keys; the second half comes first (its backward writes the key and value gradients)."""
     pieces = attention._blocks(torch.zeros(2, 4, attention.SPLIT_MIN_LEN, 8))
     half = attention.SPLIT_MIN_LEN // 2
-    assert [(queries, seen) for _, queries, seen in pieces] == [(slice(0, half), half),
-                                                              (slice(half, 2 * half), 2 * half)]
+    assert [(queries, seen) for _, queries, seen in pieces] == [(slice(half, 2 * half), 2 * half),
+                                                              (slice(0, half), half)]
     for short_or_odd in (40, attention.SPLIT_MIN_LEN + 1):
         pieces = attention._blocks(torch.zeros(2, 4, short_or_odd, 8))
         assert [(queries, seen) for _, queries, seen in pieces] == [(slice(0, short_or_odd), short_or_odd)]
