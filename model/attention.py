@@ -40,43 +40,19 @@ def _future_mask(q: torch.Tensor) -> torch.Tensor:
     return torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
 
 
-# From this many tokens on, the queries are taken in two halves, and the first half's scores
-# stop at its last key: a quarter of the T x T scores, all above the causal diagonal, is never
-# computed. Forward + backward of one layer (4 heads of 64, bf16, 2 cores, medians of twelve
-# bursts alternating with the whole, ms): 12.4-15.0 against 17.6-17.9 at 32 x 128 tokens,
-# 18.6-19.7 against 23.1-24.4 at 16 x 256, 33.9-42.8 against 41.2-48.4 at 8 x 512. Shorter
-# sequences lose (7.0 against 5.5 at 64 x 40), quarters at 512 tokens gain nothing over halves,
-# and odd lengths are left whole: at 16 x 255, the length of pretraining's MTP depth, halves
-# cost 30.3-30.8 against 27.3-27.6.
-SPLIT_MIN_LEN = 128
-
-
 def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask), [b, H, Tq, Tk]: the matmul itself (`baddbmm`) adds the
+    """softmax(q k^T * scale + mask), [b, H, T, T]: the matmul itself (`baddbmm`) adds the
     mask and applies the scale."""
-    b, H, Tq, d = q.shape
-    Tk = k.shape[2]
-    scores = torch.baddbmm(mask, q.reshape(b * H, Tq, d), k.reshape(b * H, Tk, d).transpose(1, 2), alpha=scale)
-    return scores.softmax(-1).view(b, H, Tq, Tk)
+    b, H, T, d = q.shape
+    scores = torch.baddbmm(mask, q.reshape(b * H, T, d), k.reshape(b * H, T, d).transpose(1, 2), alpha=scale)
+    return scores.softmax(-1).view(b, H, T, T)
 
 
-def _blocks(q: torch.Tensor) -> list[tuple[slice, slice, int]]:
-    """(batch rows, queries, keys they see) of each piece: batch rows whose scores fit
-    SCORES_PER_CHUNK (at least one), and all queries or, for an even length from
-    SPLIT_MIN_LEN tokens, each half, the second half (which sees every key) first."""
+def _batch_chunks(q: torch.Tensor) -> list[slice]:
+    """Slices of the batch whose scores fit SCORES_PER_CHUNK (at least one row each)."""
     B, H, T, _ = q.shape
     step = max(1, SCORES_PER_CHUNK // (H * T * T))
-    queries = [(T // 2, T), (0, T // 2)] if T >= SPLIT_MIN_LEN and T % 2 == 0 else [(0, T)]
-    return [(slice(rows, rows + step), slice(start, end), end) for rows in range(0, B, step) for start, end in queries]
-
-
-def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
-    """out = a @ b, or out += a @ b, for [batch, heads, m, n] tensors; out may be a slice
-    along m of a contiguous tensor."""
-    if add:
-        out.view(-1, *out.shape[2:]).baddbmm_(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]))
-    else:
-        torch.matmul(a, b, out=out)
+    return [slice(start, start + step) for start in range(0, B, step)]
 
 
 class ExplicitCausalAttention(torch.autograd.Function):
@@ -87,17 +63,15 @@ class ExplicitCausalAttention(torch.autograd.Function):
     matmuls and softmax passes over the T x T scores. Like flash, it saves only q, k and v
     and recomputes the probabilities in the backward, and it computes the scores for a
     few batch rows at a time (SCORES_PER_CHUNK), so its memory does not grow with T x T
-    times the batch. For even lengths from SPLIT_MIN_LEN tokens, the first half of the
-    queries is computed against the first half of the keys only."""
+    times the batch."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
         out, mask = q.new_empty(*q.shape[:-1], v.shape[-1]), _future_mask(q)
-        for rows, queries, seen in _blocks(q):
-            probs = _causal_probs(q[rows, :, queries], k[rows, :, :seen], mask[queries, :seen], scale)
-            torch.matmul(probs, v[rows, :, :seen], out=out[rows, :, queries])
+        for rows in _batch_chunks(q):
+            torch.matmul(_causal_probs(q[rows], k[rows], mask, scale), v[rows], out=out[rows])
         return out
 
     @staticmethod
@@ -105,18 +79,14 @@ class ExplicitCausalAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), grad.new_empty(v.shape)
         mask = _future_mask(q)
-        for rows, queries, seen in _blocks(q):
-            q_block, grad_block = q[rows, :, queries], grad[rows, :, queries]
-            keys, values = k[rows, :, :seen], v[rows, :, :seen]
-            probs = _causal_probs(q_block, keys, mask[queries, :seen], ctx.scale)  # the forward's, bit for bit
-            # the piece that sees every key writes the key and value gradients; a first half adds to them
-            add = seen < q.shape[2]
-            _matmul_into(grad_v[rows, :, :seen], probs.transpose(-1, -2), grad_block, add)
+        for rows in _batch_chunks(q):
+            probs = _causal_probs(q[rows], k[rows], mask, ctx.scale)  # the forward's, bit for bit
+            torch.matmul(probs.transpose(-1, -2), grad[rows], out=grad_v[rows])
             # the gradient of the scores, through softmax's own backward kernel
-            grad_probs = torch.matmul(grad_block, values.transpose(-1, -2))
+            grad_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2))
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(grad_scores, keys, out=grad_q[rows, :, queries])
-            _matmul_into(grad_k[rows, :, :seen], grad_scores.transpose(-1, -2), q_block, add)
+            torch.matmul(grad_scores, k[rows], out=grad_q[rows])
+            torch.matmul(grad_scores.transpose(-1, -2), q[rows], out=grad_k[rows])
         return grad_q.mul_(ctx.scale), grad_k.mul_(ctx.scale), grad_v, None
 
 

@@ -69,12 +69,10 @@ def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monk
         torch.testing.assert_close(rows[2][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("split", [8, 1000], ids=["query-halves", "all-queries"])
 @pytest.mark.parametrize("chunk", [1, 40 * 40 * 3 * 2, 1 << 20], ids=["row-by-row", "two-rows", "whole"])
 @pytest.mark.parametrize("v_dim", [16, 8])
-def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk, split):
+def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk):
     monkeypatch.setattr(attention, "SCORES_PER_CHUNK", chunk)
-    monkeypatch.setattr(attention, "SPLIT_MIN_LEN", split)
     torch.manual_seed(0)
     q, k = torch.randn(2, 5, 3, 40, 16, dtype=torch.float64).unbind(0)
     v, grad = torch.randn(2, 5, 3, 40, v_dim, dtype=torch.float64).unbind(0)
@@ -89,18 +87,6 @@ def test_explicit_attention_matches_sdpa_in_fp32(monkeypatch, v_dim, chunk, spli
         results.append([out] + [t.grad for t in inputs])
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
-
-
-def test_explicit_attention_takes_long_sequences_in_query_halves():
-    """From SPLIT_MIN_LEN tokens (even lengths), the first half of the queries sees only the first half
-    of the keys; the second half comes first (its backward writes the key and value gradients)."""
-    pieces = attention._blocks(torch.zeros(2, 4, attention.SPLIT_MIN_LEN, 8))
-    half = attention.SPLIT_MIN_LEN // 2
-    assert [(queries, seen) for _, queries, seen in pieces] == [(slice(half, 2 * half), 2 * half),
-                                                              (slice(0, half), half)]
-    for short_or_odd in (40, attention.SPLIT_MIN_LEN + 1):
-        pieces = attention._blocks(torch.zeros(2, 4, short_or_odd, 8))
-        assert [(queries, seen) for _, queries, seen in pieces] == [(slice(0, short_or_odd), short_or_odd)]
 
 
 def test_bf16_training_on_cpu_takes_explicit_attention_and_matches_flash(monkeypatch):
@@ -122,13 +108,10 @@ def test_bf16_training_on_cpu_takes_explicit_attention_and_matches_flash(monkeyp
     torch.testing.assert_close(explicit[:2], flash[:2], atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("split", [8, 1000], ids=["query-halves", "all-queries"])
 @pytest.mark.parametrize("v_dim", [16, 8])
-def test_explicit_attention_in_bf16_is_as_close_to_fp32_as_flash(monkeypatch, v_dim, split):
+def test_explicit_attention_in_bf16_is_as_close_to_fp32_as_flash(v_dim):
     """Its scores and probabilities are bf16 (flash keeps the scores in fp32): its output and
-    gradients must stay, like flash's, within 3 bf16 steps of the largest reference value.
-    (With the queries in halves, the key and value gradients add up two bf16 parts.)"""
-    monkeypatch.setattr(attention, "SPLIT_MIN_LEN", split)
+    gradients must stay, like flash's, within 3 bf16 steps of the largest reference value."""
     torch.manual_seed(0)
     q, k = torch.randn(2, 2, 3, 40, 16).unbind(0)
     v, grad = torch.randn(2, 2, 3, 40, v_dim).unbind(0)
