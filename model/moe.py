@@ -98,11 +98,10 @@ class Experts(nn.Module):
         counts = flat_ids.new_zeros(experts).index_add_(0, flat_ids, torch.ones_like(flat_ids))
         if fixed:
             sizes = (counts + self.ALIGN - 1) // self.ALIGN * self.ALIGN
-            total = n + experts * (self.ALIGN - 1)
         else:
             sizes = torch.where(counts > self.ROWS, (counts + self.ROWS - 1) // self.ROWS * self.ROWS, counts)
-            total = int(sizes.sum())
         ends = sizes.cumsum(0)
+        total = n + experts * (self.ALIGN - 1) if fixed else int(ends[-1])
         # a sorted row moves from its expert's first row unpadded to its expert's first row padded
         shift = (ends - sizes) - (counts.cumsum(0) - counts)
         row = torch.arange(n, device=ids.device) + shift[flat_ids[order]]

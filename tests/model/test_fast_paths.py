@@ -1,7 +1,7 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy, the
 output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
-(and their fixed-size layout, which compiles into one graph),
-one token's experts taken directly, fp32 routing under autocast, RMSNorm's own backward."""
+(and their fixed-size layout, which compiles into one graph), one token's experts taken
+directly, fp32 routing under autocast, RMSNorm's own backward."""
 
 import pytest
 import torch
