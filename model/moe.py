@@ -117,7 +117,9 @@ class Experts(nn.Module):
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         out = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         out = out * scale.unsqueeze(-1)  # fp32 (scale is): the k outputs add up in fp32
-        return out.new_zeros(x.shape).index_add_(0, token, out)
+        # scatter_add, not index_add_: index_add_ keeps its source (this fp32 copy of every row)
+        # for backward, where scatter_add keeps only the index
+        return out.new_zeros(x.shape).scatter_add_(0, token.unsqueeze(-1).expand_as(out), out)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout

@@ -1,7 +1,8 @@
 """The faster formulations compute what the plain ones do: chunked cross-entropy, the
 output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
 (and their fixed-size layout, which compiles into one graph), one token's experts taken
-directly, fp32 routing under autocast, RMSNorm's own backward."""
+directly, fp32 routing under autocast, an fp32 expert sum that keeps no copy of its rows,
+RMSNorm's own backward."""
 
 import pytest
 import torch
@@ -232,6 +233,25 @@ def test_experts_add_up_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, torch.randint(0, 8, (6, 2)), torch.rand(6, 2))
     assert out.dtype == torch.float32
+
+
+def test_experts_keep_no_fp32_rows_for_backward():
+    """The fp32 sum of the k outputs keeps only its index for backward: the rows it adds
+    (an fp32 copy of every routed row) are not needed there."""
+    torch.manual_seed(0)
+    experts = Experts(config("plain-q"))
+    x = torch.randn(40, experts.gate_up_proj.shape[-1], requires_grad=True)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            experts(x.bfloat16(), torch.randint(0, 8, (40, 2)), torch.rand(40, 2, requires_grad=True))
+    fp32_rows = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] > 1]
+    assert saved and not fp32_rows
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
