@@ -16,6 +16,29 @@ from torch import nn
 from model.config import ModelConfig
 
 
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for backward, where silu(gate) is computed
+    again: plain autograd also keeps silu(gate), one [rows, intermediate] tensor more per
+    MLP and expert batch. The gradients are autograd's, computed the same way."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; without autograd (decoding) as plain ops, skipping the function's overhead."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -26,7 +49,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -115,7 +138,7 @@ class Experts(nn.Module):
         routed = x.index_select(0, token)
         # all experts' weights cast once to x's dtype (autocast's: the norm before emits it)
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        out = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
+        out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         out = out * scale.unsqueeze(-1)  # fp32 (scale is): the k outputs add up in fp32
         # scatter_add, not index_add_: index_add_ keeps its source (this fp32 copy of every row)
         # for backward, where scatter_add keeps only the index
@@ -128,7 +151,7 @@ class Experts(nn.Module):
         out = None
         for expert, weight in sorted(zip(ids[0].tolist(), weights[0].float().unbind())):
             gate, up = F.linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert].to(x.dtype)).float() * weight
+            y = F.linear(swiglu(gate, up), self.down_proj[expert].to(x.dtype)).float() * weight
             out = y if out is None else out + y
         return out
 

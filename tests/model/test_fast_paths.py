@@ -2,14 +2,14 @@
 output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
 (and their fixed-size layout, which compiles into one graph), one token's experts taken
 directly, fp32 routing under autocast, an fp32 expert sum that keeps no copy of its rows,
-RMSNorm's own backward."""
+SwiGLU's and RMSNorm's own backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import attention
-from model.moe import Experts, Router
+from model.moe import Experts, Router, swiglu
 from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import ChunkedCrossEntropy, Transformer, cross_entropy
 from tests.model.helpers import config
@@ -252,6 +252,26 @@ def test_experts_keep_no_fp32_rows_for_backward():
             experts(x.bfloat16(), torch.randint(0, 8, (40, 2)), torch.rand(40, 2, requires_grad=True))
     fp32_rows = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] > 1]
     assert saved and not fp32_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_keeps_gate_and_up_only_and_gives_autograds_gradients(dtype):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(6, 10, dtype=dtype, requires_grad=True) for _ in range(2))
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = swiglu(gate, up)
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up
+    grad = torch.randn_like(out)
+    expected = F.silu(gate) * up
+    assert torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out, [gate, up], grad), torch.autograd.grad(expected, [gate, up], grad)):
+        assert torch.equal(got, want)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
