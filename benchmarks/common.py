@@ -65,24 +65,43 @@ def named_setup(name: str) -> Setup:
     return preset_setup(name)
 
 
-def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
-                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """One full step as the trainer takes it: forward and loss under autocast (bf16) or
-    not (fp32), backward, clipping, optimizer step, and for our model the router-bias
-    update. Works for our `Transformer` (also compiled) and transformers' model."""
-    ours = isinstance(getattr(model, "_orig_mod", model), Transformer)
-    device = inputs.device.type
-    cast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def is_ours(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "_orig_mod", model), Transformer)
 
-    def loss() -> torch.Tensor:
-        if ours:
+
+def forward_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> torch.Tensor:
+    """The training loss, under autocast (bf16) or not (fp32), of our `Transformer` (also
+    compiled) or transformers' model."""
+    cast = torch.autocast(inputs.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with cast:
+        if is_ours(model):
             out = model(inputs, targets)
             return out.loss + out.aux_loss
         return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
 
+
+def saved_bytes(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> int:
+    """Bytes of the tensors one forward pass keeps for backward (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        forward_loss(model, inputs, targets, precision)
+    return sum(storages.values())
+
+
+def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
+                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One full step as the trainer takes it: `forward_loss`, backward, clipping, optimizer
+    step, and for our model the router-bias update."""
+    ours = is_ours(model)
+
     def step() -> None:
-        with cast:
-            value = loss()
+        value = forward_loss(model, inputs, targets, precision)
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -5,7 +5,9 @@ One step = forward, loss, backward, gradient clipping, AdamW step (the same fuse
 `torch.optim.AdamW` for both, as the trainer takes it), plus our router-bias update.
 MTP is switched off (num_nextn_predict_layers=0) so that both models compute the same
 thing. Each model lives in its own process, loaded from the same exported weights (peak
-RSS is then its own); timed bursts alternate between them after a warm-up.
+RSS is then its own); timed bursts alternate between them after a warm-up. Last, this
+process runs one forward pass of each model and sums the tensors it keeps for backward
+(activation memory, without the allocator's noise in the peak RSS).
 
     python -m benchmarks.train_throughput --config demo --precision bf16 --steps 6
 """
@@ -22,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.common import (
-    Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, serve, table, training_step,
+    Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, saved_bytes, serve, table,
+    training_step,
 )
 from model.hf import WEIGHTS, export_hf
 from model.transformer import Transformer
@@ -103,12 +106,17 @@ def main() -> None:
         alternate(workers, 1, op="steps", n=args.warmup)
         timed = alternate(workers, args.rounds, op="steps", n=args.steps)
         finals = {side: w.close() for side, w in workers.items()}
+        # in this process, after the workers' peak memory is read: one forward pass of each model
+        inputs, targets = random_batch(setup.model.vocab_size, batch, setup.seq_len, seed=args.seed)
+        saved = {side: saved_bytes(build(side, weights, args.config).train(), inputs, targets, args.precision) / 2**20
+                 for side in workers}
     tokens = workers["ours"].ready["tokens_per_step"] * args.steps
     rate = {side: statistics.median([tokens / r["seconds"] for r in timed[side]]) for side in workers}
     growth = {side: (finals[side]["peak_rss"] - workers[side].ready["baseline_rss"]) / 2**20 for side in workers}
     print(table([("training tokens/s", rate["hf"], rate["ours"], "(higher is better)"),
                  ("peak memory MiB", growth["hf"], growth["ours"],
-                  "(lower is better; peak RSS over the imports: weights, grads, AdamW state, activations)")]))
+                  "(lower is better; peak RSS over the imports: weights, grads, AdamW state, activations)"),
+                 ("saved for backward MiB", saved["hf"], saved["ours"], "(lower is better; one forward pass, eager)")]))
 
 
 if __name__ == "__main__":
