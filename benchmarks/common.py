@@ -66,6 +66,7 @@ def named_setup(name: str) -> Setup:
 
 
 def is_ours(model: torch.nn.Module) -> bool:
+    """Whether `model` is our `Transformer`, compiled or not."""
     return isinstance(getattr(model, "_orig_mod", model), Transformer)
 
 

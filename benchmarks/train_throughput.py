@@ -7,7 +7,7 @@ MTP is switched off (num_nextn_predict_layers=0) so that both models compute the
 thing. Each model lives in its own process, loaded from the same exported weights (peak
 RSS is then its own); timed bursts alternate between them after a warm-up. Last, this
 process runs one forward pass of each model and sums the tensors it keeps for backward
-(activation memory, without the allocator's noise in the peak RSS).
+(activations and cast weights: an exact figure, where the peak RSS moves with the allocator).
 
     python -m benchmarks.train_throughput --config demo --precision bf16 --steps 6
 """
