@@ -235,12 +235,8 @@ def test_experts_add_up_in_fp32_under_autocast():
     assert out.dtype == torch.float32
 
 
-def test_experts_keep_no_fp32_rows_for_backward():
-    """The fp32 sum of the k outputs keeps only its index for backward: the rows it adds
-    (an fp32 copy of every routed row) are not needed there."""
-    torch.manual_seed(0)
-    experts = Experts(config("plain-q"))
-    x = torch.randn(40, experts.gate_up_proj.shape[-1], requires_grad=True)
+def saved_for_backward(compute):
+    """compute()'s result and the tensors autograd kept for its backward, in order."""
     saved = []
 
     def keep(tensor):
@@ -248,8 +244,18 @@ def test_experts_keep_no_fp32_rows_for_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            experts(x.bfloat16(), torch.randint(0, 8, (40, 2)), torch.rand(40, 2, requires_grad=True))
+        return compute(), saved
+
+
+def test_experts_keep_no_fp32_rows_for_backward():
+    """The fp32 sum of the k outputs keeps only its index for backward: the rows it adds
+    (an fp32 copy of every routed row) are not needed there."""
+    torch.manual_seed(0)
+    experts = Experts(config("plain-q"))
+    x = torch.randn(40, experts.gate_up_proj.shape[-1], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, saved = saved_for_backward(
+            lambda: experts(x.bfloat16(), torch.randint(0, 8, (40, 2)), torch.rand(40, 2, requires_grad=True)))
     fp32_rows = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] > 1]
     assert saved and not fp32_rows
 
@@ -258,14 +264,7 @@ def test_experts_keep_no_fp32_rows_for_backward():
 def test_swiglu_keeps_gate_and_up_only_and_gives_autograds_gradients(dtype):
     torch.manual_seed(0)
     gate, up = (torch.randn(6, 10, dtype=dtype, requires_grad=True) for _ in range(2))
-    saved = []
-
-    def keep(tensor):
-        saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        out = swiglu(gate, up)
+    out, saved = saved_for_backward(lambda: swiglu(gate, up))
     assert len(saved) == 2 and saved[0] is gate and saved[1] is up
     grad = torch.randn_like(out)
     expected = F.silu(gate) * up
