@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.linear import Linear
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -116,15 +117,15 @@ class MLA(nn.Module):
         self.scale = config.softmax_scale
         h = config.hidden_size
         if config.q_lora_rank == 0:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+            self.q_proj = Linear(h, self.n_heads * self.qk_dim)
         else:
-            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, config.q_lora_rank)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, self.n_heads * self.qk_dim)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+        self.kv_b_proj = Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, h)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (nope, rope) query parts, each [B, T, H, d]."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.linear import Linear, linear
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -44,9 +45,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -147,11 +148,12 @@ class Experts(nn.Module):
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout
         (half the time of the general path at this size), summed in the same order (by expert
-        id) and precision (fp32), so the result is the same."""
+        id) and precision (fp32). In fp32 outside autograd its products are row products
+        (`model.linear`), equal to the batch's up to rounding."""
         out = None
         for expert, weight in sorted(zip(ids[0].tolist(), weights[0].float().unbind())):
-            gate, up = F.linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
-            y = F.linear(swiglu(gate, up), self.down_proj[expert].to(x.dtype)).float() * weight
+            gate, up = linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
+            y = linear(swiglu(gate, up), self.down_proj[expert].to(x.dtype)).float() * weight
             out = y if out is None else out + y
         return out
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from model.attention import MLA, LatentCache
 from model.config import ModelConfig
+from model.linear import Linear
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import rope_cache
@@ -109,7 +110,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size)
         self.block = Block(config, layer_id)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # MTP blocks are MoE blocks like the last main layer

@@ -2,13 +2,13 @@
 output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
 (and their fixed-size layout, which compiles into one graph), one token's experts taken
 directly, fp32 routing under autocast, an fp32 expert sum that keeps no copy of its rows,
-SwiGLU's and RMSNorm's own backward."""
+SwiGLU's and RMSNorm's own backward, one-row products as an elementwise product and row sum."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import attention
+from model import attention, linear
 from model.moe import Experts, Router, swiglu
 from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import ChunkedCrossEntropy, Transformer, cross_entropy
@@ -316,3 +316,55 @@ def test_rms_norm_emits_the_autocast_dtype():
         out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference_rms_norm(x, norm.weight).bfloat16(), atol=0, rtol=0)
+
+
+@pytest.fixture
+def row_products(monkeypatch):
+    """Records each weight the row product multiplies; chunks of 5 weight rows of 16 columns."""
+    taken = []
+    product = linear._row_product
+    monkeypatch.setattr(linear, "_row_product", lambda row, weight: taken.append(weight) or product(row, weight))
+    monkeypatch.setattr(linear, "ROW_PRODUCT_MIN", 32)
+    monkeypatch.setattr(linear, "ROW_PRODUCT_CHUNK", 5 * 16)
+    return taken
+
+
+@pytest.mark.parametrize("rows", [3, 5, 12])
+def test_one_row_takes_the_row_product_with_the_linear_result(row_products, rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(rows, 16), torch.randn(1, 1, 16)
+    with torch.inference_mode():
+        got = linear.linear(x, weight)
+    assert row_products and row_products[0] is weight
+    assert got.shape == (1, 1, rows)
+    torch.testing.assert_close(got, F.linear(x, weight), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["autograd", "autocast", "rows", "small", "bf16"])
+def test_other_products_stay_with_the_linear_layer(row_products, case):
+    torch.manual_seed(0)
+    weight = torch.randn(1 if case == "small" else 8, 16, requires_grad=case == "autograd")
+    x = torch.randn(2 if case == "rows" else 1, 16)
+    if case == "bf16":
+        weight, x = weight.bfloat16(), x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = linear.linear(x, weight) if case == "autograd" else torch.no_grad()(linear.linear)(x, weight)
+        expected = F.linear(x, weight)
+    assert not row_products
+    assert torch.equal(got, expected)
+
+
+def test_decoding_one_prompt_takes_row_products_and_matches_the_forward_pass(row_products):
+    torch.manual_seed(0)
+    model = Transformer(config("q-lora")).eval()
+    prompt = torch.randint(3, 97, (1, 12))
+    with torch.no_grad():
+        expected = model(prompt).logits[0, -1]
+    caches = model.new_caches(1, 12)
+    with torch.inference_mode():
+        causal = torch.ones(1, 11, 11, dtype=torch.bool).tril()
+        model.forward_cached(prompt[:, :11], torch.arange(11)[None], caches, 0, causal)
+        taken = len(row_products)
+        got = model.forward_cached(prompt[:, 11:], torch.tensor([[11]]), caches, 11, None)[0, -1]
+    assert taken == 0 and len(row_products) > 0  # the prompt's many rows take the linear layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
