@@ -1,0 +1,87 @@
+"""One-row products, what batch-1 decoding computes, for every weight shape of a model:
+torch's `F.linear` (its BLAS) against the elementwise product and row sum of
+`model.linear`, in fp32, in alternating timed bursts.
+
+"memory": each call reads another matrix of the shape (128 MiB of them, more than the
+caches hold), as decoding does, where a token's weights are gone from cache by the next
+token. "cache": the same matrix every call. `linear` takes the row product from
+`ROW_PRODUCT_MIN` weight elements on; the last column says which it takes.
+
+    python -m benchmarks.row_product --config demo [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine, named_setup
+from model import linear
+from model.moe import Experts
+from model.transformer import Transformer
+
+
+def weight_shapes(model: Transformer) -> list[tuple[int, int]]:
+    """The distinct [out, in] shapes one decoded token multiplies a row by (an expert's per slice)."""
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for experts in (m for m in model.modules() if isinstance(m, Experts)):
+        shapes |= {tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:])}
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s))
+
+
+def microseconds(sides: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
+    """Median µs per call of each side, bursts of `calls` alternating between the sides."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, call in sides.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=["demo", "4x"], default="demo")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=7, help="timed bursts per side, alternating")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = Transformer(named_setup(args.config).model)
+    print(f"machine: {machine()}")
+    print(f"config {args.config}: one fp32 row times each weight shape, µs per call (median of {args.rounds} bursts)")
+    print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'row product':>11}  {'ratio':>6}  "
+          f"{'cache: F.linear':>15}  {'row product':>11}  {'ratio':>6}  linear takes")
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for out_features, in_features in weight_shapes(model):
+            count = max(2, (128 << 20) // (out_features * in_features * 4))
+            weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+            row = torch.randn(in_features, generator=generator)
+            turn = iter(range(1 << 62))
+
+            def cold(product: Callable) -> Callable[[], object]:
+                return lambda: product(row, weights[next(turn) % count])
+
+            def hot(product: Callable) -> Callable[[], object]:
+                return lambda: product(row, weights[0])
+
+            blas, ours = (lambda r, w: F.linear(r, w)), linear._row_product
+            calls = max(5, min(200, (8 << 20) // (out_features * in_features)))
+            memory = microseconds({"blas": cold(blas), "ours": cold(ours)}, calls, args.rounds)
+            cache = microseconds({"blas": hot(blas), "ours": hot(ours)}, calls, args.rounds)
+            takes = "row product" if out_features * in_features >= linear.ROW_PRODUCT_MIN else "F.linear"
+            print(f"{str([out_features, in_features]):>16}  {memory['blas']:>16.1f}  {memory['ours']:>11.1f}  "
+                  f"{memory['ours'] / memory['blas']:>5.2f}x  {cache['blas']:>15.1f}  {cache['ours']:>11.1f}  "
+                  f"{cache['ours'] / cache['blas']:>5.2f}x  {takes}")
+
+
+if __name__ == "__main__":
+    main()
