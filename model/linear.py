@@ -1,14 +1,16 @@
-"""Bias-free linear layers whose one-row products, the whole of batch-1 decoding, read
-their weights at the speed of memory.
+"""Bias-free linear layers that multiply a single row (batch-1 decoding) by a large weight
+as an elementwise product and row sum instead of a BLAS call.
 
-Decoding one token multiplies a single row by every weight matrix, so each matrix is read
-once from memory and used for one multiply-add per element. On the development CPU (AMD
-EPYC, torch 2.13's MKL) the BLAS behind `F.linear` streams a matrix that is not in cache
-at ~8 GB/s in that case, while torch's own elementwise product and row sum read it at
-~20 GB/s: 4096 x 256 fp32 (the demo's output head) takes 515 against 190 us, 768 x 256
-97 against 40 us. With the weights in cache (small matrices) the BLAS call is faster, so
-the row product is taken from `ROW_PRODUCT_MIN` elements on. It is the same sum in
-another order: results differ from `F.linear`'s in the last bits.
+Decoding one token multiplies one row by each weight matrix, so each matrix is read once
+from memory for one multiply-add per element. On the development CPU (AMD EPYC, the MKL
+in torch 2.13's wheel) `F.linear` does that for a 4 MB fp32 matrix that is not in cache in
+~470 us (~9 GB/s), while torch's own `(weight * row).sum(-1)` takes ~170 us (and a plain
+`sum` reads the matrix at 27-32 GB/s); 768 x 256 takes 112 against 52 us
+(`python -m benchmarks.row_product`, tables in BENCHMARKS.md). Below `ROW_PRODUCT_MIN`
+weight elements the row product is no faster from memory (the demo's 96 x 256, 128 x 256
+and 256 x 128 took 0.82-2.6x `F.linear`'s time in two runs, with two threads) and slower
+from cache. It is the same sum in another order: results differ from `F.linear`'s in the
+last bits.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from torch import nn
 
 from model.norm import autocast_dtype
 
-# weight elements from which one fp32 row is multiplied as an elementwise product and row
-# sum (smaller matrices stay in cache, where the BLAS call is faster)
+# weight elements from which one fp32 row is multiplied as an elementwise product and row sum
 ROW_PRODUCT_MIN = 1 << 16
 
 # weight elements multiplied at once: the product's temporary stays this size (4 MiB)
@@ -40,9 +41,11 @@ def _row_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` without bias; a single fp32 row on a CPU, outside autograd and
-    autocast, against a large enough weight, takes the row product (module docstring)."""
-    if (x.numel() == x.shape[-1] and weight.numel() >= ROW_PRODUCT_MIN and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled() and autocast_dtype(x) is None):
+    autocast, against a weight of at least `ROW_PRODUCT_MIN` elements, takes the row product
+    (module docstring)."""
+    if (not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32 and x.numel() == x.shape[-1]
+            and x.shape[-1] == weight.shape[1] and weight.numel() >= ROW_PRODUCT_MIN and x.device.type == "cpu"
+            and autocast_dtype(x) is None):
         return _row_product(x.reshape(-1), weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 

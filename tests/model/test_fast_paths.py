@@ -320,7 +320,7 @@ def test_rms_norm_emits_the_autocast_dtype():
 
 @pytest.fixture
 def row_products(monkeypatch):
-    """Records each weight the row product multiplies; chunks of 5 weight rows of 16 columns."""
+    """Records each weight the row product multiplies; from 32 weight elements on, 80 per chunk."""
     taken = []
     product = linear._row_product
     monkeypatch.setattr(linear, "_row_product", lambda row, weight: taken.append(weight) or product(row, weight))
@@ -354,6 +354,12 @@ def test_other_products_stay_with_the_linear_layer(row_products, case):
     assert torch.equal(got, expected)
 
 
+def test_a_row_of_the_wrong_width_is_refused_as_by_the_linear_layer(row_products):
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        linear.linear(torch.randn(1, 1), torch.randn(8, 16))
+    assert not row_products
+
+
 def test_decoding_one_prompt_takes_row_products_and_matches_the_forward_pass(row_products):
     torch.manual_seed(0)
     model = Transformer(config("q-lora")).eval()
@@ -366,5 +372,9 @@ def test_decoding_one_prompt_takes_row_products_and_matches_the_forward_pass(row
         model.forward_cached(prompt[:, :11], torch.arange(11)[None], caches, 0, causal)
         taken = len(row_products)
         got = model.forward_cached(prompt[:, 11:], torch.tensor([[11]]), caches, 11, None)[0, -1]
-    assert taken == 0 and len(row_products) > 0  # the prompt's many rows take the linear layer
+    assert taken == 0  # the prompt's many rows take the linear layer
+    experts = model.layers[-1].mlp.experts
+    storages = {w.untyped_storage().data_ptr() for w in row_products}
+    assert any(w is model.lm_head.weight for w in row_products)
+    assert {experts.gate_up_proj.untyped_storage().data_ptr(), experts.down_proj.untyped_storage().data_ptr()} <= storages
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
