@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 
 import model.attention
+import model.data
+import model.linear
 import model.moe
+import model.norm
+import model.optim
+import model.rope
+import model.schedule
 import model.trainer
 import model.transformer
 from model.checkpoint import load_model
@@ -26,7 +32,9 @@ from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, w
 from tasks.tokenize import TokenData
 from tasks.training import train_stage, work_dir
 
-MODEL_CODE = (model.attention, model.moe, model.transformer, model.trainer)
+# every model module whose code decides what training computes: editing one retrains
+MODEL_CODE = (model.attention, model.data, model.linear, model.moe, model.norm, model.optim, model.rope,
+              model.schedule, model.trainer, model.transformer)
 
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
