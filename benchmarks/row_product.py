@@ -1,13 +1,14 @@
-"""One-row products, what batch-1 decoding computes, for every weight shape of a model:
-torch's `F.linear` (its BLAS) against the elementwise product and row sum of
-`model.linear`, in fp32, in alternating timed bursts.
+"""One-row products, what batch-1 decoding computes, for every weight shape a decoded
+token multiplies: torch's `F.linear` (its BLAS) against `model.linear.linear`, which the
+model's layers call, in fp32, in alternating timed bursts.
 
 "memory": each call reads another matrix of the shape (128 MiB of them, more than the
 caches hold), as decoding does, where a token's weights are gone from cache by the next
 token. "cache": the same matrix every call. `linear` takes the row product from
-`ROW_PRODUCT_MIN` weight elements on; the last column says which it takes.
+`ROW_PRODUCT_MIN` weight elements on (`--min` sets another threshold for the run: `--min 0`
+shows the row product on every shape); the last column says which it takes.
 
-    python -m benchmarks.row_product --config demo [--threads 1]
+    python -m benchmarks.row_product --config demo [--threads 1] [--min 0]
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from model.transformer import Transformer
 
 
 def weight_shapes(model: Transformer) -> list[tuple[int, int]]:
-    """The distinct [out, in] shapes one decoded token multiplies a row by (an expert's per slice)."""
-    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    """The distinct [out, in] shapes one decoded token multiplies a row by (an expert's per
+    slice; not `kv_b_proj`, which decoding absorbs into batched matmuls)."""
+    shapes = {tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("kv_b_proj")}
     for experts in (m for m in model.modules() if isinstance(m, Experts)):
         shapes |= {tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:])}
     return sorted(shapes, key=lambda s: (s[0] * s[1], s))
@@ -51,20 +54,23 @@ def main() -> None:
     parser.add_argument("--config", choices=["demo", "4x"], default="demo")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=7, help="timed bursts per side, alternating")
+    parser.add_argument("--min", type=int, default=linear.ROW_PRODUCT_MIN,
+                        help="weight elements from which `linear` takes the row product in this run")
     args = parser.parse_args()
+    linear.ROW_PRODUCT_MIN = args.min
 
     torch.set_num_threads(args.threads)
     model = Transformer(named_setup(args.config).model)
     print(f"machine: {machine()}")
     print(f"config {args.config}: one fp32 row times each weight shape, µs per call (median of {args.rounds} bursts)")
-    print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'row product':>11}  {'ratio':>6}  "
-          f"{'cache: F.linear':>15}  {'row product':>11}  {'ratio':>6}  linear takes")
+    print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'linear':>8}  {'ratio':>6}  "
+          f"{'cache: F.linear':>15}  {'linear':>8}  {'ratio':>6}  linear takes")
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for out_features, in_features in weight_shapes(model):
             count = max(2, (128 << 20) // (out_features * in_features * 4))
             weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
-            row = torch.randn(in_features, generator=generator)
+            row = torch.randn(1, in_features, generator=generator)
             turn = iter(range(1 << 62))
 
             def cold(product: Callable) -> Callable[[], object]:
@@ -73,13 +79,13 @@ def main() -> None:
             def hot(product: Callable) -> Callable[[], object]:
                 return lambda: product(row, weights[0])
 
-            blas, ours = (lambda r, w: F.linear(r, w)), linear._row_product
+            blas, ours = F.linear, linear.linear
             calls = max(5, min(200, (8 << 20) // (out_features * in_features)))
             memory = microseconds({"blas": cold(blas), "ours": cold(ours)}, calls, args.rounds)
             cache = microseconds({"blas": hot(blas), "ours": hot(ours)}, calls, args.rounds)
             takes = "row product" if out_features * in_features >= linear.ROW_PRODUCT_MIN else "F.linear"
-            print(f"{str([out_features, in_features]):>16}  {memory['blas']:>16.1f}  {memory['ours']:>11.1f}  "
-                  f"{memory['ours'] / memory['blas']:>5.2f}x  {cache['blas']:>15.1f}  {cache['ours']:>11.1f}  "
+            print(f"{str([out_features, in_features]):>16}  {memory['blas']:>16.1f}  {memory['ours']:>8.1f}  "
+                  f"{memory['ours'] / memory['blas']:>5.2f}x  {cache['blas']:>15.1f}  {cache['ours']:>8.1f}  "
                   f"{cache['ours'] / cache['blas']:>5.2f}x  {takes}")
 
 
