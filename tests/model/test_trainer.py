@@ -143,26 +143,37 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+# Like tasks/train_worker.py, the rank's work runs in a function: the trainer, whose DDP wrapper
+# holds the gloo process group, is freed when it returns. Left as a global, it was freed during
+# interpreter shutdown, where gloo's threads can abort the process (SIGABRT, "terminate called
+# without an active exception") after all the work is done.
 DDP_WORKER = textwrap.dedent(
     """
     import json, os, sys, torch, torch.distributed as dist
     from pathlib import Path
     sys.path.insert(0, {repo!r})
+
+
+    def train(rank, world):
+        from tests.model.test_trainer import make_trainer
+        from model.data import TokenWindows
+        tmp = Path({tmp!r})
+        trainer = make_trainer(tmp, steps=8, micro_batch=8 // world, checkpoint_every=100)
+        trainer.validation = None
+        trainer.train = TokenWindows([tmp / "train.bin"], "uint16", 32, 1, 8 // world, seed=0, rank=rank,
+                                     world_size=world)
+        losses = []
+        trainer.callback = lambda step, metrics: losses.append(metrics["loss"])
+        trainer.fit()
+        if rank == 0:
+            (tmp / f"losses-{{world}}.json").write_text(json.dumps(losses))
+
+
     torch.set_num_threads(1)
     rank, world = int(sys.argv[1]), int(sys.argv[2])
     if world > 1:
         dist.init_process_group("gloo", init_method="file://" + {rendezvous!r}, rank=rank, world_size=world)
-    from tests.model.test_trainer import make_trainer
-    from model.data import TokenWindows
-    tmp = Path({tmp!r})
-    trainer = make_trainer(tmp, steps=8, micro_batch=8 // world, checkpoint_every=100)
-    trainer.validation = None
-    trainer.train = TokenWindows([tmp / "train.bin"], "uint16", 32, 1, 8 // world, seed=0, rank=rank, world_size=world)
-    losses = []
-    trainer.callback = lambda step, metrics: losses.append(metrics["loss"])
-    trainer.fit()
-    if rank == 0:
-        (tmp / f"losses-{{world}}.json").write_text(json.dumps(losses))
+    train(rank, world)
     if world > 1:
         dist.barrier()  # neither rank tears the file store down while the other still uses it
         dist.destroy_process_group()
