@@ -94,12 +94,25 @@ class ExplicitCausalAttention(torch.autograd.Function):
 class LatentCache:
     """Per-layer decode cache: each token's normalised kv latent and rotated rope key side
     by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]; `kv` and `pe`
-    are views of the two parts. Side by side, the rows are the keys of one attention."""
+    are views of the two parts. Side by side, the rows are the keys of one attention.
+
+    The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, the
+    format of DeepSeek's FP8 latent cache) quarters it, at the price of rounding every cached
+    key and value. fp8 holds at most +-448: torch's cast saturates larger values to it (a
+    test holds it to that).
+    """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
         width = config.kv_lora_rank + config.qk_rope_head_dim
         self.data = torch.zeros(batch, max_len, width, device=device, dtype=dtype)
         self.kv, self.pe = self.data.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+
+    def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store the latents kv [B, T, kv_lora_rank] and rotated rope keys pe [B, T, rope] of
+        T new tokens at slots [start, start + T)."""
+        B, T = kv.shape[:2]
+        self.kv[:B, start : start + T] = kv
+        self.pe[:B, start : start + T] = pe
 
     def bytes_per_token(self) -> int:
         return self.data.shape[-1] * self.data.element_size()
@@ -186,8 +199,7 @@ class MLA(nn.Module):
         end = start + T
         q_nope, q_pe = self._queries(x)
         kv, k_pe = self._latent(x)
-        cache.kv[:B, start:end] = kv
-        cache.pe[:B, start:end] = apply_rope(k_pe, cos, sin)
+        cache.write(start, kv, apply_rope(k_pe, cos, sin))
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         # a query in latent space: its nope part through the key half of kv_b_proj, then its rope part
         q_latent = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope_dim]).transpose(1, 2)
@@ -195,7 +207,8 @@ class MLA(nn.Module):
         # every head of every new token is one query of a single-head attention over the cached
         # rows; the values are the rows' latent part, taken as the whole rows (one head size lets
         # SDPA use its flash kernel) whose rope part of the output is dropped
-        rows = cache.data[:B, :end].to(q.dtype).unsqueeze(1)  # [B, 1, S, kv_rank + rope]
+        # [B, 1, S, kv_rank + rope], widened to the queries' dtype from a narrower cache
+        rows = cache.data[:B, :end].to(q.dtype).unsqueeze(1)
         if mask is not None:
             mask = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
         out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=mask,

@@ -1,5 +1,6 @@
 """Text generation over the latent (MLA) cache: greedy, temperature, top-k, top-p,
-stop tokens, a batch of prompts (left-padded) and a token-by-token stream."""
+stop tokens, a batch of prompts (left-padded), a token-by-token stream, and a cache in
+the model's dtype or a narrower one (`CACHE_DTYPES`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from model.transformer import Transformer
+
+# the decode cache's element type by name; "auto" keeps the model's dtype. bf16 halves an fp32
+# cache and fp8 (e4m3) quarters it; both round the cached keys and values, so greedy answers
+# can change (`model.attention.LatentCache`)
+CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def sample_next(
@@ -43,8 +49,10 @@ def decode_steps(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every prompt, step by step ([B] per step)."""
+    """Yield the next token of every prompt, step by step ([B] per step); the cache holds
+    `cache_dtype` (None: the model's dtype)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -63,7 +71,7 @@ def decode_steps(
     )
     slots = torch.arange(total, device=device)
     visible = slots[None, :] >= pads[:, None]  # [B, total]: slots holding real tokens
-    caches = model.new_caches(len(prompts), total)
+    caches = model.new_caches(len(prompts), total, cache_dtype)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     positions = (slots[None, :longest] - pads[:, None]).clamp(min=0)
@@ -96,13 +104,14 @@ def generate(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Completions (without the prompt) for a batch of prompts; each stops after a stop id
     (the stop id itself is not returned)."""
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     stops = set(stop_ids)
-    for tokens in decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+    for tokens in decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, cache_dtype):
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
@@ -124,9 +133,10 @@ def stream(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> Iterator[int]:
     """Yield one prompt's completion token by token, ending at a stop id."""
-    for tokens in decode_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed):
+    for tokens in decode_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, cache_dtype):
         token = int(tokens[0])
         if token in stop_ids:
             return

@@ -48,9 +48,48 @@ def test_latent_cache_decoding_matches_full_forward(name):
 
 def test_latent_cache_holds_only_the_latent():
     model = make("q-lora")
-    cache = model.new_caches(1, 8)[0]
     c = model.config
-    assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+    for dtype, size in [(None, 4), (torch.bfloat16, 2), (torch.float8_e4m3fn, 1)]:
+        cache = model.new_caches(1, 8, dtype)[0]
+        assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * size
+
+
+def cached_logits(model, ids, dtype):
+    """Logits of a 10-token prefill and then one token at a time, over a cache of `dtype`."""
+    B, T = ids.shape
+    caches = model.new_caches(B, T, dtype)
+    slots = torch.arange(T)
+    mask = (slots[:10, None] >= slots[None, :10]).expand(B, 10, 10)
+    steps = [model.forward_cached(ids[:, :10], slots[:10].expand(B, 10), caches, 0, mask)]
+    for t in range(10, T):
+        steps.append(model.forward_cached(ids[:, t : t + 1], torch.full((B, 1), t), caches, t, None))
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_narrower_cache_rounds_keys_and_values_but_stays_close(dtype):
+    model = make("q-lora").eval()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.inference_mode():
+        full = model(ids).logits
+        exact = cached_logits(model, ids, None)
+        narrow = cached_logits(model, ids, dtype)
+    torch.testing.assert_close(exact, full, atol=1e-4, rtol=1e-4)
+    assert (narrow - full).abs().max() > 1e-4  # the cache really holds the narrower numbers
+    torch.testing.assert_close(narrow, full, atol=0.05, rtol=0)
+    assert generate(model, [[5, 6, 7]], max_new_tokens=6, cache_dtype=dtype)  # generation takes it too
+
+
+def test_an_fp8_cache_saturates_what_it_cannot_hold():
+    model = make("plain-q")
+    c = model.config
+    cache = model.new_caches(1, 4, torch.float8_e4m3fn)[0]
+    kv = torch.full((1, 2, c.kv_lora_rank), 1000.0)
+    pe = torch.full((1, 2, c.qk_rope_head_dim), -1e6)
+    cache.write(1, kv, pe)
+    stored = cache.data.float()
+    assert stored[0, 1:3, : c.kv_lora_rank].eq(448).all() and stored[0, 1:3, c.kv_lora_rank :].eq(-448).all()
+    assert stored[0, [0, 3]].eq(0).all()  # other slots untouched
 
 
 def test_batched_generation_with_left_padding_matches_single_prompts():
