@@ -161,6 +161,13 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed for sampling")
 
 
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
+                        help="element type of the decode cache: auto (the model's), bf16 (half of fp32) or fp8 "
+                        "(e4m3, a quarter; DeepSeek's FP8 latent cache); narrower caches round the cached keys "
+                        "and values, so answers can change (default: auto)")
+
+
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed}
@@ -170,7 +177,8 @@ def load_model(args: argparse.Namespace):
     root = prepare_environment(args.workspace)
     from tasks import inference
 
-    return inference, inference.load(args.model, root, device=args.device)
+    return inference, inference.load(args.model, root, device=args.device,
+                                     kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
 
 
 def generate_command(args: argparse.Namespace) -> None:
@@ -258,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--prompt", required=True, help="the text to complete (or the user message with --chat)")
     sub.add_argument("--chat", action="store_true", help="send the prompt as a chat message (fine-tuned models)")
     add_sampling_options(sub)
+    add_cache_option(sub)
     add_workspace(sub)
     sub.set_defaults(handler=generate_command)
 
@@ -265,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(sub)
     sub.add_argument("--system", help="optional system message")
     add_sampling_options(sub)
+    add_cache_option(sub)
     add_workspace(sub)
     sub.set_defaults(handler=chat_command)
 

@@ -39,7 +39,7 @@ import tasks.chat
 import tasks.instructions
 from model.checkpoint import load_model
 from model.data import eval_batches
-from model.generate import generate
+from model.generate import CACHE_DTYPES, generate
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, render_prompt
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
@@ -89,6 +89,12 @@ class EvaluateConfig(BaseModel):
     )
     top_k_tokens: int = Field(5, ge=1, description="Next-token candidates listed per prompt.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
+    kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field(
+        "auto",
+        description="Element type of the decode cache when the models generate: auto (the model's), bf16 or fp8 "
+        "(e4m3, a quarter of fp32). Narrower caches round the cached keys and values; evaluate with one to see "
+        "what that costs.",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -206,11 +212,13 @@ def completions(
     stop_ids: Sequence[int],
     max_new_tokens: int,
     batch_size: int,
+    cache_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Greedy completions of token prompts as text, in the prompts' order.
 
     Prompts are batched by length (less padding). A prompt too long to leave room for
-    `max_new_tokens` within the model's context keeps only its last tokens.
+    `max_new_tokens` within the model's context keeps only its last tokens. The decode
+    cache holds `cache_dtype` (None: the model's dtype).
     """
     room = net.config.max_position_embeddings - max_new_tokens
     if room < 1:
@@ -223,19 +231,22 @@ def completions(
     texts = [""] * len(clipped)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        outputs = generate(net, [clipped[i] for i in chunk], max_new_tokens, stop_ids=stop_ids)
+        outputs = generate(net, [clipped[i] for i in chunk], max_new_tokens, stop_ids=stop_ids,
+                           cache_dtype=cache_dtype)
         for i, ids in zip(chunk, outputs):
             texts[i] = tokenizer.decode(ids)
     return texts
 
 
-def chat_completer(net: Transformer, tokenizer: Tokenizer, max_new_tokens: int, batch_size: int) -> ChatFn:
+def chat_completer(net: Transformer, tokenizer: Tokenizer, max_new_tokens: int, batch_size: int,
+                   cache_dtype: torch.dtype | None = None) -> ChatFn:
     """A function from conversations (without the final answer) to the model's greedy answers."""
     stops = special_ids(tokenizer, END, EOS)
 
     def answer(conversations: list[Messages]) -> list[str]:
         prompts = [render_prompt(messages, tokenizer) for messages in conversations]
-        return [text.strip() for text in completions(net, tokenizer, prompts, stops, max_new_tokens, batch_size)]
+        texts = completions(net, tokenizer, prompts, stops, max_new_tokens, batch_size, cache_dtype)
+        return [text.strip() for text in texts]
 
     return answer
 
@@ -285,13 +296,14 @@ def generations_table(
     chat_prompts: Sequence[str],
     max_new_tokens: int = 32,
     batch_size: int = 32,
+    cache_dtype: torch.dtype | None = None,
 ) -> pd.DataFrame:
     """(kind, prompt, completion): greedy continuations of plain text and answers to chat prompts."""
     continued = completions(
         net, tokenizer, [_text_prompt(tokenizer, p) for p in prompts], special_ids(tokenizer, EOS, BOS),
-        max_new_tokens, batch_size,
+        max_new_tokens, batch_size, cache_dtype,
     )
-    answered = chat_completer(net, tokenizer, max_new_tokens, batch_size)(
+    answered = chat_completer(net, tokenizer, max_new_tokens, batch_size, cache_dtype)(
         [[{"role": "user", "content": p}] for p in chat_prompts]
     )
     return pd.DataFrame(
@@ -454,13 +466,14 @@ def evaluate_model(
     net = load_model(model_dir, _device(config.device))
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     metrics, load = _validation_metrics(net, config, val)
-    answer = chat_completer(net, tokenizer, config.max_new_tokens, config.batch_size)
+    cache_dtype = CACHE_DTYPES[config.kv_cache_dtype]
+    answer = chat_completer(net, tokenizer, config.max_new_tokens, config.batch_size, cache_dtype)
     scores, rows = exact_match_by_family(examples, answer, config.max_examples_per_family)
     metrics.update({f"exact_match_{r.family}": r.exact_match for r in scores.itertuples()})
     if not scores.empty:
         metrics["exact_match_mean"] = float(scores["exact_match"].mean())
     samples = generations_table(net, tokenizer, config.prompts, config.chat_prompts, config.max_new_tokens,
-                                config.batch_size)
+                                config.batch_size, cache_dtype)
     top = [next_token_table(net, tokenizer, p, config.top_k_tokens).assign(prompt=p) for p in config.next_token_prompts]
     next_tokens = pd.concat(top, ignore_index=True) if top else pd.DataFrame(columns=NEXT_TOKEN_COLUMNS)
     return ModelResults(metrics, scores, rows, samples, next_tokens, load)

@@ -36,7 +36,7 @@ from mlflow.models import Model
 from tokenizers import Tokenizer
 
 from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
-from model.generate import generate, stream
+from model.generate import CACHE_DTYPES, generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
@@ -216,11 +216,13 @@ def _first_line(text: str) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model ready to generate: the network, its tokenizer and where they came from."""
+    """A model ready to generate: the network, its tokenizer, where they came from, and the
+    element type of its decode cache (None: the model's dtype; `model.generate.CACHE_DTYPES`)."""
 
     model: Transformer
     tokenizer: Tokenizer
     directory: Path
+    cache_dtype: torch.dtype | None = None
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -238,12 +240,16 @@ class LoadedModel:
         return self.model.config.max_position_embeddings
 
 
-def load(ref: str, workspace: Path, device: str = "cpu") -> LoadedModel:
-    """Resolve `ref` and load its model (eval mode) and tokenizer onto `device`."""
+def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "auto") -> LoadedModel:
+    """Resolve `ref` and load its model (eval mode) and tokenizer onto `device`; it decodes
+    with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`)."""
+    if kv_cache_dtype not in CACHE_DTYPES:
+        raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
     directory = resolve_model(ref, workspace)
     if not (directory / TOKENIZER_FILE).is_file():
         raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")
-    return LoadedModel(load_model(directory, device), Tokenizer.from_file(str(directory / TOKENIZER_FILE)), directory)
+    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype])
 
 
 # --- generating ------------------------------------------------------------------------
@@ -278,7 +284,8 @@ def complete_ids(
     """The completion's token ids, without the prompt and the stop token."""
     ids = prompt_ids(loaded, prompt, chat=chat)
     check_fits(loaded, len(ids), max_new_tokens)
-    return generate(loaded.model, [ids], max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed)[0]
+    return generate(loaded.model, [ids], max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed,
+                    loaded.cache_dtype)[0]
 
 
 def complete(loaded: LoadedModel, prompt: str, *, chat: bool, **sampling: Any) -> str:
@@ -320,7 +327,8 @@ def stream_reply(
     """The assistant's reply to a conversation, as text pieces while tokens are generated."""
     ids = render_prompt(messages, loaded.tokenizer)
     check_fits(loaded, len(ids), max_new_tokens)
-    tokens = stream(loaded.model, ids, max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed)
+    tokens = stream(loaded.model, ids, max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed,
+                    loaded.cache_dtype)
     return decode_incrementally(loaded.tokenizer, tokens)
 
 

@@ -58,6 +58,20 @@ def test_server_urls_that_do_not_answer(tmp_path):
     assert_one_line_error(result, "MLFLOW_TRACKING_URI", "does not answer")
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
+def test_kv_cache_dtype_takes_the_names_generation_knows(command, capsys):
+    from flows.cli import build_parser
+    from model.generate import CACHE_DTYPES
+
+    parser = build_parser()
+    assert parser.parse_args(command).kv_cache_dtype == "auto"
+    for name in CACHE_DTYPES:
+        assert parser.parse_args([*command, "--kv-cache-dtype", name]).kv_cache_dtype == name
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--kv-cache-dtype", "fp4"])
+    assert "invalid choice: 'fp4'" in capsys.readouterr().err
+
+
 def test_missing_model_reference(tmp_path):
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(tmp_path / "none"))
     assert_one_line_error(result, "no model directory")

@@ -242,7 +242,7 @@ def saved_model(stage, root, tokenizer, seed, final_metrics):
     return run_stage(stage, f"fp{seed}", build, root=root)
 
 
-def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer):
+def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer, monkeypatch):
     base = saved_model("pretrain", ws, tokenizer, 1, {"max_vio": 0.4, "max_vio/moe_0": 0.4, "max_vio/moe_1": 0.2})
     tuned = saved_model("finetune", ws, tokenizer, 2, {"max_vio": 0.3, "max_vio/moe_0": 0.3, "max_vio/moe_1": 0.1})
     bos = tokenizer.token_to_id(BOS)
@@ -284,7 +284,19 @@ def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer):
                        root=ws)
     assert not changed.cached and changed.path != ref.path
 
+    # a narrower decode cache is another measurement, and every generation decodes with it
+    cache_dtypes = []
+    new_caches = Transformer.new_caches
+    monkeypatch.setattr(Transformer, "new_caches",
+                        lambda self, *args: cache_dtypes.append(args[2]) or new_caches(self, *args))
+    fp8 = evaluate(base, tuned, config.model_copy(update={"kv_cache_dtype": "fp8"}), INSTRUCTIONS, val, "uint16",
+                   1.5, root=ws)
+    assert not fp8.cached and fp8.path != ref.path
+    assert cache_dtypes and set(cache_dtypes) == {torch.float8_e4m3fn}
+
 
 def test_evaluate_config_rejects_unknown_fields():
     with pytest.raises(ValueError):
         EvaluateConfig(max_tokens=3)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EvaluateConfig(kv_cache_dtype="fp4")

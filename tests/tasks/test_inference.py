@@ -192,6 +192,20 @@ def test_sampling_with_a_seed_is_reproducible(loaded):
     assert complete(loaded, "The quick", seed=3, **options) == complete(loaded, "The quick", seed=3, **options)
 
 
+def test_a_narrower_kv_cache_is_used_for_completions_and_chat(model_dir, monkeypatch):
+    narrow = load(str(model_dir), model_dir, kv_cache_dtype="fp8")
+    assert narrow.cache_dtype == torch.float8_e4m3fn
+    cache_dtypes = []
+    new_caches = Transformer.new_caches
+    monkeypatch.setattr(Transformer, "new_caches",
+                        lambda self, *args: cache_dtypes.append(args[2]) or new_caches(self, *args))
+    assert complete_ids(narrow, "hello there", chat=True, max_new_tokens=4)
+    assert "".join(stream_reply(narrow, [{"role": "user", "content": "hi"}], max_new_tokens=4)) is not None
+    assert cache_dtypes == [torch.float8_e4m3fn] * 2
+    with pytest.raises(StageError, match="unknown KV cache dtype 'fp4': use one of auto, bf16, fp8"):
+        load(str(model_dir), model_dir, kv_cache_dtype="fp4")
+
+
 def test_a_prompt_longer_than_the_context_is_refused(loaded):
     with pytest.raises(StageError, match="exceeds the model's context of 128 tokens"):
         complete(loaded, "fox " * 200, chat=False)
