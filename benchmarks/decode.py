@@ -2,7 +2,11 @@
 generation (`model.generate.generate`) against transformers' `generate` on the same
 weights (exported with `model.hf.export_hf`), same prompts, same number of new tokens.
 
-    python -m benchmarks.decode --config demo --batch 1 --prompt 64 --new 128
+    python -m benchmarks.decode --config demo --batch 1 --prompt 64 --new 128 [--kv-cache-dtype fp8]
+
+`--kv-cache-dtype` narrows our cache (bf16 or fp8); transformers keeps its cache in the
+model's fp32. A narrower cache rounds the cached keys and values, so the completions of the
+two sides may then part.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import torch
 
 from benchmarks.common import machine, named_setup, table
-from model.generate import generate
+from model.generate import CACHE_DTYPES, generate
 from model.hf import export_hf
 from model.transformer import Transformer
 
@@ -43,6 +47,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per side, alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--kv-cache-dtype", choices=list(CACHE_DTYPES), default="auto",
+                        help="our decode cache's element type (auto: the model's fp32)")
     args = parser.parse_args()
 
     import transformers
@@ -56,9 +62,10 @@ def main() -> None:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, setup.model.vocab_size, (args.batch, args.prompt), generator=generator)
+    cache_dtype = CACHE_DTYPES[args.kv_cache_dtype]
 
     def run_ours(new: int) -> list[list[int]]:
-        return generate(ours, prompts.tolist(), max_new_tokens=new)
+        return generate(ours, prompts.tolist(), max_new_tokens=new, cache_dtype=cache_dtype)
 
     def run_theirs(new: int):
         with torch.no_grad():
@@ -86,11 +93,12 @@ def main() -> None:
     hf_tokens = results["hf"].sequences[:, args.prompt:].tolist()
     context = args.prompt + args.new - 1  # the last token is sampled, never cached
     hf_bytes = hf_cache_bytes_per_token(results["hf"].cache, context)
-    ours_bytes = sum(cache.bytes_per_token() for cache in ours.new_caches(1, 1))
+    ours_bytes = sum(cache.bytes_per_token() for cache in ours.new_caches(1, 1, cache_dtype))
 
     print(f"machine: {machine()}")
     print(f"config {args.config}: batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens, greedy, "
-          f"fp32; same weights; completions identical: {hf_tokens == results['ours']}")
+          f"fp32, our KV cache {args.kv_cache_dtype}; same weights; completions identical: "
+          f"{hf_tokens == results['ours']}")
     print(table([("generate tokens/s", generated["hf"], generated["ours"], "(higher is better; prefill included)"),
                  ("decode tokens/s", decoded["hf"], decoded["ours"], "(higher is better; after the prefill)"),
                  ("KV cache bytes/token", hf_bytes, ours_bytes, "(lower is better; all layers)")]))
