@@ -2,6 +2,7 @@
 
 import json
 import math
+import typing
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.checkpoint import save_model
 from model.data import eval_batches
+from model.generate import CACHE_DTYPES
 from model.transformer import Transformer
 from tasks.chat import BOS, END, SPECIAL_TOKENS
 from tasks.evaluate import (
@@ -300,3 +302,4 @@ def test_evaluate_config_rejects_unknown_fields():
         EvaluateConfig(max_tokens=3)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EvaluateConfig(kv_cache_dtype="fp4")
+    assert typing.get_args(EvaluateConfig.model_fields["kv_cache_dtype"].annotation) == tuple(CACHE_DTYPES)
