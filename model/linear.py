@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.norm import autocast_dtype
 
 # weight elements from which one fp32 row is multiplied as an elementwise product and row sum
 ROW_PRODUCT_MIN = 1 << 16
@@ -29,10 +28,12 @@ ROW_PRODUCT_CHUNK = 1 << 20
 
 
 def _row_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight @ row for one row [in] against weight [out, in], in chunks of output rows."""
+    """weight @ row for one row [..., in] (a single row: leading sizes 1) against weight
+    [out, in], in chunks of output rows; [..., out] in one chunk, [out] in several."""
     step = max(1, ROW_PRODUCT_CHUNK // weight.shape[1])
     if weight.shape[0] <= step:
         return (weight * row).sum(-1)
+    row = row.reshape(-1)
     out = row.new_empty(weight.shape[0])
     for start in range(0, weight.shape[0], step):
         torch.sum(weight[start : start + step] * row, -1, out=out[start : start + step])
@@ -43,10 +44,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` without bias; a single fp32 row on a CPU, outside autograd and
     autocast, against a weight of at least `ROW_PRODUCT_MIN` elements, takes the row product
     (module docstring)."""
-    if (not torch.is_grad_enabled() and x.dtype == weight.dtype == torch.float32 and x.numel() == x.shape[-1]
-            and x.shape[-1] == weight.shape[1] and weight.numel() >= ROW_PRODUCT_MIN and x.device.type == "cpu"
-            and autocast_dtype(x) is None):
-        return _row_product(x.reshape(-1), weight).view(*x.shape[:-1], weight.shape[0])
+    # cheap checks and no reshape of x: a demo token runs this 41 times (`x.device.type` would
+    # cost 0.3 µs, a reshape 0.75 µs; these checks ~1 µs in all)
+    if (not torch.is_grad_enabled() and x.is_cpu and x.dtype == weight.dtype == torch.float32
+            and x.numel() == x.shape[-1] == weight.shape[1] and weight.numel() >= ROW_PRODUCT_MIN
+            and not torch.is_autocast_enabled("cpu")):
+        return _row_product(x, weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
