@@ -117,6 +117,8 @@ def print_summary(result: dict[str, Any], as_json: bool) -> None:
     print(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']}")
     if result.get("version"):
         print(f"registered model tinyseek version {result['version']} ({result['model_uri']})")
+    elif result.get("reason"):
+        print(result["reason"])
     if as_json:
         print(json.dumps(result, default=str))
 
@@ -164,7 +166,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
                         help="element type of the decode cache: auto (the model's), bf16 (half of fp32) or fp8 "
-                        "(e4m3, a quarter; DeepSeek's FP8 latent cache); narrower caches round the cached keys "
+                        "(e4m3 without scales, a quarter); narrower caches round the cached keys "
                         "and values, so answers can change (default: auto)")
 
 

@@ -235,6 +235,14 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
     evaluate_steps(run)
     tracker, tuned = run.tracker, run.refs["finetune"]
     champion, previous = champion_metrics(tracker)
+    if cfg.evaluate.kv_cache_dtype != "auto":
+        # served models decode with their own dtype's cache: their recorded scores must be those
+        reason = (f"not registered: evaluated with evaluate.kv_cache_dtype={cfg.evaluate.kv_cache_dtype}; the "
+                  "registry compares models as they are served, with a KV cache in the model's dtype")
+        run.decision = {"version": None, "model_uri": None, "promoted": False, "reason": reason,
+                        "champion_before": champion}
+        write_run_report(run, None)
+        return run.decision
     existing = registered_version(tracker, tuned.fingerprint)
     if existing is not None and existing == champion:
         run.decision = {"version": existing, "model_uri": f"models:/{MODEL_NAME}/{existing}", "promoted": False,

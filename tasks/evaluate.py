@@ -93,7 +93,7 @@ class EvaluateConfig(BaseModel):
         "auto",
         description="Element type of the decode cache when the models generate: auto (the model's), bf16 or fp8 "
         "(e4m3, a quarter of fp32). Narrower caches round the cached keys and values; evaluate with one to see "
-        "what that costs.",
+        "what that costs. A run evaluated with one registers nothing: served models decode with their own dtype.",
     )
 
 

@@ -88,6 +88,22 @@ def test_generate_next_token_and_export_match_transformers(built, tmp_path):
     assert hf_tok.decode(ours) in out.stdout or not ours
 
 
+def test_a_narrower_evaluation_cache_is_scored_but_not_registered(built):
+    root, first, _ = built
+    result = tinyseek("run", "--preset", "tiny", "--workspace", str(root), "--set", "evaluate.kv_cache_dtype=fp8",
+                      "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert all(summary["stages"][stage]["cached"] for stage in STAGES[:-1])
+    assert not summary["stages"]["evaluate"]["cached"]
+    assert "exact_match_mean_tuned" in summary["metrics"]
+    assert summary["version"] is None and not summary["promoted"]
+    assert "not registered: evaluated with evaluate.kv_cache_dtype=fp8" in result.stdout
+    versions = client(root).search_model_versions("name = 'tinyseek'")
+    assert [int(v.version) for v in versions] == [first["version"]]  # nothing new in the registry
+    assert (root / "reports" / summary["mlflow_run_id"] / "report.md").read_text().count("not registered") == 1
+
+
 def test_report_has_every_section(built):
     root, summary, _ = built
     report = root / "reports" / summary["mlflow_run_id"] / "report.md"
