@@ -96,10 +96,11 @@ class LatentCache:
     by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]; `kv` and `pe`
     are views of the two parts. Side by side, the rows are the keys of one attention.
 
-    The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, the
-    format of DeepSeek's FP8 latent cache) quarters it, at the price of rounding every cached
-    key and value. fp8 holds at most +-448: torch's cast saturates larger values to it (a
-    test holds it to that).
+    The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, without
+    scales) quarters it, at the price of rounding every cached key and value. (DeepSeek's
+    FP8 latent cache also uses e4m3, with a scale per 128 values and the rope part in bf16.)
+    fp8 holds at most +-448: torch's cast saturates larger values to it (a test holds it to
+    that).
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):

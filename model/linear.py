@@ -28,8 +28,9 @@ ROW_PRODUCT_CHUNK = 1 << 20
 
 
 def _row_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight @ row for one row [..., in] (a single row: leading sizes 1) against weight
-    [out, in], in chunks of output rows; [..., out] in one chunk, [out] in several."""
+    """The `out` products weight @ row for one row [..., in] (leading sizes 1) against weight
+    [out, in], in chunks of output rows; their leading shape follows broadcasting (one chunk)
+    or is none (several): the caller views them."""
     step = max(1, ROW_PRODUCT_CHUNK // weight.shape[1])
     if weight.shape[0] <= step:
         return (weight * row).sum(-1)

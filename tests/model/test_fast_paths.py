@@ -329,14 +329,16 @@ def row_products(monkeypatch):
     return taken
 
 
+@pytest.mark.parametrize("shape", [(16,), (1, 16), (1, 1, 16), (1, 1, 1, 16)])
 @pytest.mark.parametrize("rows", [3, 5, 12])
-def test_one_row_takes_the_row_product_with_the_linear_result(row_products, rows):
+def test_one_row_takes_the_row_product_with_the_linear_result(row_products, rows, shape):
     torch.manual_seed(0)
-    weight, x = torch.randn(rows, 16), torch.randn(1, 1, 16)
+    weight, x = torch.randn(rows, 16), torch.randn(shape)
     with torch.inference_mode():
         got = linear.linear(x, weight)
     assert row_products and row_products[0] is weight
-    assert got.shape == (1, 1, rows)
+    assert got.shape == (*shape[:-1], rows)
+    assert torch.equal(got.reshape(-1), (weight * x.reshape(-1)).sum(-1))  # the product, summed row by row
     torch.testing.assert_close(got, F.linear(x, weight), atol=1e-6, rtol=1e-6)
 
 

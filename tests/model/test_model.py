@@ -77,7 +77,11 @@ def test_a_narrower_cache_rounds_keys_and_values_but_stays_close(dtype):
     torch.testing.assert_close(exact, full, atol=1e-4, rtol=1e-4)
     assert (narrow - full).abs().max() > 1e-4  # the cache really holds the narrower numbers
     torch.testing.assert_close(narrow, full, atol=0.05, rtol=0)
-    assert generate(model, [[5, 6, 7]], max_new_tokens=6, cache_dtype=dtype)  # generation takes it too
+    cache_dtypes = []
+    new_caches = model.new_caches
+    model.new_caches = lambda *args: cache_dtypes.append(args[2]) or new_caches(*args)
+    assert len(generate(model, [[5, 6, 7]], max_new_tokens=6, cache_dtype=dtype)[0]) == 6
+    assert cache_dtypes == [dtype]  # generation takes it too
 
 
 def test_an_fp8_cache_saturates_what_it_cannot_hold():

@@ -200,7 +200,7 @@ def test_a_narrower_kv_cache_is_used_for_completions_and_chat(model_dir, monkeyp
     monkeypatch.setattr(Transformer, "new_caches",
                         lambda self, *args: cache_dtypes.append(args[2]) or new_caches(self, *args))
     assert complete_ids(narrow, "hello there", chat=True, max_new_tokens=4)
-    assert "".join(stream_reply(narrow, [{"role": "user", "content": "hi"}], max_new_tokens=4)) is not None
+    list(stream_reply(narrow, [{"role": "user", "content": "hi"}], max_new_tokens=4))
     assert cache_dtypes == [torch.float8_e4m3fn] * 2
     with pytest.raises(StageError, match="unknown KV cache dtype 'fp4': use one of auto, bf16, fp8"):
         load(str(model_dir), model_dir, kv_cache_dtype="fp4")
