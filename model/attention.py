@@ -107,6 +107,10 @@ class LatentCache:
         width = config.kv_lora_rank + config.qk_rope_head_dim
         self.data = torch.zeros(batch, max_len, width, device=device, dtype=dtype)
         self.kv, self.pe = self.data.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+        # an fp8 cache on a CPU is widened by looking its 256 possible values up (`rows`)
+        self.fp8_values = None
+        if dtype == torch.float8_e4m3fn and self.data.is_cpu:
+            self.fp8_values = torch.arange(256, dtype=torch.uint8, device=device).view(dtype).float()
 
     def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
         """Store the latents kv [B, T, kv_lora_rank] and rotated rope keys pe [B, T, rope] of
@@ -114,6 +118,14 @@ class LatentCache:
         B, T = kv.shape[:2]
         self.kv[:B, start : start + T] = kv
         self.pe[:B, start : start + T] = pe
+
+    def rows(self, batch: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slots [0, end) of the first `batch` sequences in `dtype`. torch widens fp8 one
+        number at a time on a CPU; the table lookup is ~2x faster (same values)."""
+        rows = self.data[:batch, :end]
+        if self.fp8_values is not None:
+            return self.fp8_values.to(dtype).take(rows.view(torch.uint8).long())
+        return rows.to(dtype)
 
     def bytes_per_token(self) -> int:
         return self.data.shape[-1] * self.data.element_size()
@@ -208,8 +220,7 @@ class MLA(nn.Module):
         # every head of every new token is one query of a single-head attention over the cached
         # rows; the values are the rows' latent part, taken as the whole rows (one head size lets
         # SDPA use its flash kernel) whose rope part of the output is dropped
-        # [B, 1, S, kv_rank + rope], widened to the queries' dtype from a narrower cache
-        rows = cache.data[:B, :end].to(q.dtype).unsqueeze(1)
+        rows = cache.rows(B, end, q.dtype).unsqueeze(1)  # [B, 1, S, kv_rank + rope]
         if mask is not None:
             mask = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
         out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=mask,

@@ -84,6 +84,16 @@ def test_a_narrower_cache_rounds_keys_and_values_but_stays_close(dtype):
     assert cache_dtypes == [dtype]  # generation takes it too
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_fp8_cache_widens_to_the_cast_values(dtype):
+    model = make("plain-q")
+    cache = model.new_caches(2, 6, torch.float8_e4m3fn)[0]
+    values = torch.randn(cache.data.shape) * torch.logspace(-4, 3, cache.data.shape[-1])  # subnormal to saturated
+    cache.data.copy_(values)
+    widened = cache.rows(1, 5, dtype)
+    assert widened.dtype == dtype and torch.equal(widened, cache.data[:1, :5].to(dtype))
+
+
 def test_an_fp8_cache_saturates_what_it_cannot_hold():
     model = make("plain-q")
     c = model.config
