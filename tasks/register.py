@@ -31,7 +31,7 @@ from packaging.version import Version
 from tokenizers import Tokenizer
 
 from model.checkpoint import load_model
-from model.generate import generate
+from model.generate import CACHE_DTYPES, generate
 from tasks.chat import BOS, END, EOS, render_prompt
 from tasks.tracking import Tracker
 
@@ -42,8 +42,10 @@ TOKENIZER_FILE = "tokenizer.json"
 PROMPT_COLUMN = "prompt"
 RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas")
 
-# Inference params and their defaults; `chat` renders each prompt as one user turn.
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True}
+# Inference params and their defaults; `chat` renders each prompt as one user turn, and
+# `kv_cache_dtype` names the decode cache's element type (`model.generate.CACHE_DTYPES`).
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True,
+                                  "kv_cache_dtype": "auto"}
 
 INPUT_EXAMPLE = pd.DataFrame({PROMPT_COLUMN: ["What is 2 + 2?"]})
 SIGNATURE = ModelSignature(
@@ -56,6 +58,7 @@ SIGNATURE = ModelSignature(
         ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
         ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
         ParamSpec("chat", "boolean", DEFAULT_PARAMS["chat"]),
+        ParamSpec("kv_cache_dtype", "string", DEFAULT_PARAMS["kv_cache_dtype"]),
     ]),
 )
 
@@ -88,6 +91,8 @@ class TinyseekModel(PythonModel):
     ) -> list[str]:
         """Completions for the `prompt` column (or the only column) of the frame MLflow builds from the input."""
         options = {**DEFAULT_PARAMS, **(params or {})}
+        if options["kv_cache_dtype"] not in CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={options['kv_cache_dtype']!r}: use one of {', '.join(CACHE_DTYPES)}")
         max_new_tokens = int(options["max_new_tokens"])
         budget = max(1, self.model.config.max_position_embeddings - max_new_tokens)
         prompts = [self._encode(p, bool(options["chat"]), budget) for p in _prompt_column(model_input)]
@@ -100,6 +105,7 @@ class TinyseekModel(PythonModel):
             temperature=float(options["temperature"]),
             top_p=float(options["top_p"]),
             stop_ids=self.stop_ids,
+            cache_dtype=CACHE_DTYPES[options["kv_cache_dtype"]],
         )
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
 

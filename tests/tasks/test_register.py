@@ -116,12 +116,12 @@ def test_log_register_and_promote(ws, model_dir):
     assert {alias: int(v) for alias, v in aliases.items()} == {"challenger": 2, "champion": 1}
 
 
-def expected_completion(model_dir: Path, ids: list[int], max_new_tokens: int) -> str:
+def expected_completion(model_dir: Path, ids: list[int], max_new_tokens: int, cache_dtype=None) -> str:
     """What the pyfunc model must answer: greedy generation, stopped at <|end|> or <|eos|>."""
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     stops = [tokenizer.token_to_id(END), tokenizer.token_to_id(EOS)]
     model = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu")  # as the pyfunc model does
-    out = generate(model, [ids], max_new_tokens=max_new_tokens, stop_ids=stops)[0]
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, stop_ids=stops, cache_dtype=cache_dtype)[0]
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
@@ -140,6 +140,17 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
 
     long_prompt = model.predict([{"prompt": "the cat sat on the mat " * 40}], params={"max_new_tokens": 4})
     assert len(long_prompt) == 1 and isinstance(long_prompt[0], str)  # cut to fit the context
+
+    cache_dtypes = []
+    new_caches = Transformer.new_caches
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Transformer, "new_caches",
+                      lambda self, *args: cache_dtypes.append(args[2]) or new_caches(self, *args))
+        narrow = model.predict(["hi"], params={"max_new_tokens": 12, "kv_cache_dtype": "fp8"})
+    assert cache_dtypes == [torch.float8_e4m3fn]
+    assert narrow == [expected_completion(model_dir, chat_ids, 12, torch.float8_e4m3fn)]
+    with pytest.raises(Exception, match="kv_cache_dtype='fp4': use one of auto, bf16, fp8"):
+        model.predict(["hi"], params={"kv_cache_dtype": "fp4"})
 
 
 def free_port() -> int:
