@@ -229,6 +229,15 @@ def registered_version(tracker: Tracker, fp: str) -> int | None:
     return min((int(v.version) for v in versions), default=None)
 
 
+def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: int | None) -> dict[str, Any]:
+    """End the run without a promotion decision against the champion: record why, write the report."""
+    model_uri = f"models:/{MODEL_NAME}/{version}" if version is not None else None
+    run.decision = {"version": version, "model_uri": model_uri, "promoted": False, "reason": reason,
+                    "champion_before": champion}
+    write_run_report(run, None)
+    return run.decision
+
+
 def register_steps(run: PipelineRun) -> dict[str, Any]:
     """Evaluate, register the fine-tuned model as `challenger`, promote it if it beats the champion."""
     cfg = run.config
@@ -237,18 +246,12 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
     champion, previous = champion_metrics(tracker)
     if cfg.evaluate.kv_cache_dtype != "auto":
         # served models decode with their own dtype's cache: their recorded scores must be those
-        reason = (f"not registered: evaluated with evaluate.kv_cache_dtype={cfg.evaluate.kv_cache_dtype}; the "
-                  "registry compares models as they are served, with a KV cache in the model's dtype")
-        run.decision = {"version": None, "model_uri": None, "promoted": False, "reason": reason,
-                        "champion_before": champion}
-        write_run_report(run, None)
-        return run.decision
+        return _not_promoted(run, None, f"not registered: evaluated with evaluate.kv_cache_dtype="
+                             f"{cfg.evaluate.kv_cache_dtype}; the registry compares models as they are served, "
+                             "with a KV cache in the model's dtype", champion)
     existing = registered_version(tracker, tuned.fingerprint)
     if existing is not None and existing == champion:
-        run.decision = {"version": existing, "model_uri": f"models:/{MODEL_NAME}/{existing}", "promoted": False,
-                        "reason": f"unchanged: version {existing} (the champion) is this model", "champion_before": champion}
-        write_run_report(run, None)
-        return run.decision
+        return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion)
     child = tracker.start_run("register", parent_id=run.parent_id,
                               tags={**_stage_tags(run), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
