@@ -2,11 +2,16 @@
 generation (`model.generate.generate`) against transformers' `generate` on the same
 weights (exported with `model.hf.export_hf`), same prompts, same number of new tokens.
 
-    python -m benchmarks.decode --config demo --batch 1 --prompt 64 --new 128 [--kv-cache-dtype fp8]
+    python -m benchmarks.decode --config demo --batch 1 --prompt 64 --new 128 [--kv-cache-dtype fp8] [--compile]
 
 `--kv-cache-dtype` narrows our cache (bf16 or fp8); transformers keeps its cache in the
 model's fp32. A narrower cache rounds the cached keys and values, so the completions of the
 two sides may then part.
+
+`--compile` compiles both sides' decoding with torch.compile: ours with `generate(...,
+compile=True)`, transformers' the way its `generate` offers (a static cache and a
+`CompileConfig` told to compile on this device too). The first, untimed run of each side
+compiles; its time is printed.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--kv-cache-dtype", choices=list(CACHE_DTYPES), default="auto",
                         help="our decode cache's element type (auto: the model's fp32)")
+    parser.add_argument("--compile", action="store_true", help="compile both sides' decoding (torch.compile)")
     args = parser.parse_args()
 
     import transformers
@@ -64,18 +70,28 @@ def main() -> None:
     prompts = torch.randint(3, setup.model.vocab_size, (args.batch, args.prompt), generator=generator)
     cache_dtype = CACHE_DTYPES[args.kv_cache_dtype]
 
+    compiled = {}
+    if args.compile:
+        compile_config = transformers.CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
+        compiled = {"cache_implementation": "static", "compile_config": compile_config}
+
     def run_ours(new: int) -> list[list[int]]:
-        return generate(ours, prompts.tolist(), max_new_tokens=new, cache_dtype=cache_dtype)
+        return generate(ours, prompts.tolist(), max_new_tokens=new, cache_dtype=cache_dtype, compile=args.compile)
 
     def run_theirs(new: int):
         with torch.no_grad():
             return theirs.generate(
                 prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, return_dict_in_generate=True, pad_token_id=setup.model.pad_token_id,
+                do_sample=False, return_dict_in_generate=True, pad_token_id=setup.model.pad_token_id, **compiled,
             )
 
     sides = {"hf": run_theirs, "ours": run_ours}
-    results = {name: run(args.new) for name, run in sides.items()}  # also the warm-up
+    results, warm_up = {}, {}
+    for name, run in sides.items():  # also the warm-up (and compilation)
+        start = time.perf_counter()
+        results[name] = run(args.new)
+        warm_up[name] = time.perf_counter() - start
     # per round and side: the whole generation, and the prompt plus one token (prefill)
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     for r in range(args.rounds):
@@ -97,12 +113,15 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"config {args.config}: batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens, greedy, "
-          f"fp32, our KV cache {args.kv_cache_dtype}; same weights; completions identical: "
+          f"fp32, our KV cache {args.kv_cache_dtype}, {'compiled' if args.compile else 'eager'}; same weights; "
+          f"completions identical: "
           f"{hf_tokens == results['ours']}")
     print(table([("generate tokens/s", generated["hf"], generated["ours"], "(higher is better; prefill included)"),
                  ("decode tokens/s", decoded["hf"], decoded["ours"], "(higher is better; after the prefill)"),
                  ("KV cache bytes/token", hf_bytes, ours_bytes, "(lower is better; all layers)")]))
     per_head = per_head_cache_bytes_per_token(ours, 4)
+    if args.compile:
+        print(f"first run (compiles): transformers {warm_up['hf']:.1f} s, ours {warm_up['ours']:.1f} s")
     print(f"a per-head K/V cache (2 x heads x head_dim per layer) would hold {per_head:,} bytes/token: "
           f"ours is {ours_bytes / per_head:.3f}x of that")
 

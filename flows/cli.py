@@ -163,11 +163,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed for sampling")
 
 
-def add_cache_option(parser: argparse.ArgumentParser) -> None:
+def add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
                         help="element type of the decode cache: auto (the model's), bf16 (half of fp32) or fp8 "
                         "(e4m3 without scales, a quarter); narrower caches round the cached keys "
                         "and values, so answers can change (default: auto)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile: several times faster per token on a CPU, after "
+                        "compiling for tens of seconds on first use (cached on disk for later runs); "
+                        "needs a C++ compiler")
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,7 +184,8 @@ def load_model(args: argparse.Namespace):
     from tasks import inference
 
     return inference, inference.load(args.model, root, device=args.device,
-                                     kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+                                     kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                                     compile=getattr(args, "compile", False))
 
 
 def generate_command(args: argparse.Namespace) -> None:
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--prompt", required=True, help="the text to complete (or the user message with --chat)")
     sub.add_argument("--chat", action="store_true", help="send the prompt as a chat message (fine-tuned models)")
     add_sampling_options(sub)
-    add_cache_option(sub)
+    add_decode_options(sub)
     add_workspace(sub)
     sub.set_defaults(handler=generate_command)
 
@@ -276,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(sub)
     sub.add_argument("--system", help="optional system message")
     add_sampling_options(sub)
-    add_cache_option(sub)
+    add_decode_options(sub)
     add_workspace(sub)
     sub.set_defaults(handler=chat_command)
 

@@ -93,8 +93,9 @@ class ExplicitCausalAttention(torch.autograd.Function):
 
 class LatentCache:
     """Per-layer decode cache: each token's normalised kv latent and rotated rope key side
-    by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]; `kv` and `pe`
-    are views of the two parts. Side by side, the rows are the keys of one attention.
+    by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]. Side by side, the
+    rows are the keys of one attention. It is written and read only as that one buffer:
+    torch.compile (compiled decoding) cannot take two views of one buffer that both change.
 
     The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, without
     scales) quarters it, at the price of rounding every cached key and value. (DeepSeek's
@@ -106,7 +107,6 @@ class LatentCache:
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
         width = config.kv_lora_rank + config.qk_rope_head_dim
         self.data = torch.zeros(batch, max_len, width, device=device, dtype=dtype)
-        self.kv, self.pe = self.data.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
         # an fp8 cache on a CPU is widened by looking its 256 possible values up (`rows`)
         self.fp8_values = None
         if dtype == torch.float8_e4m3fn and self.data.is_cpu:
@@ -116,8 +116,7 @@ class LatentCache:
         """Store the latents kv [B, T, kv_lora_rank] and rotated rope keys pe [B, T, rope] of
         T new tokens at slots [start, start + T)."""
         B, T = kv.shape[:2]
-        self.kv[:B, start : start + T] = kv
-        self.pe[:B, start : start + T] = pe
+        self.data[:B, start : start + T] = torch.cat([kv, pe], dim=-1)
 
     def rows(self, batch: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Slots [0, end) of the first `batch` sequences in `dtype`. torch widens fp8 one

@@ -104,6 +104,9 @@ class Experts(nn.Module):
 
     ROWS = 128
     ALIGN = 8
+    # rows (one per sequence when decoding) up to which a compiled model outside autograd takes
+    # `_gathered`; a longer input keeps the layouts, whose grouped matmuls suit many rows
+    DECODE_ROWS = 256
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -164,7 +167,18 @@ class Experts(nn.Module):
     def _routing_sized(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._grouped(x, *self._layout(ids, weights, fixed=False))
 
+    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding in a compiled model: each token's k experts' weights indexed inside the
+        products, which inductor fuses into passes over them, with sizes that do not depend
+        on the routing (the layouts above do, and `_one_token` reads the ids on the host).
+        Summed over the experts in fp32."""
+        gate, up = (self.gate_up_proj[ids].to(x.dtype) * x[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # [N, k, i]
+        out = (self.down_proj[ids].to(x.dtype) * swiglu(gate, up).unsqueeze(-2)).sum(-1)  # [N, k, hidden]
+        return (out.float() * weights.float().unsqueeze(-1)).sum(1)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= self.DECODE_ROWS:
+            return self._gathered(x, ids, weights)
         if x.shape[0] == 1:
             return self._one_token(x, ids, weights)
         if self.fixed_layout(x):

@@ -216,13 +216,15 @@ def _first_line(text: str) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model ready to generate: the network, its tokenizer, where they came from, and the
-    element type of its decode cache (None: the model's dtype; `model.generate.CACHE_DTYPES`)."""
+    """A model ready to generate: the network, its tokenizer, where they came from, the
+    element type of its decode cache (None: the model's dtype; `model.generate.CACHE_DTYPES`),
+    and whether it decodes compiled (`model.generate.compiled_step`)."""
 
     model: Transformer
     tokenizer: Tokenizer
     directory: Path
     cache_dtype: torch.dtype | None = None
+    compile: bool = False
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -240,16 +242,17 @@ class LoadedModel:
         return self.model.config.max_position_embeddings
 
 
-def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "auto") -> LoadedModel:
+def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "auto",
+         compile: bool = False) -> LoadedModel:
     """Resolve `ref` and load its model (eval mode) and tokenizer onto `device`; it decodes
-    with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`)."""
+    with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`), compiled with `compile`."""
     if kv_cache_dtype not in CACHE_DTYPES:
         raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
     directory = resolve_model(ref, workspace)
     if not (directory / TOKENIZER_FILE).is_file():
         raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")
     tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-    return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype])
+    return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype], compile)
 
 
 # --- generating ------------------------------------------------------------------------
@@ -285,7 +288,7 @@ def complete_ids(
     ids = prompt_ids(loaded, prompt, chat=chat)
     check_fits(loaded, len(ids), max_new_tokens)
     return generate(loaded.model, [ids], max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed,
-                    loaded.cache_dtype)[0]
+                    loaded.cache_dtype, loaded.compile)[0]
 
 
 def complete(loaded: LoadedModel, prompt: str, *, chat: bool, **sampling: Any) -> str:
@@ -328,7 +331,7 @@ def stream_reply(
     ids = render_prompt(messages, loaded.tokenizer)
     check_fits(loaded, len(ids), max_new_tokens)
     tokens = stream(loaded.model, ids, max_new_tokens, temperature, top_k, top_p, loaded.stop_ids, seed,
-                    loaded.cache_dtype)
+                    loaded.cache_dtype, loaded.compile)
     return decode_incrementally(loaded.tokenizer, tokens)
 
 

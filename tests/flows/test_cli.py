@@ -59,12 +59,13 @@ def test_server_urls_that_do_not_answer(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
-def test_kv_cache_dtype_takes_the_names_generation_knows(command, capsys):
+def test_decode_options_take_the_names_generation_knows(command, capsys):
     from flows.cli import build_parser
     from model.generate import CACHE_DTYPES
 
     parser = build_parser()
     assert parser.parse_args(command).kv_cache_dtype == "auto"
+    assert not parser.parse_args(command).compile and parser.parse_args([*command, "--compile"]).compile
     for name in CACHE_DTYPES:
         assert parser.parse_args([*command, "--kv-cache-dtype", name]).kv_cache_dtype == name
     with pytest.raises(SystemExit):

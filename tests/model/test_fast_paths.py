@@ -196,6 +196,21 @@ def test_one_token_takes_its_experts_directly_with_the_batch_result(monkeypatch,
     torch.testing.assert_close(torch.cat(singles), batch, atol=1e-6, rtol=1e-6)
 
 
+def test_gathered_experts_give_the_batch_result():
+    """Compiled decoding's expert path (`Experts._gathered`, each token's experts indexed in
+    the products) equals the sorted layout's result, for one token and for several."""
+    torch.manual_seed(0)
+    experts = Experts(config("grouped"))
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(3, experts.gate_up_proj.shape[-1])
+    ids, weights = torch.tensor([[5, 2, 7], [1, 5, 0], [2, 0, 3]]), torch.rand(3, 3)
+    with torch.no_grad():
+        batch = experts(x, ids, weights)
+        torch.testing.assert_close(experts._gathered(x, ids, weights), batch, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(experts._gathered(x[1:2], ids[1:2], weights[1:2]), batch[1:2], atol=1e-6, rtol=1e-6)
+
+
 def test_fixed_size_expert_layout_compiles_into_one_graph(monkeypatch):
     """The layout CUDA takes in bf16 has no data-dependent size: torch.compile traces the whole
     model, forward and backward, without a graph break (fullgraph=True), with eager's loss."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from model import generate as generation
 from model.checkpoint import save_model
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -204,6 +205,19 @@ def test_a_narrower_kv_cache_is_used_for_completions_and_chat(model_dir, monkeyp
     assert cache_dtypes == [torch.float8_e4m3fn] * 2
     with pytest.raises(StageError, match="unknown KV cache dtype 'fp4': use one of auto, bf16, fp8"):
         load(str(model_dir), model_dir, kv_cache_dtype="fp4")
+
+
+def test_compiled_decoding_is_used_for_completions_and_chat(model_dir, monkeypatch):
+    """`load(compile=True)` sends both kinds of generation through the compiled step (here a
+    stand-in that records its model, so no compiler runs in this test)."""
+    compiled = load(str(model_dir), model_dir, compile=True)
+    assert compiled.compile and not load(str(model_dir), model_dir).compile
+    stepped = []
+    monkeypatch.setattr(generation, "compiled_step", lambda model: stepped.append(model) or model.forward_cached)
+    expected = complete_ids(load(str(model_dir), model_dir), "hello there", chat=True, max_new_tokens=4)
+    assert complete_ids(compiled, "hello there", chat=True, max_new_tokens=4) == expected
+    list(stream_reply(compiled, [{"role": "user", "content": "hi"}], max_new_tokens=4))
+    assert stepped == [compiled.model] * 2
 
 
 def test_a_prompt_longer_than_the_context_is_refused(loaded):
