@@ -248,6 +248,10 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`), compiled with `compile`."""
     if kv_cache_dtype not in CACHE_DTYPES:
         raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
+    # torch.compile builds C++ kernels on a CPU: say so before a long traceback from inside it would
+    if compile and device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        raise StageError("compiled decoding (--compile) needs a C++ compiler on a CPU and none was found "
+                         "(g++, clang++ or $CXX): install one, or decode without --compile")
     directory = resolve_model(ref, workspace)
     if not (directory / TOKENIZER_FILE).is_file():
         raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")

@@ -218,6 +218,9 @@ def test_compiled_decoding_is_used_for_completions_and_chat(model_dir, monkeypat
     assert complete_ids(compiled, "hello there", chat=True, max_new_tokens=4) == expected
     list(stream_reply(compiled, [{"role": "user", "content": "hi"}], max_new_tokens=4))
     assert stepped == [compiled.model] * 2
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    with pytest.raises(StageError, match="needs a C\\+\\+ compiler"):
+        load(str(model_dir), model_dir, compile=True)
 
 
 def test_a_prompt_longer_than_the_context_is_refused(loaded):
