@@ -42,10 +42,11 @@ TOKENIZER_FILE = "tokenizer.json"
 PROMPT_COLUMN = "prompt"
 RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas")
 
-# Inference params and their defaults; `chat` renders each prompt as one user turn, and
-# `kv_cache_dtype` names the decode cache's element type (`model.generate.CACHE_DTYPES`).
+# Inference params and their defaults; `chat` renders each prompt as one user turn,
+# `kv_cache_dtype` names the decode cache's element type (`model.generate.CACHE_DTYPES`), and
+# `compile` decodes through torch.compile (the first such request compiles; later ones reuse it).
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True,
-                                  "kv_cache_dtype": "auto"}
+                                  "kv_cache_dtype": "auto", "compile": False}
 
 INPUT_EXAMPLE = pd.DataFrame({PROMPT_COLUMN: ["What is 2 + 2?"]})
 SIGNATURE = ModelSignature(
@@ -59,6 +60,7 @@ SIGNATURE = ModelSignature(
         ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
         ParamSpec("chat", "boolean", DEFAULT_PARAMS["chat"]),
         ParamSpec("kv_cache_dtype", "string", DEFAULT_PARAMS["kv_cache_dtype"]),
+        ParamSpec("compile", "boolean", DEFAULT_PARAMS["compile"]),
     ]),
 )
 
@@ -106,6 +108,7 @@ class TinyseekModel(PythonModel):
             top_p=float(options["top_p"]),
             stop_ids=self.stop_ids,
             cache_dtype=CACHE_DTYPES[options["kv_cache_dtype"]],
+            compile=bool(options["compile"]),
         )
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
 

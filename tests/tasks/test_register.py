@@ -21,6 +21,7 @@ import torch
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from tokenizers import Tokenizer
 
+from model import generate as generation
 from model.checkpoint import load_model, save_model
 from model.config import ModelConfig
 from model.generate import generate
@@ -151,6 +152,12 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
     assert narrow == [expected_completion(model_dir, chat_ids, 12, torch.float8_e4m3fn)]
     with pytest.raises(Exception, match="kv_cache_dtype='fp4': use one of auto, bf16, fp8"):
         model.predict(["hi"], params={"kv_cache_dtype": "fp4"})
+
+    stepped = []  # `compile` sends decoding through the compiled step (a recording stand-in here)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "compiled_step", lambda net: stepped.append(net) or net.forward_cached)
+        assert model.predict(["hi"], params={"max_new_tokens": 6, "compile": True}) == answers[:1]
+    assert len(stepped) == 1
 
 
 def free_port() -> int:
