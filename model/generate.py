@@ -4,10 +4,15 @@ the model's dtype or a narrower one (`CACHE_DTYPES`)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import shlex
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from model.moe import Experts
 from model.transformer import Transformer
 
 # the decode cache's element type by name; "auto" keeps the model's dtype. bf16 halves an fp32
@@ -40,20 +45,34 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# graphs compiled decoding may keep for `Transformer.forward_cached`: one per model config, cache
+# dtype and batch class (one prompt or more), against torch's default of 8 per function
+RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def _compiled_forward_cached() -> Callable[..., torch.Tensor]:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(Transformer.forward_cached, fullgraph=True, dynamic=True)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU kernels with ($CXX, g++ or clang++), or None."""
+    names = [shlex.split(os.environ["CXX"])[0]] if os.environ.get("CXX", "").strip() else []
+    return next((path for name in [*names, "g++", "clang++"] if (path := shutil.which(name))), None)
+
+
 def compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
-    """`model.forward_cached` compiled with torch.compile (inductor), made once per model.
+    """`model.forward_cached` compiled with torch.compile (inductor), for decoding.
 
     A decoded token makes ~440 small calls; eagerly each costs a few µs of dispatch, about
     half of a demo model's token on a CPU. Compiled, they run as a few fused loops. The
     first call compiles (~15 s for the demo model on 2 cores; a few seconds once torch's
-    disk cache holds the kernels); the cache position is a symbolic size, and batch size 1
-    against larger batches, a mask against none, or another cache dtype compile once more.
-    The results equal eager decoding's up to rounding.
+    disk cache holds the kernels). The cache position is a symbolic size; one prompt
+    against several, and each cache dtype, compile once more. Models of one config share
+    their graphs (the weights are inputs). The results equal eager decoding's up to rounding.
     """
-    step = model.__dict__.get("_compiled_step")
-    if step is None:
-        step = model.__dict__["_compiled_step"] = torch.compile(model.forward_cached, fullgraph=True, dynamic=True)
-    return step
+    return functools.partial(_compiled_forward_cached(), model)
 
 
 @torch.inference_mode()
@@ -69,9 +88,10 @@ def decode_steps(
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, step by step ([B] per step); the cache holds
-    `cache_dtype` (None: the model's dtype). With `compile`, the steps after the prompt run
-    through `compiled_step`, over a cache of the model's whole context, so that its size
-    does not change from one generation to the next."""
+    `cache_dtype` (None: the model's dtype). With `compile`, the steps after the prompt of a
+    batch of up to `Experts.DECODE_ROWS` prompts run through `compiled_step`, with a mask and
+    over a cache of the model's whole context, so that shapes do not change from one
+    generation to the next; larger batches decode eagerly."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -90,6 +110,10 @@ def decode_steps(
     )
     slots = torch.arange(total, device=device)
     visible = slots[None, :] >= pads[:, None]  # [B, total]: slots holding real tokens
+    compile = compile and len(prompts) <= Experts.DECODE_ROWS
+    if compile and device.type == "cpu" and cpp_compiler() is None:
+        raise ValueError("compiled decoding needs a C++ compiler on a CPU (torch.compile builds its kernels "
+                         "with $CXX, g++ or clang++) and none was found: install one or decode eagerly")
     caches = model.new_caches(len(prompts), limit if compile else total, cache_dtype)
     step_forward = compiled_step(model) if compile else model.forward_cached
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -109,7 +133,8 @@ def decode_steps(
                 break
             start = longest + step
             positions = (start - pads)[:, None]
-            step_mask = visible[:, None, : start + 1] if padded else None  # without padding every slot is visible
+            # without padding every slot is visible (compiled: a mask all the same, one graph fewer)
+            step_mask = visible[:, None, : start + 1] if padded or compile else None
             logits = step_forward(token[:, None], positions, caches, start, step_mask)[:, -1]
     finally:
         model.train(was_training)

@@ -105,8 +105,9 @@ class Experts(nn.Module):
     ROWS = 128
     ALIGN = 8
     # rows (one per sequence when decoding) up to which a compiled model outside autograd takes
-    # `_gathered`; a longer input keeps the layouts, whose grouped matmuls suit many rows
-    DECODE_ROWS = 256
+    # `_gathered`, which reads every row's own experts; compiled decoding takes batches up to this
+    # size (`model.generate.decode_steps`), larger ones decode eagerly
+    DECODE_ROWS = 64
 
     def __init__(self, config: ModelConfig):
         super().__init__()

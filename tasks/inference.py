@@ -36,7 +36,7 @@ from mlflow.models import Model
 from tokenizers import Tokenizer
 
 from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
-from model.generate import CACHE_DTYPES, generate, stream
+from model.generate import CACHE_DTYPES, cpp_compiler, generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
@@ -248,8 +248,7 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`), compiled with `compile`."""
     if kv_cache_dtype not in CACHE_DTYPES:
         raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
-    # torch.compile builds C++ kernels on a CPU: say so before a long traceback from inside it would
-    if compile and device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+    if compile and device == "cpu" and cpp_compiler() is None:  # said before loading, not at the first reply
         raise StageError("compiled decoding (--compile) needs a C++ compiler on a CPU and none was found "
                          "(g++, clang++ or $CXX): install one, or decode without --compile")
     directory = resolve_model(ref, workspace)

@@ -118,8 +118,8 @@ def test_batched_generation_with_left_padding_matches_single_prompts():
 
 def test_compiled_decoding_matches_eager_decoding():
     """`compile=True` runs the steps after the prompt through torch.compile (inductor, the
-    whole step as one graph): the same greedy tokens as eager decoding, for one prompt and
-    for a left-padded batch, and the same logits up to rounding."""
+    whole step as one graph): the same greedy tokens as eager decoding, for one prompt, for a
+    left-padded batch and over an fp8 cache, and the same logits up to rounding."""
     from torch._dynamo.utils import counters
 
     model = make("grouped").eval()
@@ -127,6 +127,8 @@ def test_compiled_decoding_matches_eager_decoding():
     graphs = counters["stats"]["unique_graphs"]
     assert generate(model, prompts[:1], max_new_tokens=8, compile=True) == generate(model, prompts[:1], 8)
     assert generate(model, prompts, max_new_tokens=8, compile=True) == generate(model, prompts, 8)
+    fp8 = torch.float8_e4m3fn
+    assert generate(model, prompts, 8, cache_dtype=fp8, compile=True) == generate(model, prompts, 8, cache_dtype=fp8)
     assert counters["stats"]["unique_graphs"] > graphs  # it did compile
     ids = torch.randint(0, 97, (1, 20))
     with torch.inference_mode():
@@ -134,9 +136,30 @@ def test_compiled_decoding_matches_eager_decoding():
         for name, step in ("eager", model.forward_cached), ("compiled", compiled_step(model)):
             caches = model.new_caches(1, 64)
             model.forward_cached(ids[:, :10], torch.arange(10)[None], caches, 0, None)
-            logits[name] = torch.cat([step(ids[:, t : t + 1], torch.tensor([[t]]), caches, t, None)
+            logits[name] = torch.cat([step(ids[:, t : t + 1], torch.tensor([[t]]), caches, t, torch.ones(1, 1, t + 1,
+                                                                                                   dtype=torch.bool))
                                       for t in range(10, 20)], dim=1)
     torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoding_takes_batches_it_can_and_needs_a_compiler(monkeypatch):
+    """Batches above `Experts.DECODE_ROWS` prompts decode eagerly even with compile=True, and
+    without a C++ compiler a CPU refuses compiled decoding with a message (both checked with a
+    stand-in for the compiled step, so nothing compiles here)."""
+    from model import generate as generation
+    from model.moe import Experts
+
+    model = make()
+    stepped = []
+    monkeypatch.setattr(generation, "compiled_step", lambda net: stepped.append(net) or net.forward_cached)
+    monkeypatch.setattr(generation, "cpp_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(Experts, "DECODE_ROWS", 2)
+    generate(model, [[1, 2], [3, 4]], max_new_tokens=3, compile=True)
+    generate(model, [[1, 2], [3, 4], [5, 6]], max_new_tokens=3, compile=True)
+    assert stepped == [model]
+    monkeypatch.setattr(generation, "cpp_compiler", lambda: None)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        generate(model, [[1, 2]], max_new_tokens=3, compile=True)
 
 
 def test_generation_stops_and_samples_reproducibly():

@@ -210,6 +210,8 @@ def test_a_narrower_kv_cache_is_used_for_completions_and_chat(model_dir, monkeyp
 def test_compiled_decoding_is_used_for_completions_and_chat(model_dir, monkeypatch):
     """`load(compile=True)` sends both kinds of generation through the compiled step (here a
     stand-in that records its model, so no compiler runs in this test)."""
+    for module in inference, generation:  # as on a machine with a C++ compiler
+        monkeypatch.setattr(module, "cpp_compiler", lambda: "/usr/bin/g++")
     compiled = load(str(model_dir), model_dir, compile=True)
     assert compiled.compile and not load(str(model_dir), model_dir).compile
     stepped = []
@@ -218,7 +220,7 @@ def test_compiled_decoding_is_used_for_completions_and_chat(model_dir, monkeypat
     assert complete_ids(compiled, "hello there", chat=True, max_new_tokens=4) == expected
     list(stream_reply(compiled, [{"role": "user", "content": "hi"}], max_new_tokens=4))
     assert stepped == [compiled.model] * 2
-    monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    monkeypatch.setattr(inference, "cpp_compiler", lambda: None)  # a machine without one
     with pytest.raises(StageError, match="needs a C\\+\\+ compiler"):
         load(str(model_dir), model_dir, compile=True)
 

@@ -156,6 +156,7 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
     stepped = []  # `compile` sends decoding through the compiled step (a recording stand-in here)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "compiled_step", lambda net: stepped.append(net) or net.forward_cached)
+        patch.setattr(generation, "cpp_compiler", lambda: "/usr/bin/g++")
         assert model.predict(["hi"], params={"max_new_tokens": 6, "compile": True}) == answers[:1]
     assert len(stepped) == 1
 
