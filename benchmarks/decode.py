@@ -114,8 +114,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"config {args.config}: batch {args.batch}, prompt {args.prompt} tokens, {args.new} new tokens, greedy, "
           f"fp32, our KV cache {args.kv_cache_dtype}, {'compiled' if args.compile else 'eager'}; same weights; "
-          f"completions identical: "
-          f"{hf_tokens == results['ours']}")
+          f"completions identical: {hf_tokens == results['ours']}")
     print(table([("generate tokens/s", generated["hf"], generated["ours"], "(higher is better; prefill included)"),
                  ("decode tokens/s", decoded["hf"], decoded["ours"], "(higher is better; after the prefill)"),
                  ("KV cache bytes/token", hf_bytes, ours_bytes, "(lower is better; all layers)")]))

@@ -182,8 +182,8 @@ def load_model(args: argparse.Namespace):
     root = prepare_environment(args.workspace)
     from tasks import inference
 
-    loaded = inference.load(args.model, root, device=args.device, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                            compile=getattr(args, "compile", False))
+    loaded = inference.load(args.model, root, device=args.device,
+                            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), compile=getattr(args, "compile", False))
     if loaded.compile:
         print("compiled decoding: the first reply waits for torch.compile (~15 s for the demo model; a few "
               "seconds once torch's disk cache holds it)", file=sys.stderr)
