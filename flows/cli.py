@@ -155,11 +155,33 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
+def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, and refuse a value that is not `expected`
+    (argparse then prints the usage and one error line)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+        return value
+
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 0, "a whole number >= 0")
+POSITIVE = checked(int, lambda n: n >= 1, "a whole number >= 1")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--max-new-tokens", type=COUNT, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--temperature", type=checked(float, lambda t: t >= 0, "a number >= 0"), default=0.0,
+                        help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,
+                        help="nucleus sampling threshold (default: 1.0)")
+    parser.add_argument("--top-k", type=COUNT, default=0, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
 
 
@@ -290,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("next-token", help="the most probable next tokens and their probabilities")
     add_model_option(sub)
     sub.add_argument("--prompt", required=True, help="the text whose next token to show")
-    sub.add_argument("--top", type=int, default=10, help="how many tokens to show (default: 10)")
+    sub.add_argument("--top", type=POSITIVE, default=10, help="how many tokens to show (default: 10)")
     sub.add_argument("--chat", action="store_true", help="render the prompt as a chat message first")
     add_workspace(sub)
     sub.set_defaults(handler=next_token_command)
@@ -309,12 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
-    from model.config import ConfigError
-    from tasks.stage import StageError
+    from tasks.stage import USER_ERRORS
 
     try:
         args.handler(args)
-    except (UserError, StageError, ConfigError) as exc:
+    except (UserError, *USER_ERRORS) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -39,12 +40,27 @@ from tasks.instructions import eval_texts
 from tasks.pretrain import pretrain
 from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
 from tasks.report import markdown_table, write_report
-from tasks.stage import Ref, workspace
+from tasks.stage import USER_ERRORS, Ref, workspace
 from tasks.tokenize import TokenData, tokenize
 from tasks.tracking import MetricsCallback, Tracker, run_tags, system_metrics
 from tasks.training import read_history
 
 StageWork = Callable[[Callable[[int, dict[str, float]], None]], Ref]
+
+
+class UserErrorWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback. A `USER_ERRORS` message
+    already says what to fix, and two pages of engine frames would bury it; any other
+    exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _run_logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_run_logger).addFilter(UserErrorWithoutTraceback())
 
 
 @dataclass

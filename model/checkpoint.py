@@ -274,8 +274,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except CheckpointError:
         raise
     except Exception as exc:  # any unreadable file, bad JSON or refused pickle makes it unusable
-        first_line = next(iter(str(exc).splitlines()), "")
-        raise CheckpointError(f"{type(exc).__name__}: {first_line}") from exc
+        raise CheckpointError(_first_line(exc)) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    """What went wrong reading a file, in one line (safetensors and torch errors run long)."""
+    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
 
 
 def load_latest(dir: Path, *, on_warning: Callable[[str], None] | None = None) -> Checkpoint | None:
@@ -305,9 +309,13 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """Load a directory written by `save_model` into a `Transformer` (eval mode)."""
+    """Load a directory written by `save_model` into a `Transformer` (eval mode); a missing
+    or damaged file raises `CheckpointError` naming the directory."""
     src = Path(directory)
-    config = ModelConfig.from_dict(json.loads((src / MODEL_CONFIG_FILE).read_text()))
-    model = Transformer(config)
-    model.load_state_dict(_load_model_state(src / MODEL_FILE))
+    try:
+        config = ModelConfig.from_dict(json.loads((src / MODEL_CONFIG_FILE).read_text()))
+        model = Transformer(config)
+        model.load_state_dict(_load_model_state(src / MODEL_FILE))
+    except Exception as exc:  # unreadable or truncated files, bad JSON, weights of another shape
+        raise CheckpointError(f"cannot load the model in {src} ({_first_line(exc)})") from exc
     return model.to(device).eval()

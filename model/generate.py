@@ -5,14 +5,12 @@ the model's dtype or a narrower one (`CACHE_DTYPES`)."""
 from __future__ import annotations
 
 import functools
-import os
-import shlex
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from model.moe import Experts
+from model.perf import cpp_compiler
 from model.transformer import Transformer
 
 # the decode cache's element type by name; "auto" keeps the model's dtype. bf16 halves an fp32
@@ -56,12 +54,6 @@ def _compiled_forward_cached() -> Callable[..., torch.Tensor]:
     return torch.compile(Transformer.forward_cached, fullgraph=True, dynamic=True)
 
 
-def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile builds CPU kernels with ($CXX, g++ or clang++), or None."""
-    names = [shlex.split(os.environ["CXX"])[0]] if os.environ.get("CXX", "").strip() else []
-    return next((path for name in [*names, "g++", "clang++"] if (path := shutil.which(name))), None)
-
-
 def compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
     """`model.forward_cached` compiled with torch.compile (inductor), for decoding.
 
@@ -94,6 +86,9 @@ def decode_steps(
     generation to the next; larger batches decode eagerly."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generation needs max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; "
+                         f"got {max_new_tokens}, {temperature}, {top_k} and {top_p}")
     longest = max(len(p) for p in prompts)
     limit = model.config.max_position_embeddings
     if longest + max_new_tokens > limit:

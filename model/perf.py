@@ -1,9 +1,13 @@
-"""The matmul peak of this machine, measured, so MFU is a fraction of what the hardware
-actually does here rather than of a datasheet number."""
+"""What this machine can do: its matmul peak, measured, so MFU is a fraction of what the
+hardware actually does here rather than of a datasheet number; and whether torch.compile
+can build CPU kernels here."""
 
 from __future__ import annotations
 
 import functools
+import os
+import shlex
+import shutil
 import time
 
 import torch
@@ -26,3 +30,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048
             torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU kernels with ($CXX, g++ or clang++), or None."""
+    names = [shlex.split(os.environ["CXX"])[0]] if os.environ.get("CXX", "").strip() else []
+    return next((path for name in [*names, "g++", "clang++"] if (path := shutil.which(name))), None)

@@ -36,8 +36,9 @@ from mlflow.models import Model
 from tokenizers import Tokenizer
 
 from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
-from model.generate import CACHE_DTYPES, cpp_compiler, generate, stream
+from model.generate import CACHE_DTYPES, generate, stream
 from model.hf import export_hf as export_hf_weights
+from model.perf import cpp_compiler
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
 from tasks.stage import StageError
@@ -461,8 +462,11 @@ def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
     """Write a directory `transformers` loads with `AutoModelForCausalLM` and `AutoTokenizer`:
     the DeepseekV3 weights and config, the tokenizer with the chat template, and a generation
     config that stops at the end of a turn."""
-    out = export_hf_weights(loaded.model, out_dir)
-    loaded.tokenizer.save(str(out / TOKENIZER_FILE))
-    for name, content in tokenizer_files(loaded).items():
-        (out / name).write_text(json.dumps(content, indent=2))
+    try:
+        out = export_hf_weights(loaded.model, out_dir)
+        loaded.tokenizer.save(str(out / TOKENIZER_FILE))
+        for name, content in tokenizer_files(loaded).items():
+            (out / name).write_text(json.dumps(content, indent=2))
+    except OSError as exc:
+        raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     return out

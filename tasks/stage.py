@@ -26,6 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from model.checkpoint import CheckpointError
+from model.config import ConfigError
+
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("torch", "tokenizers", "tiktoken", "datasets", "pyarrow", "numpy", "rensa", "prefect", "mlflow")
@@ -33,6 +36,11 @@ TOOLS = ("torch", "tokenizers", "tiktoken", "datasets", "pyarrow", "numpy", "ren
 
 class StageError(RuntimeError):
     """A problem the user can fix (bad input, bad config); its message is shown as is."""
+
+
+# errors whose message says what to fix: the CLI shows them as one line, and a flow run's log
+# without a traceback
+USER_ERRORS = (StageError, ConfigError, CheckpointError)
 
 
 class Ref(BaseModel):

@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.checkpoint import save_model
-from model.trainer import TrainConfig, Trainer
+from model.perf import cpp_compiler
+from model.trainer import NonFiniteLoss, TrainConfig, Trainer
 from model.transformer import parameter_counts
 from tasks.stage import StageError
 
@@ -153,6 +154,9 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train in this process, or under torchrun when the stage's `devices` > 1."""
     settings: TrainingConfig = getattr(config, stage)
+    if settings.compile and settings.torch_device().type == "cpu" and cpp_compiler() is None:
+        raise StageError(f"{stage}.compile needs a C++ compiler on a CPU and none was found (g++, clang++ or $CXX): "
+                         f"install one, or train eagerly with {stage}.compile=false")
     if settings.devices > 1:
         from tasks import distributed
 
@@ -161,7 +165,10 @@ def train_stage(
     trainer = build_trainer(**upstream, config=config, checkpoints=checkpoints, **trainer_options)
     trainer.callback = callback or trainer.callback
     trainer.warn = log
-    return train_into(out, trainer, tokenizer_dir, log=log)
+    try:
+        return train_into(out, trainer, tokenizer_dir, log=log)
+    except NonFiniteLoss as exc:
+        raise StageError(f"{stage}: {exc}") from None
 
 
 def read_history(ref_dir: Path) -> list[dict[str, float]]:

@@ -73,6 +73,46 @@ def test_decode_options_take_the_names_generation_knows(command, capsys):
     assert "invalid choice: 'fp4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, value, says",
+    [("--max-new-tokens", "-1", "a whole number >= 0"), ("--max-new-tokens", "many", "a whole number >= 0"),
+     ("--temperature", "-0.5", "a number >= 0"), ("--top-p", "0", "in (0, 1]"), ("--top-k", "-3", ">= 0")],
+)
+def test_sampling_options_out_of_range_are_refused_before_loading(option, value, says, capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", option, value])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument {option}: " in last and says in last, last
+
+
 def test_missing_model_reference(tmp_path):
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(tmp_path / "none"))
     assert_one_line_error(result, "no model directory")
+
+
+def test_an_error_inside_a_stage_is_one_line_in_the_log_too(tmp_path):
+    """A stage's own error reaches the user as one line; Prefect's log of the failed task and
+    flow says it without the engine's traceback (the data stages before it run for real)."""
+    result = tinyseek("pretrain", "--preset", "tiny", "--workspace", str(tmp_path), "--set", "pretrain.seq_len=999")
+    assert_one_line_error(result, "pretrain.seq_len=999 exceeds model.max_position_embeddings")
+    assert "Task run failed with exception: StageError('pretrain.seq_len=999" in result.stderr
+
+
+def test_a_damaged_model_directory(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from model.checkpoint import MODEL_FILE, save_model
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    model_dir = tmp_path / "model"
+    save_model(Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                       intermediate_size=48)), model_dir)
+    Tokenizer(models.BPE()).save(str(model_dir / "tokenizer.json"))
+    weights = model_dir / MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(model_dir))
+    assert_one_line_error(result, f"cannot load the model in {model_dir}")

@@ -1,6 +1,7 @@
 """The training engine: learning, exact resume after SIGKILL, checkpoint fallback,
 non-finite loss, and DDP equivalence."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -98,6 +99,40 @@ def test_corrupted_checkpoint_falls_back_to_the_previous(tmp_path):
     trainer.warn = warnings.append
     assert trainer.resume() and trainer.step == 5
     assert "step-000010" in warnings[0] and "checksum" in warnings[0]
+
+
+def test_compiled_training_gives_eager_losses_and_resumes_exactly(tmp_path, monkeypatch):
+    """`compile=True` trains through torch.compile: the losses are eager's, and a compiled run
+    resumed from its checkpoint ends with the weights of one that ran straight through. The
+    suite compiles with dynamo and AOT autograd over eager kernels ('aot_eager'): inductor's
+    C++ kernels would take ~50 s here (the benchmarks measure them)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    losses = {}
+    for name, compile in ("eager", False), ("compiled", True):
+        (tmp_path / name).mkdir()
+        trainer = make_trainer(tmp_path / name, steps=6, checkpoint_every=3, eval_every=100, compile=compile)
+        assert (trainer.net is not trainer.model) == compile
+        trainer.callback = lambda step, metrics: losses.setdefault(name, []).append(metrics["loss"])
+        trainer.fit()
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
+    (tmp_path / "resumed").mkdir()
+    first = make_trainer(tmp_path / "resumed", steps=6, checkpoint_every=3, eval_every=100, compile=True)
+
+    def stop_at_4(step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt  # a run stopped after its step-3 checkpoint
+
+    first.callback = stop_at_4
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    second = make_trainer(tmp_path / "resumed", steps=6, checkpoint_every=3, eval_every=100, compile=True)
+    assert second.resume() and second.step == 3
+    second.fit()
+    straight = load_file(str(tmp_path / "compiled" / "ckpt" / "step-000006" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "ckpt" / "step-000006" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 WORKER = textwrap.dedent(

@@ -400,3 +400,9 @@ def test_resolving_needs_no_global_mlflow_state(registry, monkeypatch, tmp_path)
     shutil.rmtree(root / "models-cache", ignore_errors=True)
     assert resolve_model("models:/tinyseek@champion", root).is_dir()
     assert not os.path.exists(tmp_path / "mlflow.db") and not os.path.exists(tmp_path / "mlruns")
+
+
+def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(StageError, match="cannot write the export to .*file/hf: Not a directory"):
+        export_hf(loaded, tmp_path / "file" / "hf")

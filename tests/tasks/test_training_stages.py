@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from model.checkpoint import load_model
+from tasks import training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
@@ -63,3 +64,17 @@ def test_two_devices_train_under_torchrun(tokens):
     assert [step for step, _ in logged] == list(range(1, 7))
     assert ref.counts["steps"] == 6 and (ref.dir / "model.safetensors").exists()
     assert not list(ref.dir.glob("ddp-*"))
+
+
+def test_a_diverged_run_is_a_stage_error_that_names_the_stage(tokens):
+    root, toks = tokens
+    config = quick("pretrain.lr=1e9", "pretrain.min_lr=0", "pretrain.warmup_steps=0", "pretrain.mtp_lambda=0")
+    with pytest.raises(StageError, match=r"^pretrain: training stopped at step \d+: loss is nan"):
+        pretrain(toks, config, root, log=lambda m: None)
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_clear_error(tokens, monkeypatch):
+    root, toks = tokens
+    monkeypatch.setattr(training, "cpp_compiler", lambda: None)
+    with pytest.raises(StageError, match="pretrain.compile needs a C\\+\\+ compiler .* pretrain.compile=false"):
+        pretrain(toks, quick("pretrain.compile=true", "pretrain.device=cpu"), root)
