@@ -49,6 +49,9 @@ def tokenizer_dir(tokens: Ref) -> Path:
 
 def continue_from(net: Transformer, directory: Path, data: TokenData) -> None:
     """Start from an earlier model's weights; it must share this run's tokenizer and shape."""
+    if not (directory / "tokenizer.json").is_file():
+        raise StageError(f"pretrain.init_from={directory} is not a model directory (it has no tokenizer.json): "
+                         "give a finished pretrain or finetune output, or null to train from scratch")
     same_tokenizer = (directory / "tokenizer.json").read_bytes() == (data.tokenizer_dir / "tokenizer.json").read_bytes()
     if not same_tokenizer:
         raise StageError(

@@ -113,3 +113,17 @@ def test_report_has_every_section(built):
     assert text.count("**drop reasons**") == 1
     assert "None/" not in text  # the temporary Prefect server has no UI to link to
     assert list(report.parent.glob("*.png"))
+
+
+def test_retraining_fetches_again_once_per_token_and_can_continue_from_the_champion(tmp_path, monkeypatch):
+    from flows import pipeline
+    from tasks.config import load_config
+
+    config = load_config("tiny")
+    monkeypatch.setattr(pipeline, "resolve_model", lambda ref, root: root / f"champion of {ref}")
+    fresh = pipeline.retrain_config(config, tmp_path, False, "event-1")
+    assert fresh.pretrain.init_from is None
+    assert fresh.collect.refresh == pipeline.retrain_config(config, tmp_path, False, "event-1").collect.refresh
+    assert fresh.collect.refresh != pipeline.retrain_config(config, tmp_path, False, "event-2").collect.refresh
+    continued = pipeline.retrain_config(config, tmp_path, True, "event-1")
+    assert continued.pretrain.init_from == str(tmp_path / "champion of models:/tinyseek@champion")

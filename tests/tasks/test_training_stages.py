@@ -1,8 +1,10 @@
 """The pretrain and finetune stages on the tiny preset: outputs, reuse, and torchrun DDP."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import load_model
@@ -12,7 +14,7 @@ from tasks.collect import collect
 from tasks.config import load_config
 from tasks.finetune import finetune
 from tasks.instructions import eval_texts
-from tasks.pretrain import pretrain
+from tasks.pretrain import build_trainer, pretrain
 from tasks.stage import StageError
 from tasks.tokenize import tokenize
 from tasks.training import read_history
@@ -78,3 +80,22 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_clear_error(tokens, monk
     monkeypatch.setattr(training, "cpp_compiler", lambda: None)
     with pytest.raises(StageError, match="pretrain.compile needs a C\\+\\+ compiler .* pretrain.compile=false"):
         pretrain(toks, quick("pretrain.compile=true", "pretrain.device=cpu"), root)
+
+
+def test_pretraining_can_continue_from_a_model_of_the_same_tokenizer_and_shape(tokens, tmp_path):
+    root, toks = tokens
+    base = pretrain(toks, quick(), root, log=lambda m: None)
+    trainer = build_trainer(toks, quick(f"pretrain.init_from={base.dir}"), tmp_path / "ckpt")
+    start = trainer.model.state_dict()
+    for name, tensor in load_file(str(base.dir / "model.safetensors")).items():
+        assert torch.equal(start[name], tensor), name
+    with pytest.raises(StageError, match="is not a model directory"):
+        pretrain(toks, quick(f"pretrain.init_from={tmp_path / 'nowhere'}"), root)
+    with pytest.raises(StageError, match="its model config differs"):
+        pretrain(toks, quick(f"pretrain.init_from={base.dir}", "model.intermediate_size=96"), root)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(base.dir, other)
+    with open(other / "tokenizer.json", "a") as handle:
+        handle.write("\n")  # any other bytes: a tokenizer trained on another corpus
+    with pytest.raises(StageError, match="the corpus produced a different tokenizer"):
+        pretrain(toks, quick(f"pretrain.init_from={other}"), root)
