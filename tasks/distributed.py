@@ -2,12 +2,16 @@
 
 The parent writes a JSON spec, runs `torchrun -m tasks.train_worker SPEC` (DDP: gloo on
 CPU, NCCL on CUDA) and follows the metrics file that rank 0 appends to, so the same
-callback (MLflow, progress) sees the run as if it were in-process.
+callback (MLflow, progress) sees the run as if it were in-process. A rank that stops on an
+error the user can fix (a diverged loss, bad settings) writes its message to the error
+file; the stage then fails with that message alone, instead of torchrun's report and a
+traceback per rank.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +24,8 @@ from tasks.stage import Ref, StageError
 SPEC = "ddp-spec.json"
 METRICS = "ddp-metrics.jsonl"
 RESULT = "ddp-result.json"
+ERROR = "ddp-error.txt"
+STDERR = "ddp-stderr.log"
 
 
 def _follow(path: Path, offset: int, callback: Callable[[int, dict[str, float]], None] | None) -> int:
@@ -57,20 +63,26 @@ def launch(
         "checkpoints": str(checkpoints),
         "metrics": str(out / METRICS),
         "result": str(out / RESULT),
+        "error": str(out / ERROR),
     }
     (out / SPEC).write_text(json.dumps(spec))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "tasks.train_worker", str(out / SPEC)]
     log(f"launching {devices} training processes: {' '.join(command[2:])}")
-    proc = subprocess.Popen(command)
-    offset = 0
-    while proc.poll() is None:
-        offset = _follow(out / METRICS, offset, callback)
-        time.sleep(0.5)
-    _follow(out / METRICS, offset, callback)
+    with open(out / STDERR, "w+") as stderr:
+        proc = subprocess.Popen(command, stderr=stderr)
+        offset = 0
+        while proc.poll() is None:
+            offset = _follow(out / METRICS, offset, callback)
+            time.sleep(0.5)
+        _follow(out / METRICS, offset, callback)
+        if proc.returncode != 0 and (out / ERROR).exists():
+            raise StageError((out / ERROR).read_text())
+        stderr.seek(0)
+        shutil.copyfileobj(stderr, sys.stderr)  # warnings, and the traceback of a crash
     if proc.returncode != 0:
         raise StageError(f"distributed {stage} failed (torchrun exit code {proc.returncode}); see the log above")
     result = json.loads((out / RESULT).read_text())
-    for name in (SPEC, METRICS, RESULT):
+    for name in (SPEC, METRICS, RESULT, STDERR):
         (out / name).unlink(missing_ok=True)
     return result

@@ -13,13 +13,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.trainer import NonFiniteLoss
 from tasks.config import PipelineConfig
-from tasks.stage import Ref
+from tasks.stage import USER_ERRORS, Ref
 from tasks.training import train_into
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    try:
+        train(spec)
+    except (NonFiniteLoss, *USER_ERRORS) as exc:
+        try:  # every rank stops on the same error; the first to get here says it
+            with open(spec["error"], "x") as handle:
+                handle.write(f"{spec['stage']}: {exc}" if isinstance(exc, NonFiniteLoss) else str(exc))
+        except FileExistsError:
+            pass
+        sys.exit(1)  # not 0: torchrun then stops ranks still waiting for this one
+
+
+def train(spec: dict) -> None:
+    """Join the process group, build this rank's trainer and train; rank 0 writes the model."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -68,9 +68,13 @@ def test_two_devices_train_under_torchrun(tokens):
     assert not list(ref.dir.glob("ddp-*"))
 
 
-def test_a_diverged_run_is_a_stage_error_that_names_the_stage(tokens):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_diverged_run_is_a_stage_error_that_names_the_stage(tokens, devices):
+    """In one process or under torchrun, where each rank stops on it and the stage fails
+    with the message alone."""
     root, toks = tokens
-    config = quick("pretrain.lr=1e9", "pretrain.min_lr=0", "pretrain.warmup_steps=0", "pretrain.mtp_lambda=0")
+    config = quick("pretrain.lr=1e9", "pretrain.min_lr=0", "pretrain.warmup_steps=0", "pretrain.mtp_lambda=0",
+                   f"pretrain.devices={devices}", f"pretrain.micro_batch={4 // devices}")
     with pytest.raises(StageError, match=r"^pretrain: training stopped at step \d+: loss is nan"):
         pretrain(toks, config, root, log=lambda m: None)
 
