@@ -150,9 +150,10 @@ def _dataset_source(source: str) -> DatasetSource:
 
 
 def _parquet_sample(path: Path) -> pd.DataFrame | None:
-    """The first rows of a Parquet file or directory of Parquet files; None for anything else."""
+    """The first rows of a Parquet file, or of a stage directory's data shards
+    (`shard-*.parquet`: its quarantine file is not the dataset); None for anything else."""
     if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
+        files = sorted(path.rglob("shard-*.parquet"))
     else:
         files = [path] if path.suffix == ".parquet" else []
     if not files:

@@ -170,6 +170,8 @@ def test_datasets_from_frames_parquet_and_other_paths(tracker, tmp_path):
     shards.mkdir()
     for i in range(2):
         pq.write_table(pa.table({"text": [f"doc {i}-{j}" for j in range(3)]}), shards / f"shard-{i}.parquet")
+    # a stage's quarantine beside its shards, here with nothing in it (columns of type null)
+    pq.write_table(pa.table({"reason": pa.nulls(0)}), shards / "quarantine.parquet")
     tokens = tmp_path / "tokens"
     tokens.mkdir()
     (tokens / "train.bin").write_bytes(b"\x00" * 8)
@@ -185,6 +187,7 @@ def test_datasets_from_frames_parquet_and_other_paths(tracker, tmp_path):
     assert inputs["sample"].dataset.digest == "fp123"
     assert {c["name"] for c in json.loads(inputs["sample"].dataset.schema)["mlflow_colspec"]} == {"text", "chars"}
     assert json.loads(inputs["clean"].dataset.profile)["num_rows"] == 6
+    assert {c["name"] for c in json.loads(inputs["clean"].dataset.schema)["mlflow_colspec"]} == {"text"}
     assert json.loads(inputs["clean"].dataset.source)["uri"] == str(shards)
     assert inputs["tokens"].dataset.digest == "fp456"
     assert inputs["tokens"].dataset.schema is None
