@@ -78,15 +78,19 @@ def ephemeral_database(home: Path) -> Path:
     raise UserError(f"64 tinyseek runs already use {home}; wait for some to finish")
 
 
-def check_servers() -> None:
-    """Fail fast, in one line, when a configured Prefect or MLflow server does not answer."""
+def check_servers(variables: tuple[str, ...] = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")) -> None:
+    """Fail fast, in one line, when a configured Prefect or MLflow server does not answer
+    (MLflow also takes a local store: a URI that is not http(s) is not probed)."""
     import httpx
 
-    for variable, probe in (("PREFECT_API_URL", "/health"), ("MLFLOW_TRACKING_URI", "/health")):
+    for variable in variables:
         url = os.environ.get(variable, "")
+        if variable == "PREFECT_API_URL" and url and not url.startswith(("http://", "https://")):
+            raise UserError(f"PREFECT_API_URL={url} is not an http(s) URL: give the server's API, "
+                            "e.g. http://127.0.0.1:4200/api")
         if not url.startswith(("http://", "https://")):
             continue
-        target = url.rstrip("/") + probe
+        target = url.rstrip("/") + "/health"
         try:
             httpx.get(target, timeout=5).raise_for_status()
         except httpx.HTTPError as exc:
@@ -152,7 +156,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/tinyseek@champion",
                         help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, an MLflow run id, or a model "
                         "directory (default: models:/tinyseek@champion in the workspace's MLflow store)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
 
 
 def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
@@ -182,7 +186,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,
                         help="nucleus sampling threshold (default: 1.0)")
     parser.add_argument("--top-k", type=COUNT, default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**63, "a whole number from 0 to 2**63 - 1"),
+                        help="seed for sampling")
 
 
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +207,8 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_model(args: argparse.Namespace):
     root = prepare_environment(args.workspace)
+    if not Path(args.model).is_dir():  # a registry reference: a dead server would be retried for minutes
+        check_servers(("MLFLOW_TRACKING_URI",))
     from tasks import inference
 
     loaded = inference.load(args.model, root, device=args.device,
@@ -240,8 +247,9 @@ def serve_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
     config = load_config(args.preset, args.config, args.overrides)
-    from flows.deploy import serve
+    from flows.deploy import check_cron, serve
 
+    check_cron(args.cron)
     serve(config, str(root), args.cron)
 
 
@@ -250,8 +258,9 @@ def up_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
     load_config(args.preset, args.config, args.overrides)  # fail here, before starting servers
-    from flows.deploy import up
+    from flows.deploy import check_cron, up
 
+    check_cron(args.cron)
     serve_args = ["--preset", args.preset, "--workspace", str(root), "--cron", args.cron]
     serve_args += ["--config", args.config] if args.config else []
     for assignment in args.overrides:

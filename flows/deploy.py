@@ -59,6 +59,18 @@ def deployments(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_
     return out
 
 
+def check_cron(cron: str) -> None:
+    """Refuse a retrain schedule Prefect would refuse, before any server starts."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise StageError(f"--cron {cron!r} is not a cron schedule: five fields, minute hour day month weekday, "
+                         f"e.g. {DEFAULT_CRON!r} (daily at 03:00)") from None
+
+
 def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> None:
     """Serve all deployments until interrupted (needs a Prefect server)."""
     if not os.environ.get("PREFECT_API_URL"):
@@ -130,10 +142,13 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     print(f"MLflow UI:  http://{host}:{mlflow_port}")
     print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); Ctrl-C stops everything")
     procs.append(subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True))
+    code = 0
     try:
-        procs[-1].wait()
+        code = procs[-1].wait()
     except KeyboardInterrupt:
         pass
     finally:
         stop(procs[::-1])
         print("stopped the deployments, the Prefect server and the MLflow server")
+    if code:
+        raise StageError(f"serving the deployments failed (`tinyseek serve` exited with code {code}); its error is above")

@@ -249,6 +249,8 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`), compiled with `compile`."""
     if kv_cache_dtype not in CACHE_DTYPES:
         raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda: no CUDA device is available here; use --device cpu")
     if compile and device == "cpu" and cpp_compiler() is None:  # said before loading, not at the first reply
         raise StageError("compiled decoding (--compile) needs a C++ compiler on a CPU and none was found "
                          "(g++, clang++ or $CXX): install one, or decode without --compile")

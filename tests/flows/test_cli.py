@@ -56,6 +56,16 @@ def test_server_urls_that_do_not_answer(tmp_path):
     assert_one_line_error(result, "PREFECT_API_URL", "does not answer")
     result = tinyseek("data", "--workspace", str(tmp_path), MLFLOW_TRACKING_URI=dead)
     assert_one_line_error(result, "MLFLOW_TRACKING_URI", "does not answer")
+    result = tinyseek("generate", "--prompt", "hi", "--workspace", str(tmp_path), MLFLOW_TRACKING_URI=dead)
+    assert_one_line_error(result, "MLFLOW_TRACKING_URI", "does not answer")  # not minutes of retries
+    result = tinyseek("data", "--workspace", str(tmp_path), PREFECT_API_URL=dead.removeprefix("http://"))
+    assert_one_line_error(result, "PREFECT_API_URL", "is not an http(s) URL")
+
+
+def test_a_retrain_schedule_that_is_not_cron_is_refused_before_serving(tmp_path):
+    for command in "serve", "up":
+        result = tinyseek(command, "--workspace", str(tmp_path), "--cron", "every day")
+        assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
@@ -85,6 +95,15 @@ def test_sampling_options_out_of_range_are_refused_before_loading(option, value,
         build_parser().parse_args(["generate", "--prompt", "x", option, value])
     last = capsys.readouterr().err.splitlines()[-1]
     assert f"argument {option}: " in last and says in last, last
+
+
+@pytest.mark.parametrize("option, value", [("--device", "gpu"), ("--seed", str(2**64)), ("--seed", "-1")])
+def test_device_and_seed_are_checked_by_the_parser(option, value, capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", option, value])
+    assert f"argument {option}: " in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_missing_model_reference(tmp_path):

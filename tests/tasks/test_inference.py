@@ -406,3 +406,9 @@ def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tm
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(StageError, match="cannot write the export to .*file/hf: Not a directory"):
         export_hf(loaded, tmp_path / "file" / "hf")
+
+
+def test_cuda_without_a_cuda_device_is_refused_before_loading(model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StageError, match="--device cuda: no CUDA device is available"):
+        load(str(model_dir), model_dir, device="cuda")
