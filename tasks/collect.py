@@ -106,7 +106,8 @@ class HFSource(_Source):
 
     kind: Literal["hf"] = "hf"
     name: str = _name("hf")
-    path: str = Field(description="Hub dataset name (streamed), or a directory written by `Dataset.save_to_disk`.")
+    path: str = Field(description="Hub dataset name (streamed; the CLI keeps the Hub offline unless "
+                      "HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0), or a directory written by `Dataset.save_to_disk`.")
     config_name: str | None = Field(None, description="Hub dataset configuration (subset), if it has several.")
     split: str = Field("train", description="The split to read.")
     text_field: str = _text_field()
@@ -486,7 +487,9 @@ def _hf_hub(source: HFSource) -> Iterator[_Item]:
     try:
         rows = datasets.load_dataset(source.path, source.config_name, split=source.split, streaming=True)
     except Exception as exc:  # the hub raises many types; all mean "cannot open this dataset"
-        raise StageError(f"cannot open dataset {label}: {type(exc).__name__}: {exc}") from None
+        offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+        hint = " (the Hub is switched off here: set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0)" if offline else ""
+        raise StageError(f"cannot open dataset {label}: {type(exc).__name__}: {exc}{hint}") from None
     field = _Field(source.text_field, label)
     for row, record in enumerate(rows):
         yield field.pick(record, f"{label}#{row}")
@@ -571,7 +574,17 @@ def _read_source(source: Source, files: list[Path], scratch: Path, max_doc_chars
 
 
 def _file_states(paths: list[Path]) -> list[list[Any]]:
-    return [[str(path), (stat := path.stat()).st_size, stat.st_mtime_ns] for path in paths]
+    """Path, size and modification time of each file; one that cannot be read (a broken
+    link) has none, and reading it quarantines it."""
+    states = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            states.append([str(path), None, None])
+        else:
+            states.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return states
 
 
 def _identity(source: Source, files: list[Path]) -> dict[str, Any]:

@@ -218,6 +218,7 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     write(root / "blank.md", "  \n\t\n")
     write(root / "notes.pdf", "%PDF-1.7")
     write(root / "broken.jsonl.gz", b"this is not gzip")
+    (root / "dangling.txt").symlink_to(root / "moved-away.txt")
     write(root / "lines.jsonl", jsonl({"text": "good line"}) + '{"text": "unterminated\n' + jsonl(
         ["not", "an", "object"], {"text": None}, {"text": 42}, {"title": "no text"}, {"text": "\ud800"},
         {"text": "last good line"},
@@ -237,6 +238,7 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
         f"{root}/blank.md": "empty",
         f"{root}/notes.pdf": "unsupported-extension",
         f"{root}/broken.jsonl.gz": "unreadable",
+        f"{root}/dangling.txt": "unreadable",
         f"{root}/lines.jsonl:2": "malformed-json",
         f"{root}/lines.jsonl:3": "malformed-json",
         f"{root}/lines.jsonl:4": "missing-field",
@@ -248,9 +250,9 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert rows[f"{root}/lines.jsonl:2"]["detail"].startswith("line 2, column")
     assert rows[f"{root}/lines.jsonl:2"]["sample"].startswith('{"text": "unterminated')
     assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 1,
-                                            "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 1,
+                                            "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 2,
                                             "not-text": 1}  # fmt: skip
-    assert ref.counts["quarantined"] == 12
+    assert ref.counts["quarantined"] == 13
 
 
 def test_quarantine_table_exists_and_is_empty_for_clean_input(ws, tmp_path):
@@ -356,8 +358,10 @@ def test_hf_dataset_saved_to_disk(ws, tmp_path):
         run(ws, HFSource(path=str(tmp_path)))
 
 
-def test_hf_hub_dataset_unavailable_offline_is_a_clear_error(ws):
-    with pytest.raises(StageError, match=r"cannot open dataset no-such-user/no-such-dataset:train"):
+def test_hf_hub_dataset_unavailable_offline_is_a_clear_error(ws, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as the CLI runs unless told otherwise
+    with pytest.raises(StageError, match=r"cannot open dataset no-such-user/no-such-dataset:train.*"
+                                         r"set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0"):
         run(ws, HFSource(path="no-such-user/no-such-dataset"))
 
 
