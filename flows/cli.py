@@ -226,7 +226,6 @@ def generate_command(args: argparse.Namespace) -> None:
 
 def chat_command(args: argparse.Namespace) -> None:
     inference, loaded = load_model(args)
-    print(f"chatting with {args.model} ({loaded.directory}); /reset clears the conversation, /exit or Ctrl-D leaves")
     inference.chat_loop(loaded, system=args.system, **sampling(args))
 
 

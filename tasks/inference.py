@@ -364,8 +364,16 @@ def chat_loop(
     """An interactive chat: each reply streams to `output`; /reset clears the conversation;
     /exit, /quit, end of input (Ctrl-D) or Ctrl-C at the prompt end it. Ctrl-C during a
     reply stops that reply. `sampling` takes `stream_reply`'s options."""
-    budget = loaded.context - sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    max_new_tokens = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    budget = loaded.context - max_new_tokens
     start = [{"role": "system", "content": system}] if system else []
+    opening = len(render_prompt([*start, {"role": "user", "content": ""}], loaded.tokenizer))
+    if opening >= budget:  # no message could ever be answered
+        room = f"no room for a message in the model's context of {loaded.context} tokens"
+        if system:
+            raise StageError(f"the system message ({opening} tokens with the chat markup) and max_new_tokens="
+                             f"{max_new_tokens} leave {room}: shorten --system or lower --max-new-tokens")
+        raise StageError(f"max_new_tokens={max_new_tokens} leaves {room}: lower --max-new-tokens")
     messages = list(start)
     output.write(f"chatting with {loaded.directory} ({RESET_COMMAND} clears the conversation, /exit quits)\n")
     while True:

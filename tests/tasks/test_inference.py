@@ -331,6 +331,14 @@ def test_a_message_that_cannot_fit_is_dropped_with_a_note(loaded):
     assert "(message too long: the conversation needs" in out.getvalue()
 
 
+def test_a_chat_that_could_answer_nothing_is_refused_at_the_start(loaded):
+    never = scripted([])  # no message is read
+    with pytest.raises(StageError, match=f"max_new_tokens={loaded.context} leaves no room for a message"):
+        chat_loop(loaded, never, Terminal(), max_new_tokens=loaded.context)
+    with pytest.raises(StageError, match=r"the system message \(\d+ tokens .*shorten --system"):
+        chat_loop(loaded, never, Terminal(), system="fox " * 200, max_new_tokens=8)
+
+
 # --- next token --------------------------------------------------------------------------
 
 
