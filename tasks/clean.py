@@ -484,7 +484,8 @@ class _Ledger:
         if counts["docs_in"] == 0:
             raise StageError("the collected corpus is empty: nothing to clean")
         if docs_out == 0:
-            removed = ", ".join(f"{reason} {count}" for reason, count in self.reasons.most_common())
+            removed = ", ".join(f"{reason} {count}" + (f" (clean.{FILTERS[reason]})" if reason in FILTERS else "")
+                                for reason, count in self.reasons.most_common())
             raise StageError(
                 f"clean removed all {counts['docs_in']} documents ({removed}); loosen those filters in the clean config"
             )

@@ -348,7 +348,8 @@ def test_empty_result_names_the_filters(ws, tmp_path):
     docs = [("a", "tiny"), ("b", "also tiny"), ("c", "\n".join(["same line here again and again"] * 20))]
     with pytest.raises(StageError) as error:
         clean(write_collect(tmp_path / "collect", docs), CleanConfig(), ws)
-    assert "too_short 2" in str(error.value) and "duplicate_lines 1" in str(error.value)
+    assert "too_short 2 (clean.min_chars)" in str(error.value)
+    assert "duplicate_lines 1 (clean.max_duplicate_line_fraction)" in str(error.value)
     assert not (ws / "clean").exists() or not any(p for p in (ws / "clean").iterdir() if not p.name.startswith("."))
 
 
