@@ -105,7 +105,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_workspace(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workspace", help="where outputs, checkpoints and the MLflow store live (default: data/)")
+    parser.add_argument("--workspace", help="where outputs, checkpoints and the MLflow store live "
+                        "(default: $TINYSEEK_WORKSPACE, else data/)")
 
 
 def print_summary(result: dict[str, Any], as_json: bool) -> None:
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=up_command)
 
-    sub = commands.add_parser("generate", help="complete a prompt with a trained model")
+    sub = commands.add_parser("generate", help="complete a prompt with a trained model", description="Complete a prompt with a trained model.")
     add_model_option(sub)
     sub.add_argument("--prompt", required=True, help="the text to complete (or the user message with --chat)")
     sub.add_argument("--chat", action="store_true", help="send the prompt as a chat message (fine-tuned models)")
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=generate_command)
 
-    sub = commands.add_parser("chat", help="interactive chat that streams the model's replies")
+    sub = commands.add_parser("chat", help="interactive chat that streams the model's replies", description="Interactive chat that streams the model's replies.")
     add_model_option(sub)
     sub.add_argument("--system", help="optional system message")
     add_sampling_options(sub)
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=chat_command)
 
-    sub = commands.add_parser("next-token", help="the most probable next tokens and their probabilities")
+    sub = commands.add_parser("next-token", help="the most probable next tokens and their probabilities", description="The most probable next tokens and their probabilities.")
     add_model_option(sub)
     sub.add_argument("--prompt", required=True, help="the text whose next token to show")
     sub.add_argument("--top", type=POSITIVE, default=10, help="how many tokens to show (default: 10)")
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=next_token_command)
 
-    sub = commands.add_parser("export-hf", help="write a directory that HF transformers loads")
+    sub = commands.add_parser("export-hf", help="write a directory that HF transformers loads", description="Write a directory that HF transformers loads.")
     add_model_option(sub)
     sub.add_argument("--out", required=True, help="output directory")
     add_workspace(sub)

@@ -84,7 +84,8 @@ def build_trainer(tokens: Ref, config: PipelineConfig, checkpoints: Path, rank: 
         train = TokenWindows(data.files("train"), data.dtype, train_cfg.seq_len, data.bos_id,
                              train_cfg.micro_batch, seed=train_cfg.seed, rank=rank, world_size=world)
     except ValueError as exc:
-        raise StageError(f"pretraining data: {exc}") from None
+        raise StageError(f"pretraining data: {exc}; collect more text, or lower pretrain.seq_len or "
+                         "pretrain.micro_batch") from None
     val_files = data.files("validation")
     return Trainer(
         net,

@@ -73,6 +73,8 @@ def workspace(path: str | os.PathLike | None = None) -> Path:
     """The workspace: the argument, else $TINYSEEK_WORKSPACE, else `data/` in the repo."""
     chosen = path or os.environ.get("TINYSEEK_WORKSPACE") or REPO_ROOT / "data"
     root = Path(chosen).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise StageError(f"workspace {root} is a file, not a directory; pass --workspace DIR")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{uuid.uuid4().hex}"

@@ -48,6 +48,7 @@ def test_workspace_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert_one_line_error(tinyseek("data", "--workspace", str(blocker / "ws")), "not writable")
+    assert_one_line_error(tinyseek("data", "--workspace", str(blocker)), "is a file, not a directory")
 
 
 def test_server_urls_that_do_not_answer(tmp_path):

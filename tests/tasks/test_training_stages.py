@@ -58,6 +58,12 @@ def test_sequence_longer_than_the_model_is_a_clear_error(tokens):
         pretrain(toks, quick("pretrain.seq_len=512"), root)
 
 
+def test_a_corpus_too_small_for_one_batch_says_what_to_change(tokens):
+    root, toks = tokens
+    with pytest.raises(StageError, match="pretraining data: only .* lower pretrain.seq_len or pretrain.micro_batch"):
+        pretrain(toks, quick("pretrain.micro_batch=1000"), root)
+
+
 def test_two_devices_train_under_torchrun(tokens):
     root, toks = tokens
     logged = []
