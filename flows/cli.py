@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -182,8 +183,8 @@ POSITIVE = checked(int, lambda n: n >= 1, "a whole number >= 1")
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=COUNT, default=64, help="tokens to generate (default: 64)")
-    parser.add_argument("--temperature", type=checked(float, lambda t: t >= 0, "a number >= 0"), default=0.0,
-                        help="0 = greedy (default: 0)")
+    parser.add_argument("--temperature", type=checked(float, lambda t: 0 <= t < math.inf, "a finite number >= 0"),
+                        default=0.0, help="0 = greedy (default: 0)")
     parser.add_argument("--top-p", type=checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,
                         help="nucleus sampling threshold (default: 1.0)")
     parser.add_argument("--top-k", type=COUNT, default=0, help="sample among the k most likely tokens (0: all)")
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=up_command)
 
-    sub = commands.add_parser("generate", help="complete a prompt with a trained model", description="Complete a prompt with a trained model.")
+    text = "complete a prompt with a trained model"
+    sub = commands.add_parser("generate", help=text, description=text)
     add_model_option(sub)
     sub.add_argument("--prompt", required=True, help="the text to complete (or the user message with --chat)")
     sub.add_argument("--chat", action="store_true", help="send the prompt as a chat message (fine-tuned models)")
@@ -310,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=generate_command)
 
-    sub = commands.add_parser("chat", help="interactive chat that streams the model's replies", description="Interactive chat that streams the model's replies.")
+    text = "interactive chat that streams the model's replies"
+    sub = commands.add_parser("chat", help=text, description=text)
     add_model_option(sub)
     sub.add_argument("--system", help="optional system message")
     add_sampling_options(sub)
@@ -318,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=chat_command)
 
-    sub = commands.add_parser("next-token", help="the most probable next tokens and their probabilities", description="The most probable next tokens and their probabilities.")
+    text = "the most probable next tokens and their probabilities"
+    sub = commands.add_parser("next-token", help=text, description=text)
     add_model_option(sub)
     sub.add_argument("--prompt", required=True, help="the text whose next token to show")
     sub.add_argument("--top", type=POSITIVE, default=10, help="how many tokens to show (default: 10)")
@@ -326,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=next_token_command)
 
-    sub = commands.add_parser("export-hf", help="write a directory that HF transformers loads", description="Write a directory that HF transformers loads.")
+    text = "write a directory that HF transformers loads"
+    sub = commands.add_parser("export-hf", help=text, description=text)
     add_model_option(sub)
     sub.add_argument("--out", required=True, help="output directory")
     add_workspace(sub)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,8 +100,20 @@ def _executable(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def check_free(host: str, port: int, option: str) -> None:
+    """Refuse a port another process listens on, naming the option that moves it."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StageError(f"cannot listen on {host}:{port} ({exc.strerror}): pass {option} with a free port") \
+                from None
+
+
 def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
     """A Prefect server and an MLflow server on SQLite under the workspace, both healthy."""
+    check_free(host, prefect_port, "--prefect-port")
+    check_free(host, mlflow_port, "--mlflow-port")
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
     (root / "prefect").mkdir(parents=True, exist_ok=True)
@@ -151,4 +164,5 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
         stop(procs[::-1])
         print("stopped the deployments, the Prefect server and the MLflow server")
     if code:
-        raise StageError(f"serving the deployments failed (`tinyseek serve` exited with code {code}); its error is above")
+        raise StageError(f"serving the deployments failed (`tinyseek serve` exited with code {code}); "
+                         "its error is above")

@@ -5,6 +5,7 @@ the model's dtype or a narrower one (`CACHE_DTYPES`)."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -86,9 +87,9 @@ def decode_steps(
     generation to the next; larger batches decode eagerly."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generation needs max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; "
-                         f"got {max_new_tokens}, {temperature}, {top_k} and {top_p}")
+    if max_new_tokens < 0 or not 0 <= temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generation needs max_new_tokens >= 0, a finite temperature >= 0, top_k >= 0 and "
+                         f"0 < top_p <= 1; got {max_new_tokens}, {temperature}, {top_k} and {top_p}")
     longest = max(len(p) for p in prompts)
     limit = model.config.max_position_embeddings
     if longest + max_new_tokens > limit:

@@ -63,6 +63,19 @@ def test_server_urls_that_do_not_answer(tmp_path):
     assert_one_line_error(result, "PREFECT_API_URL", "is not an http(s) URL")
 
 
+def test_up_names_the_option_for_a_port_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = tinyseek("up", "--workspace", str(tmp_path), "--prefect-port", port, "--mlflow-port", str(free_port()))
+        assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "--prefect-port")
+        result = tinyseek("up", "--workspace", str(tmp_path), "--prefect-port", str(free_port()), "--mlflow-port", port)
+        assert_one_line_error(result, "--mlflow-port")
+
+
 def test_a_retrain_schedule_that_is_not_cron_is_refused_before_serving(tmp_path):
     for command in "serve", "up":
         result = tinyseek(command, "--workspace", str(tmp_path), "--cron", "every day")
@@ -87,7 +100,8 @@ def test_decode_options_take_the_names_generation_knows(command, capsys):
 @pytest.mark.parametrize(
     "option, value, says",
     [("--max-new-tokens", "-1", "a whole number >= 0"), ("--max-new-tokens", "many", "a whole number >= 0"),
-     ("--temperature", "-0.5", "a number >= 0"), ("--top-p", "0", "in (0, 1]"), ("--top-k", "-3", ">= 0")],
+     ("--temperature", "-0.5", "a finite number >= 0"), ("--temperature", "inf", "a finite number >= 0"),
+     ("--top-p", "0", "in (0, 1]"), ("--top-k", "-3", ">= 0")],
 )
 def test_sampling_options_out_of_range_are_refused_before_loading(option, value, says, capsys):
     from flows.cli import build_parser

@@ -171,7 +171,8 @@ def test_generation_stops_and_samples_reproducibly():
     assert a == b
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 60], max_new_tokens=10)
-    for bad in dict(max_new_tokens=-1), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5):
+    for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(temperature=float("inf")),
+                dict(temperature=float("nan")), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match="generation needs max_new_tokens >= 0"):
             generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, **bad})
 
