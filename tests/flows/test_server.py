@@ -74,12 +74,13 @@ async def deployment_ids(client, names: set[str], timeout: float = 120) -> dict[
 
 
 def test_served_deployments_run_from_the_api_and_react_to_events(served):
+    # Prefect reads its settings when first imported: an earlier test in this process may
+    # have imported it without a server, so the server is set for this block, not in os.environ
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     api, root = served
-    os.environ["PREFECT_API_URL"] = api
-    try:
+    with temporary_settings(updates={PREFECT_API_URL: api}):
         asyncio.run(exercise(root))
-    finally:
-        del os.environ["PREFECT_API_URL"]
 
 
 async def exercise(root):
