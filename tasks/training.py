@@ -115,6 +115,9 @@ def train_into(
     Every reported step is also appended to `history.jsonl` (kept with the checkpoints, so
     a resumed run keeps the curve of its earlier part), which moves into `out` at the end.
     """
+    if trainer.validation is None:
+        log("no validation data: this run reports no validation loss (for pretraining, more documents or a "
+            "larger clean.val_fraction give the corpus a validation split)")
     if trainer.resume():
         log(f"resuming from step {trainer.step} of {trainer.config.steps}")
     trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)

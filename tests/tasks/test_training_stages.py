@@ -17,7 +17,7 @@ from tasks.instructions import eval_texts
 from tasks.pretrain import build_trainer, pretrain
 from tasks.stage import StageError
 from tasks.tokenize import tokenize
-from tasks.training import read_history
+from tasks.training import read_history, train_into
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,16 @@ def test_a_corpus_too_small_for_one_batch_says_what_to_change(tokens):
     root, toks = tokens
     with pytest.raises(StageError, match="pretraining data: only .* lower pretrain.seq_len or pretrain.micro_batch"):
         pretrain(toks, quick("pretrain.micro_batch=1000"), root)
+
+
+def test_training_without_validation_data_says_so(tokens, tmp_path):
+    root, toks = tokens
+    trainer = build_trainer(toks, quick("pretrain.steps=1"), tmp_path / "ckpt")
+    trainer.validation = None  # as for a corpus whose every document fell in the training split
+    said = []
+    (tmp_path / "out").mkdir()
+    train_into(tmp_path / "out", trainer, toks.dir, log=said.append)
+    assert said[0].startswith("no validation data: this run reports no validation loss")
 
 
 def test_two_devices_train_under_torchrun(tokens):
