@@ -345,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
-    from tasks.stage import USER_ERRORS
+    from tasks.stage import user_errors
 
     try:
         args.handler(args)
-    except (UserError, *USER_ERRORS) as exc:
+    except (UserError, *user_errors()) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -40,7 +40,7 @@ from tasks.instructions import eval_texts
 from tasks.pretrain import pretrain
 from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
 from tasks.report import markdown_table, write_report
-from tasks.stage import USER_ERRORS, Ref, workspace
+from tasks.stage import Ref, user_errors, workspace
 from tasks.tokenize import TokenData, tokenize
 from tasks.tracking import MetricsCallback, Tracker, run_tags, system_metrics
 from tasks.training import read_history
@@ -49,12 +49,12 @@ StageWork = Callable[[Callable[[int, dict[str, float]], None]], Ref]
 
 
 class UserErrorWithoutTraceback(logging.Filter):
-    """Prefect logs a failed task or flow run with its traceback. A `USER_ERRORS` message
+    """Prefect logs a failed task or flow run with its traceback. A `user_errors()` message
     already says what to fix, and two pages of engine frames would bury it; any other
     exception keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+        if record.exc_info and isinstance(record.exc_info[1], user_errors()):
             record.exc_info = record.exc_text = None
         return True
 

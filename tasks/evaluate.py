@@ -43,7 +43,7 @@ from model.generate import CACHE_DTYPES, generate
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, render_prompt
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
-from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
+from tasks.stage import Ref, StageError, code_version, fingerprint, resolve_device, run_stage, workspace
 
 MODELS = ("base", "tuned")
 METRICS_FILE = "metrics.json"
@@ -433,14 +433,6 @@ class ModelResults:
     expert_load: pd.DataFrame
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError("evaluate.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
 def _validation_metrics(
     net: Transformer, config: EvaluateConfig, val: Validation
 ) -> tuple[dict[str, float], pd.DataFrame]:
@@ -463,7 +455,7 @@ def evaluate_model(
     model_dir: Path, config: EvaluateConfig, examples: Sequence[Example], val: Validation
 ) -> ModelResults:
     """Measure one finished model directory (weights, config and tokenizer)."""
-    net = load_model(model_dir, _device(config.device))
+    net = load_model(model_dir, resolve_device(config.device, "evaluate.device", "'auto' or 'cpu'"))
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     metrics, load = _validation_metrics(net, config, val)
     cache_dtype = CACHE_DTYPES[config.kv_cache_dtype]

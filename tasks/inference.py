@@ -41,7 +41,7 @@ from model.hf import export_hf as export_hf_weights
 from model.perf import cpp_compiler
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
-from tasks.stage import StageError
+from tasks.stage import StageError, resolve_device
 from tasks.tokenize import byte_of_char
 from tasks.tracking import tracking_uri
 
@@ -249,8 +249,7 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     with a cache of `kv_cache_dtype` (a name in `CACHE_DTYPES`), compiled with `compile`."""
     if kv_cache_dtype not in CACHE_DTYPES:
         raise StageError(f"unknown KV cache dtype {kv_cache_dtype!r}: use one of {', '.join(CACHE_DTYPES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device cuda: no CUDA device is available here; use --device cpu")
+    device = resolve_device(device, "--device", "--device cpu").type
     if compile and device == "cpu" and cpp_compiler() is None:  # said before loading, not at the first reply
         raise StageError("compiled decoding (--compile) needs a C++ compiler on a CPU and none was found "
                          "(g++, clang++ or $CXX): install one, or decode without --compile")

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from model.checkpoint import CheckpointError
-from model.config import ConfigError
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +38,27 @@ class StageError(RuntimeError):
     """A problem the user can fix (bad input, bad config); its message is shown as is."""
 
 
-# errors whose message says what to fix: the CLI shows them as one line, and a flow run's log
-# without a traceback
-USER_ERRORS = (StageError, ConfigError, CheckpointError)
+def resolve_device(choice: str, setting: str, fallback: str) -> torch.device:
+    """The torch device for a stage's or command's `choice` (auto, cpu or cuda): auto takes a
+    GPU when there is one; cuda without one is refused naming `setting` and the `fallback`.
+    (torch is imported here, not at the top, for the same reason as in `user_errors`.)"""
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"{setting} cuda: no CUDA device is available here; use {fallback}")
+    return torch.device(choice)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors whose message says what to fix: the CLI shows them as one line, and a flow
+    run's log without a traceback. Imported when asked for: the data stages (and clean's
+    worker processes) import this module and need no torch."""
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
+
+    return StageError, ConfigError, CheckpointError
 
 
 class Ref(BaseModel):

@@ -13,20 +13,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.trainer import NonFiniteLoss
 from tasks.config import PipelineConfig
-from tasks.stage import USER_ERRORS, Ref
-from tasks.training import train_into
+from tasks.stage import Ref, user_errors
+from tasks.training import diverged_as_stage_error, train_into
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     try:
-        train(spec)
-    except (NonFiniteLoss, *USER_ERRORS) as exc:
+        with diverged_as_stage_error(spec["stage"]):
+            train(spec)
+    except user_errors() as exc:
         try:  # every rank stops on the same error; the first to get here says it
             with open(spec["error"], "x") as handle:
-                handle.write(f"{spec['stage']}: {exc}" if isinstance(exc, NonFiniteLoss) else str(exc))
+                handle.write(str(exc))
         except FileExistsError:
             pass
         sys.exit(1)  # not 0: torchrun then stops ranks still waiting for this one

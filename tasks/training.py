@@ -9,9 +9,10 @@ output when training completes, together with the final model and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from model.checkpoint import save_model
 from model.perf import cpp_compiler
 from model.trainer import NonFiniteLoss, TrainConfig, Trainer
 from model.transformer import parameter_counts
-from tasks.stage import StageError
+from tasks.stage import StageError, resolve_device
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HISTORY = "history.jsonl"
@@ -81,11 +82,7 @@ class TrainingConfig(BaseModel):
         )
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise StageError("training.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device(self.device)
+        return resolve_device(self.device, "training.device", "'auto' or 'cpu'")
 
     def apply_threads(self) -> None:
         if self.threads:
@@ -168,8 +165,16 @@ def train_stage(
     trainer = build_trainer(**upstream, config=config, checkpoints=checkpoints, **trainer_options)
     trainer.callback = callback or trainer.callback
     trainer.warn = log
-    try:
+    with diverged_as_stage_error(stage):
         return train_into(out, trainer, tokenizer_dir, log=log)
+
+
+@contextlib.contextmanager
+def diverged_as_stage_error(stage: str) -> Iterator[None]:
+    """A run whose loss stopped being finite fails the stage with the trainer's message, naming
+    the stage (in this process, and on each torchrun rank)."""
+    try:
+        yield
     except NonFiniteLoss as exc:
         raise StageError(f"{stage}: {exc}") from None
 
