@@ -138,13 +138,11 @@ def test_a_damaged_model_directory(tmp_path):
     from tokenizers import Tokenizer, models
 
     from model.checkpoint import MODEL_FILE, save_model
-    from model.config import ModelConfig
     from model.transformer import Transformer
+    from tests.model.helpers import config
 
     model_dir = tmp_path / "model"
-    save_model(Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                                       intermediate_size=48)), model_dir)
+    save_model(Transformer(config()), model_dir)
     Tokenizer(models.BPE()).save(str(model_dir / "tokenizer.json"))
     weights = model_dir / MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk

@@ -227,12 +227,10 @@ def test_save_and_load_model_round_trip(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "config", "missing"])
 def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
     from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model, save_model
-    from model.config import ModelConfig
     from model.transformer import Transformer
+    from tests.model.helpers import config
 
-    save_model(Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                                       intermediate_size=48)), tmp_path)
+    save_model(Transformer(config()), tmp_path)
     weights = tmp_path / MODEL_FILE
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
