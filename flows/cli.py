@@ -136,7 +136,10 @@ def run_flow(name: str) -> Callable[[argparse.Namespace], None]:
         from tasks.config import load_config
 
         config = load_config(args.preset, args.config, args.overrides)
-        from flows import pipeline
+        from flows import pipeline, temporary_server
+
+        if not os.environ.get("PREFECT_API_URL"):
+            temporary_server.start()
 
         flow_fn = {"run": pipeline.build_llm, "data": pipeline.data_flow, "pretrain": pipeline.pretrain_flow,
                    "finetune": pipeline.finetune_flow, "evaluate": pipeline.evaluate_flow}[name]
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_options(sub)
         sub.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
         add_workspace(sub)
-        sub.set_defaults(handler=run_flow(name))
+        sub.set_defaults(handler=run_flow(name), resumable=True)
 
     text = "serve all deployments (build-llm, each stage, retrain) to the Prefect server in PREFECT_API_URL"
     sub = commands.add_parser("serve", help=text, description=text)
@@ -363,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
               "run again when it answers", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up at exit short
+        hint = ("; finished stages and training checkpoints are kept: the same command resumes"
+                if getattr(args, "resumable", False) else "")
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

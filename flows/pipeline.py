@@ -85,12 +85,12 @@ class PipelineRun:
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, status: str) -> None:
         """Close the parent run; after a failure, a tracking error here must not hide the cause."""
         try:
-            self.tracker.end_run(self.parent_id, "FINISHED" if ok else "FAILED")
+            self.tracker.end_run(self.parent_id, status)
         except Exception:
-            if ok:
+            if status == "FINISHED":
                 raise
 
 
@@ -140,14 +140,19 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
         tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
         tracker.log_dict(child, ref.manifest(), f"{stage}/manifest.json")
         tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached)})
-    except BaseException:
-        tracker.end_run(child, "FAILED")
+    except BaseException as exc:
+        tracker.end_run(child, ended_status(exc))
         raise
     tracker.end_run(child)
     run.refs[stage] = ref
     logger.info(f"{stage}: {'reused' if ref.cached else 'built'} {ref.path} {ref.counts}")
     return Completed(data=ref, name="Cached" if ref.cached else "Completed",
                      message=f"reused {ref.path}" if ref.cached else None)
+
+
+def ended_status(exc: BaseException) -> str:
+    """The MLflow status of a run that `exc` ended: KILLED when the user interrupted it."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
 def _flow_run_url() -> str | None:
@@ -372,13 +377,14 @@ def summary(run: PipelineRun) -> dict[str, Any]:
 
 def _flow(name: str, steps: Callable[[PipelineRun], Any], config: PipelineConfig, workspace_dir: str | None):
     run = PipelineRun.start(name, config, workspace_dir)
-    ok = False
     try:
         steps(run)
-        ok = True
-        return summary(run)
-    finally:
-        run.finish(ok)
+        result = summary(run)
+    except BaseException as exc:
+        run.finish(ended_status(exc))
+        raise
+    run.finish("FINISHED")
+    return result
 
 
 @flow(name="data", description="Collect, clean and tokenize the corpus.")

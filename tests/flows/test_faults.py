@@ -1,4 +1,5 @@
-"""Faults in the middle of a pipeline run: the MLflow server goes away, the worker is killed.
+"""Faults in the middle of a pipeline run: the MLflow server goes away, the worker is killed
+or interrupted.
 
 Neither may lose or corrupt what was already finished, and the next run must pick up where
 the last one stopped: finished stages are reused, an interrupted training resumes from its
@@ -14,12 +15,14 @@ import time
 from pathlib import Path
 
 import httpx
+import mlflow
 
 from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, last_json, tinyseek
 
 QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
 DATA_STAGES = ("collect", "clean", "tokenize")
 LOG_RECORD = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # Prefect's log lines, not the command's error
+TEMPORARY_SERVER = re.compile(r"Starting temporary server on (http://\S+)")
 # Fail fast once the server is gone instead of MLflow's default ~4 minutes of retries.
 FAST_FAILING_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -111,6 +114,19 @@ def test_mlflow_outage_fails_the_run_cleanly_and_the_rerun_reuses_finished_stage
     assert summary["version"] is not None
 
 
+def temporary_server(logs: Path) -> str:
+    """The address of the temporary Prefect server a run started, from its log."""
+    [address] = TEMPORARY_SERVER.findall(logs.with_suffix(".err").read_text())
+    return address
+
+
+def answers(address: str) -> bool:
+    try:
+        return httpx.get(f"{address}/api/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_killed_worker_resumes_pretraining_from_the_last_checkpoint(ws, tmp_path):
     settings = ["--preset", "tiny", "--workspace", str(ws),
                 "--set", "pretrain.steps=20", "--set", "pretrain.checkpoint_every=5"]
@@ -120,6 +136,11 @@ def test_killed_worker_resumes_pretraining_from_the_last_checkpoint(ws, tmp_path
     finally:
         kill_group(run)
     assert run.returncode == -signal.SIGKILL
+    server = temporary_server(tmp_path / "killed")
+    deadline = time.time() + 30
+    while answers(server) and time.time() < deadline:  # the server goes with the process that started it
+        time.sleep(0.2)
+    assert not answers(server), f"the temporary Prefect server at {server} outlived its run"
     assert not finished_outputs(ws, "pretrain"), "the killed pretraining looks finished"
     [work] = (ws / "pretrain").glob(".*.work")
     last_checkpoint = max(int(step.name.removeprefix("step-")) for step in work.glob("step-*"))
@@ -135,3 +156,27 @@ def test_killed_worker_resumes_pretraining_from_the_last_checkpoint(ws, tmp_path
     history = [json.loads(line)["step"] for line in (Path(pretrain["path"]) / "history.jsonl").read_text().splitlines()]
     assert history[0] < last_checkpoint and history[-1] == 20, history  # the curve before the kill is kept
     assert all(summary["stages"][stage]["cached"] for stage in DATA_STAGES)
+
+
+def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the run, and not the temporary
+    Prefect server, must stop, so that the interruption is recorded without retries."""
+    settings = ["--preset", "tiny", "--workspace", str(ws), "--set", "pretrain.steps=100000"]
+    run = run_in_background("run", *settings, logs=tmp_path / "interrupted")
+    try:
+        wait_for(lambda: any((ws / "pretrain").glob(".*.work/step-*")), "a pretraining checkpoint", run)
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=120)
+    finally:
+        kill_group(run)
+    stderr = (tmp_path / "interrupted.err").read_text()
+
+    assert run.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Connection refused" not in stderr, stderr[-3000:]
+    assert "Flow run" in stderr and "Finished in state Crashed('Execution was aborted by an interrupt signal.')" in stderr
+    final = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)][-1]
+    assert final.startswith("interrupted; finished stages and training checkpoints are kept"), stderr[-3000:]
+    assert not answers(temporary_server(tmp_path / "interrupted"))
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = {r.info.run_name: r.info.status for r in client.search_runs([client.get_experiment_by_name("tinyseek").experiment_id])}
+    assert runs == {"build-llm": "KILLED", "pretrain": "KILLED", **dict.fromkeys(DATA_STAGES, "FINISHED")}, runs

@@ -1,0 +1,62 @@
+"""Prefect's temporary API server, started so that Ctrl-C stops the run and not the server.
+
+Without PREFECT_API_URL, Prefect starts a local API server in a child process the first time
+a flow needs it. A terminal's Ctrl-C goes to the whole foreground process group, so that
+server used to stop at the same moment as the run, and Prefect then spent minutes retrying
+to record the interrupted run on it. Started here first, the server gets a session of its
+own, so the interrupt reaches the run only: Prefect records the crash, the MLflow runs are
+marked, and the server is stopped at exit as before. On Linux the kernel also stops it
+should this process die without exiting (SIGKILL, a closed terminal), since it no longer
+shares the terminal's process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+_PR_SET_PDEATHSIG = 1
+
+
+def start() -> None:
+    """Start the server Prefect would start itself, detached from this terminal's signals.
+
+    Prefect keeps one temporary server per process (`SubprocessASGIServer()`), so the flow
+    run finds this one already running.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    with _detached_children():
+        SubprocessASGIServer().start()
+
+
+@contextlib.contextmanager
+def _detached_children() -> Iterator[None]:
+    """Within the block, `subprocess.Popen` starts each child in a new session, ended by
+    SIGTERM when this process dies (Linux)."""
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def end_with_parent() -> None:  # runs in the child, between fork and exec
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    original = subprocess.Popen
+
+    class Detached(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = Detached  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        subprocess.Popen = original  # type: ignore[misc]
