@@ -270,12 +270,12 @@ def prompt_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[int]:
     return [loaded.token_id(BOS), *loaded.tokenizer.encode(prompt, add_special_tokens=False).ids]
 
 
-def check_fits(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+def check_fits(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int = 0) -> None:
     if prompt_tokens + max_new_tokens > loaded.context:
-        raise StageError(
-            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-            f"model's context of {loaded.context} tokens: shorten the prompt or lower max_new_tokens"
-        )
+        size = f"; with max_new_tokens={max_new_tokens} that" if max_new_tokens else ", which"
+        fix = "shorten the prompt or lower max_new_tokens" if max_new_tokens else "shorten the prompt"
+        raise StageError(f"the prompt is {prompt_tokens} tokens{size} exceeds the model's context of "
+                         f"{loaded.context} tokens: {fix}")
 
 
 def complete_ids(
@@ -431,11 +431,9 @@ def show_token(tokenizer: Tokenizer, token_id: int) -> str:
 
 @torch.no_grad()
 def next_token(loaded: LoadedModel, prompt: str, top: int = 10, *, chat: bool = False) -> list[tuple[str, float]]:
-    """The `top` most probable next tokens after `prompt` and their probabilities, most probable first.
-
-    A prompt longer than the model's context is cut to its last tokens.
-    """
-    ids = prompt_ids(loaded, prompt, chat=chat)[-loaded.context:]
+    """The `top` most probable next tokens after `prompt` and their probabilities, most probable first."""
+    ids = prompt_ids(loaded, prompt, chat=chat)
+    check_fits(loaded, len(ids))
     device = loaded.model.embed_tokens.weight.device
     logits = loaded.model(torch.tensor([ids], device=device)).logits[0, -1]
     probs = logits.float().softmax(-1)

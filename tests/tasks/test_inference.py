@@ -228,6 +228,8 @@ def test_compiled_decoding_is_used_for_completions_and_chat(model_dir, monkeypat
 def test_a_prompt_longer_than_the_context_is_refused(loaded):
     with pytest.raises(StageError, match="exceeds the model's context of 128 tokens"):
         complete(loaded, "fox " * 200, chat=False)
+    with pytest.raises(StageError, match="tokens, which exceeds the model's context of 128 tokens: shorten the prompt$"):
+        next_token(loaded, "fox " * 200)
 
 
 def test_streamed_pieces_join_to_the_completion(loaded):
