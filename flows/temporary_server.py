@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -29,10 +30,27 @@ def start() -> None:
     Prefect keeps one temporary server per process (`SubprocessASGIServer()`), so the flow
     run finds this one already running.
     """
-    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
 
-    with _detached_children():
-        SubprocessASGIServer().start()
+    announcement = _Announcement()
+    subprocess_server_logger.addFilter(announcement)
+    try:
+        with _detached_children():
+            SubprocessASGIServer().start()
+    finally:
+        subprocess_server_logger.removeFilter(announcement)
+
+
+class _Announcement(logging.Filter):
+    """Prefect announces its temporary server with a pointer to its own docs for running a
+    dedicated one; here that is `tinyseek up`, so the line says so instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server on "):
+            address = record.msg.splitlines()[0].removeprefix("Starting temporary server on ")
+            record.msg, record.args = (f"Starting temporary server on {address} (no UI; `tinyseek up` starts "
+                                       "Prefect's and MLflow's servers with their UIs)"), ()
+        return True
 
 
 @contextlib.contextmanager

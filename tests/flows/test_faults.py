@@ -173,6 +173,7 @@ def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
 
     assert run.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "Connection refused" not in stderr, stderr[-3000:]
+    assert "`tinyseek up` starts Prefect's and MLflow's servers" in stderr and "prefect.io" not in stderr
     assert re.search(r"Flow run '[^']+' - Finished in state Crashed\('Execution was aborted by an interrupt", stderr)
     final = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)][-1]
     assert final.startswith("interrupted; finished stages and training checkpoints are kept"), stderr[-3000:]
