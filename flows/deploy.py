@@ -122,7 +122,8 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
     mlflow = subprocess.Popen(
         [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts"],
+         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
+         "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
         env=env, start_new_session=True,
     )
     procs = [prefect, mlflow]
@@ -136,14 +137,29 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop servers: SIGTERM to each process group (servers run workers), SIGKILL after 20 s."""
     for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
     for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _wait_or_kill(proc, 20)
+
+
+def stop_serving(serve: subprocess.Popen, timeout: float = 120) -> None:
+    """Stop `tinyseek serve` while the servers still run: SIGTERM to the process alone lets
+    Prefect's runner cancel its flow runs, which record their end (Cancelled in Prefect,
+    KILLED in MLflow) before the servers go."""
+    if serve.poll() is None:
+        serve.terminate()
+    _wait_or_kill(serve, timeout)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: list[str]) -> None:
@@ -154,14 +170,16 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     print(f"Prefect UI: http://{host}:{prefect_port}")
     print(f"MLflow UI:  http://{host}:{mlflow_port}")
     print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); Ctrl-C stops everything")
-    procs.append(subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True))
+    serving = subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True)
     code = 0
     try:
-        code = procs[-1].wait()
+        code = serving.wait()
     except KeyboardInterrupt:
-        pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown below runs to its end
+        print("stopping: flow runs in progress are cancelled first", flush=True)
     finally:
-        stop(procs[::-1])
+        stop_serving(serving)
+        stop(procs)
         print("stopped the deployments, the Prefect server and the MLflow server")
     if code:
         raise StageError(f"serving the deployments failed (`tinyseek serve` exited with code {code}); "

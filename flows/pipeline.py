@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
+from prefect.exceptions import TerminationSignal
 from prefect.states import Completed
 from prefect.settings import PREFECT_UI_URL
 from tqdm import tqdm
@@ -151,8 +152,9 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
 
 
 def ended_status(exc: BaseException) -> str:
-    """The MLflow status of a run that `exc` ended: KILLED when the user interrupted it."""
-    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    """The MLflow status of a run that `exc` ended: KILLED when it was interrupted (Ctrl-C) or
+    terminated (a served flow run cancelled, SIGTERM), FAILED otherwise."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
 
 
 def _flow_run_url() -> str | None:

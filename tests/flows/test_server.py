@@ -9,7 +9,10 @@ import subprocess
 import time
 
 import httpx
+import mlflow
 import pytest
+
+from flows.deploy import stop_serving
 
 from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port
 
@@ -57,7 +60,7 @@ def served(tmp_path_factory):
                                  env=cli_env(PREFECT_API_URL=api), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         procs.append(serve)
-        yield api, root
+        yield api, root, serve
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -78,7 +81,7 @@ def test_served_deployments_run_from_the_api_and_react_to_events(served):
     # have imported it without a server, so the server is set for this block, not in os.environ
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api, root = served
+    api, root, _ = served
     with temporary_settings(updates={PREFECT_API_URL: api}):
         asyncio.run(exercise(root))
 
@@ -113,3 +116,46 @@ async def exercise(root):
             triggered = [r for r in runs if str(r.parameters.get("refresh_token", "")).startswith("event-")]
             await asyncio.sleep(1)
         assert triggered, "no retrain run was created by the corpus-updated event"
+
+
+def test_stopping_the_deployments_cancels_a_run_in_progress_and_records_it(served):
+    """What `tinyseek up` does on Ctrl-C, before it stops the servers: the runner cancels
+    its flow runs, and each records its end while the servers still answer."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, root, serve = served
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        run_id = asyncio.run(start_long_pretraining(root))
+        stop_serving(serve)
+        run = asyncio.run(read_flow_run(run_id))
+    assert run.state.is_cancelled(), (run.state, (root / "serve.log").read_text()[-3000:])
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'ws' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tinyseek").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
+    assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.run_name for r in runs if r.info.status == "KILLED"} == {"pretrain"}
+
+
+async def start_long_pretraining(root):
+    """A flow run of the `pretrain` deployment with far more steps than it will get through,
+    once its training has started."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = (await deployment_ids(client, {"pretrain"}))["pretrain"]
+        params = dict(deployment.parameters)
+        params["config"] = {**params["config"], "pretrain": {**params["config"]["pretrain"], "steps": 100_000}}
+        run = await client.create_flow_run_from_deployment(deployment.id, parameters=params)
+        deadline = time.time() + 300
+        while not any((root / "ws" / "pretrain").glob(".*.work/step-*")):
+            assert time.time() < deadline, "no pretraining checkpoint within 300 s"
+            assert not (await client.read_flow_run(run.id)).state.is_final(), (root / "serve.log").read_text()[-3000:]
+            await asyncio.sleep(1)
+        return run.id
+
+
+async def read_flow_run(run_id):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
