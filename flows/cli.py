@@ -41,15 +41,18 @@ class UserError(Exception):
     """Shown as `error: <message>` with exit code 2."""
 
 
-def prepare_environment(workspace_dir: str | None) -> Path:
-    """Quiet, offline defaults and a workspace-local Prefect home, set before Prefect loads."""
+def prepare_environment(workspace_dir: str | None, *, read_only: bool = False) -> Path:
+    """Quiet, offline defaults and a workspace-local Prefect home, set before Prefect loads.
+    `read_only`: the command only reads models from the workspace and runs no flow."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     from tasks.stage import workspace
 
-    root = workspace(workspace_dir)
+    root = workspace(workspace_dir, writable=not read_only)
     os.environ["TINYSEEK_WORKSPACE"] = str(root)
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    if read_only:
+        return root
     if not os.environ.get("PREFECT_API_URL") and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ:
         database = ephemeral_database(Path(os.environ["PREFECT_HOME"]))
         os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
@@ -211,7 +214,7 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(args: argparse.Namespace):
-    root = prepare_environment(args.workspace)
+    root = prepare_environment(args.workspace, read_only=True)
     if not Path(args.model).is_dir():  # a registry reference: a dead server would be retried for minutes
         check_servers(("MLFLOW_TRACKING_URI",))
     from tasks import inference

@@ -5,7 +5,8 @@ A model is named by a REF: a registered version (`models:/tinyseek@champion`, th
 MLflow run (`runs:/<run_id>/<path>` or a bare run id) or a local model directory. MLflow
 refs are resolved through an explicit client on the workspace's tracking store (never the
 process-wide MLflow URIs) down to a concrete artifact location, and the model's files are
-downloaded once into `<workspace>/models-cache/<key>/`; registered versions and logged
+downloaded once into `<workspace>/models-cache/<key>/` (the user's cache directory when the
+workspace cannot be written, e.g. a shared read-only copy); registered versions and logged
 models are immutable, so an alias that moves simply points at another cache entry.
 Training checkpoints that travel inside a logged model directory are not downloaded.
 
@@ -79,7 +80,20 @@ def resolve_model(ref: str, workspace: Path) -> Path:
         return local.resolve()
     if not ref.startswith(("models:/", "runs:/")) and not RUN_ID.match(ref):
         raise StageError(f"no model directory at {local}; REF is {REF_FORMS}")
-    return _Registry(tracking_uri(workspace)).fetch(ref, Path(workspace) / CACHE_DIR)
+    return _Registry(tracking_uri(workspace)).fetch(ref, model_cache(Path(workspace)))
+
+
+def model_cache(workspace: Path) -> Path:
+    """Where models from the tracking store are downloaded: `<workspace>/models-cache`, else,
+    when that cannot be written, `tinyseek/models-cache` in the user's cache directory."""
+    cache = workspace / CACHE_DIR
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyseek" / CACHE_DIR
 
 
 class _Registry:

@@ -87,12 +87,17 @@ class Ref(BaseModel):
         return json.loads((self.dir / MANIFEST).read_text())
 
 
-def workspace(path: str | os.PathLike | None = None) -> Path:
-    """The workspace: the argument, else $TINYSEEK_WORKSPACE, else `data/` in the repo."""
+def workspace(path: str | os.PathLike | None = None, *, writable: bool = True) -> Path:
+    """The workspace: the argument, else $TINYSEEK_WORKSPACE, else `data/` in the repo.
+
+    Stages write there, so by default it is created and must be writable; reading models
+    from it (`writable=False`) needs neither, so a shared read-only copy serves them."""
     chosen = path or os.environ.get("TINYSEEK_WORKSPACE") or REPO_ROOT / "data"
     root = Path(chosen).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise StageError(f"workspace {root} is a file, not a directory; pass --workspace DIR")
+    if not writable:
+        return root
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{uuid.uuid4().hex}"

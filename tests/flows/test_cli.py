@@ -126,6 +126,15 @@ def test_missing_model_reference(tmp_path):
     assert_one_line_error(result, "no model directory")
 
 
+def test_inference_commands_only_read_the_workspace(tmp_path):
+    """Using a model writes nothing into the workspace (which may be a read-only copy): here
+    it is not even created."""
+    absent = tmp_path / "workspace"
+    result = tinyseek("generate", "--workspace", str(absent), "--prompt", "hi")
+    assert_one_line_error(result, f"no MLflow store at {absent / 'mlflow.db'}")
+    assert not absent.exists()
+
+
 def test_an_error_inside_a_stage_is_one_line_in_the_log_too(tmp_path):
     """A stage's own error reaches the user as one line; Prefect's log of the failed task and
     flow says it without the engine's traceback (the data stages before it run for real)."""

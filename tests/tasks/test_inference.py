@@ -159,6 +159,23 @@ def test_resolves_registered_versions_and_runs_into_one_cache_entry(registry, mo
     assert [p.name for p in (root / "models-cache").iterdir()] == [champion.name]
 
 
+def test_a_workspace_that_cannot_hold_the_cache_sends_it_to_the_user_cache(registry, model_dir, monkeypatch,
+                                                                             tmp_path):
+    """A shared read-only workspace still serves its models (here the cache's place is taken
+    by a file, which fails the same way for every user, root included)."""
+    root, _ = registry
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    shutil.rmtree(root / "models-cache", ignore_errors=True)
+    (root / "models-cache").write_text("not a directory")
+    try:
+        champion = resolve_model("models:/tinyseek@champion", root)
+    finally:
+        (root / "models-cache").unlink()
+    assert champion.parent == tmp_path / "user-cache" / "tinyseek" / "models-cache"
+    same_files(champion, model_dir)
+
+
 def test_a_cached_model_is_reused(registry, monkeypatch):
     root, _ = registry
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
