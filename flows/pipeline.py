@@ -49,19 +49,20 @@ from tasks.training import read_history
 StageWork = Callable[[Callable[[int, dict[str, float]], None]], Ref]
 
 
-class UserErrorWithoutTraceback(logging.Filter):
+class TracebackOnlyForBugs(logging.Filter):
     """Prefect logs a failed task or flow run with its traceback. A `user_errors()` message
-    already says what to fix, and two pages of engine frames would bury it; any other
-    exception keeps its traceback."""
+    already says what to fix, and an interrupted run (Ctrl-C, a served run cancelled) is no
+    fault: two pages of engine frames would bury the line that says so. Any other exception
+    keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], user_errors()):
+        if record.exc_info and isinstance(record.exc_info[1], (*user_errors(), KeyboardInterrupt, TerminationSignal)):
             record.exc_info = record.exc_text = None
         return True
 
 
 for _run_logger in ("prefect.task_runs", "prefect.flow_runs"):
-    logging.getLogger(_run_logger).addFilter(UserErrorWithoutTraceback())
+    logging.getLogger(_run_logger).addFilter(TracebackOnlyForBugs())
 
 
 @dataclass

@@ -182,3 +182,27 @@ def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
     experiment = client.get_experiment_by_name("tinyseek").experiment_id
     runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
     assert runs == {"build-llm": "KILLED", "pretrain": "KILLED", **dict.fromkeys(DATA_STAGES, "FINISHED")}, runs
+
+
+def test_run_logs_keep_tracebacks_for_bugs_only():
+    """An interrupted or cancelled run, like an error whose message says what to fix, is
+    logged without the engine's traceback; anything else keeps it."""
+    import logging
+    import sys
+
+    from prefect.exceptions import TerminationSignal
+
+    from flows.pipeline import TracebackOnlyForBugs
+    from tasks.stage import StageError
+
+    def keeps_traceback(exc: BaseException) -> bool:
+        try:
+            raise exc
+        except BaseException:
+            record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+        TracebackOnlyForBugs().filter(record)
+        return record.exc_info is not None
+
+    assert keeps_traceback(ValueError("a bug"))
+    for expected in (KeyboardInterrupt(), TerminationSignal(signal.SIGTERM), StageError("set pretrain.steps")):
+        assert not keeps_traceback(expected), expected
