@@ -25,8 +25,8 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
-from prefect.runtime import flow_run
 from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.settings import PREFECT_UI_URL
 from tqdm import tqdm
