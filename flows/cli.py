@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -369,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
               "run again when it answers", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        import signal
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up at exit short
         hint = ("; finished stages and training checkpoints are kept: the same command resumes"
                 if getattr(args, "resumable", False) else "")

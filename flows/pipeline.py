@@ -47,6 +47,8 @@ from tasks.tracking import MetricsCallback, Tracker, run_tags, system_metrics
 from tasks.training import read_history
 
 StageWork = Callable[[Callable[[int, dict[str, float]], None]], Ref]
+# how a run ends when it is stopped rather than failing: Ctrl-C, or a served run cancelled (SIGTERM)
+INTERRUPTIONS = (KeyboardInterrupt, TerminationSignal)
 
 
 class TracebackOnlyForBugs(logging.Filter):
@@ -56,7 +58,7 @@ class TracebackOnlyForBugs(logging.Filter):
     keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (*user_errors(), KeyboardInterrupt, TerminationSignal)):
+        if record.exc_info and isinstance(record.exc_info[1], (*user_errors(), *INTERRUPTIONS)):
             record.exc_info = record.exc_text = None
         return True
 
@@ -155,7 +157,7 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
 def ended_status(exc: BaseException) -> str:
     """The MLflow status of a run that `exc` ended: KILLED when it was interrupted (Ctrl-C) or
     terminated (a served flow run cancelled, SIGTERM), FAILED otherwise."""
-    return "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
+    return "KILLED" if isinstance(exc, INTERRUPTIONS) else "FAILED"
 
 
 def _flow_run_url() -> str | None:

@@ -80,7 +80,8 @@ def resolve_model(ref: str, workspace: Path) -> Path:
         return local.resolve()
     if not ref.startswith(("models:/", "runs:/")) and not RUN_ID.match(ref):
         raise StageError(f"no model directory at {local}; REF is {REF_FORMS}")
-    return _Registry(tracking_uri(workspace)).fetch(ref, model_cache(Path(workspace)))
+    registry = _Registry(tracking_uri(workspace))  # first: without a store, nothing is created
+    return registry.fetch(ref, model_cache(Path(workspace)))
 
 
 def model_cache(workspace: Path) -> Path:
