@@ -91,6 +91,9 @@ class ExplicitCausalAttention(torch.autograd.Function):
         return grad_q.mul_(ctx.scale), grad_k.mul_(ctx.scale), grad_v, None
 
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
 class LatentCache:
     """Per-layer decode cache: each token's normalised kv latent and rotated rope key side
     by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]. Side by side, the
@@ -100,8 +103,8 @@ class LatentCache:
     The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, without
     scales) quarters it, at the price of rounding every cached key and value. (DeepSeek's
     FP8 latent cache also uses e4m3, with a scale per 128 values and the rope part in bf16.)
-    fp8 holds at most +-448: torch's cast saturates larger values to it (a test holds it to
-    that).
+    fp8 holds at most +-448: larger values are clamped to it before the cast, which on a CPU
+    saturates but on CUDA would turn them into NaN.
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
@@ -116,7 +119,10 @@ class LatentCache:
         """Store the latents kv [B, T, kv_lora_rank] and rotated rope keys pe [B, T, rope] of
         T new tokens at slots [start, start + T)."""
         B, T = kv.shape[:2]
-        self.data[:B, start : start + T] = torch.cat([kv, pe], dim=-1)
+        rows = torch.cat([kv, pe], dim=-1)
+        if self.data.dtype == torch.float8_e4m3fn:
+            rows = rows.clamp(-FP8_MAX, FP8_MAX)
+        self.data[:B, start : start + T] = rows
 
     def rows(self, batch: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Slots [0, end) of the first `batch` sequences in `dtype`. torch widens fp8 one

@@ -10,6 +10,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# TINYSEEK_TEST_DEVICE=cuda runs the model tests on a GPU: tensors made without a device land there
+if os.environ.get("TINYSEEK_TEST_DEVICE"):
+    torch.set_default_device(os.environ["TINYSEEK_TEST_DEVICE"])
 
 
 @pytest.fixture
