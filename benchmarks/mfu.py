@@ -9,6 +9,7 @@ computes exactly the FLOPs it is credited with.
     python -m benchmarks.mfu                                     # demo, CPU, fp32 and bf16
     python -m benchmarks.mfu --device cuda --preset gpu-small --precision bf16 --compile
     python -m benchmarks.mfu --device cpu --tiny                 # smoke test of the above
+    python -m benchmarks.mfu --profile 20                        # and where one step's time goes
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def print_profile(step, device: torch.device, rows: int) -> None:
+    """The kernels (CUDA) or operators (CPU) of one more step that take the most time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profile.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70))
+
+
 def measure(args: argparse.Namespace, precision: str, device: torch.device) -> dict[str, float]:
     """Tokens/s of training steps, and the warm-up steps' extra time (compilation)."""
     setup = named_setup(args.preset)
@@ -48,7 +61,7 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
     batch = args.micro_batch or setup.micro_batch
     seq_len = args.seq_len or setup.seq_len
     inputs, targets = random_batch(setup.model.vocab_size, batch, seq_len, device)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     step = training_step(net, inputs, targets, precision, optimizer)
     times = []
@@ -58,8 +71,16 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
         synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[args.warmup:])
+    if args.profile:
+        print_profile(step, device, args.profile)
     return {"tokens_per_s": inputs.numel() / seconds, "flops_per_token": flops_per_token(model, seq_len),
             "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds, "batch": batch, "seq_len": seq_len}
+
+
+def compiled(args: argparse.Namespace) -> str:
+    if not args.compile:
+        return ""
+    return " compiled" if args.compile_mode == "default" else f" compiled ({args.compile_mode})"
 
 
 def main() -> None:
@@ -68,11 +89,15 @@ def main() -> None:
     parser.add_argument("--preset", default="demo", help="a preset of configs/ or 4x")
     parser.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        default="default", help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median counts)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--micro-batch", type=int, default=0, help="0: the preset's")
     parser.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N kernels (CPU: operators) of one step that take the most time")
     parser.add_argument("--tiny", action="store_true", help="smoke test: the tiny preset")
     args = parser.parse_args()
     if args.tiny:
@@ -90,7 +115,7 @@ def main() -> None:
         result = measure(args, precision, device)
         peak = max(peak, matmul_peak_flops(device, dtype, size=size, seconds=1.0))
         achieved = result["flops_per_token"] * result["tokens_per_s"]
-        line = (f"{args.preset} {precision}{' compiled' if args.compile else ''}: batch {result['batch']} x "
+        line = (f"{args.preset} {precision}{compiled(args)}: batch {result['batch']} x "
                 f"{result['seq_len']}, {result['tokens_per_s']:,.0f} tokens/s, {achieved / 1e9:,.1f} GFLOP/s "
                 f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token, MTP off); measured {precision} matmul peak "
                 f"{peak / 1e9:,.1f} GFLOP/s -> MFU {achieved / peak:.1%}")
