@@ -286,11 +286,13 @@ def prompt_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[int]:
 
 
 def check_fits(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int = 0) -> None:
-    if prompt_tokens + max_new_tokens > loaded.context:
-        size = f"; with max_new_tokens={max_new_tokens} that" if max_new_tokens else ", which"
-        fix = "shorten the prompt or lower max_new_tokens" if max_new_tokens else "shorten the prompt"
-        raise StageError(f"the prompt is {prompt_tokens} tokens{size} exceeds the model's context of "
-                         f"{loaded.context} tokens: {fix}")
+    context = loaded.context
+    if max_new_tokens and prompt_tokens + max_new_tokens > context:
+        raise StageError(f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                         f"the model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+    if prompt_tokens > context:
+        raise StageError(f"the prompt is {prompt_tokens} tokens, which exceeds the model's context of {context} "
+                         "tokens: shorten the prompt")
 
 
 def complete_ids(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+
 BIN = Path(sys.executable).parent
 TINYSEEK = str(BIN / "tinyseek")
 
@@ -31,3 +33,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def mlflow_runs(workspace: Path, filter_string: str = "") -> list:
+    """The runs of the pipeline's experiment in a workspace's MLflow store."""
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tinyseek").experiment_id
+    return client.search_runs([experiment], filter_string=filter_string)

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import httpx
-import mlflow
 
-from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, last_json, tinyseek
+from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, last_json, mlflow_runs, tinyseek
 
 QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
 DATA_STAGES = ("collect", "clean", "tokenize")
@@ -178,9 +177,7 @@ def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
     final = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)][-1]
     assert final.startswith("interrupted; finished stages and training checkpoints are kept"), stderr[-3000:]
     assert not answers(temporary_server(tmp_path / "interrupted"))
-    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tinyseek").experiment_id
-    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    runs = {r.info.run_name: r.info.status for r in mlflow_runs(ws)}
     assert runs == {"build-llm": "KILLED", "pretrain": "KILLED", **dict.fromkeys(DATA_STAGES, "FINISHED")}, runs
 
 

@@ -9,12 +9,11 @@ import subprocess
 import time
 
 import httpx
-import mlflow
 import pytest
 
 from flows.deploy import stop_serving
 
-from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port
+from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, mlflow_runs
 
 QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
 
@@ -129,9 +128,7 @@ def test_stopping_the_deployments_cancels_a_run_in_progress_and_records_it(serve
         stop_serving(serve)
         run = asyncio.run(read_flow_run(run_id))
     assert run.state.is_cancelled(), (run.state, (root / "serve.log").read_text()[-3000:])
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'ws' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tinyseek").experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
+    runs = mlflow_runs(root / "ws", filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
     assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
     assert {r.info.run_name for r in runs if r.info.status == "KILLED"} == {"pretrain"}
 
