@@ -33,6 +33,24 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
+class GatherRows(torch.autograd.Function):
+    """rows[index] for an index that names each row at most once: backward writes each
+    gradient row into its place (`index_copy`) instead of adding it there (`index_add`,
+    autograd's backward of `index_select`, which adds atomically on a GPU). The same values:
+    no row has two gradients to add."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = rows.shape[0]
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; without autograd (decoding) as plain ops, skipping the function's overhead."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
@@ -140,9 +158,9 @@ class Experts(nn.Module):
                  total: int) -> torch.Tensor:
         """The experts over a layout of `_layout`, weighted and summed per token in fp32.
 
-        Each pair's row is copied in (`index_copy_`) and read back out (`index_select`) by its
-        index, one to one. Backward then gathers the copy's gradient and adds each output
-        row's gradient once: no element is added to twice, so nothing contends and nothing
+        Each pair's row is copied in (`index_copy_`) and read back out (`GatherRows`) by its
+        index, one to one. Backward then gathers the copy's gradient and writes each output
+        row's gradient in its place: nothing is added, so nothing contends and nothing
         depends on the order of atomic adds. (Gathering rows by token and adding their
         gradients back per token took 8% of a gpu-small step on an H200, in bf16 atomics.)
         Padding rows are zero and never read back."""
@@ -153,7 +171,7 @@ class Experts(nn.Module):
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         # fp32 (the weights are): the k outputs add up in fp32; backward keeps out's rows in x's dtype
-        return (out.index_select(0, row).view(N, k, -1) * weights.float().unsqueeze(-1)).sum(1)
+        return (GatherRows.apply(out, row).view(N, k, -1) * weights.float().unsqueeze(-1)).sum(1)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout
