@@ -42,7 +42,7 @@ from model.hf import export_hf as export_hf_weights
 from model.perf import cpp_compiler
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
-from tasks.stage import StageError, resolve_device
+from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import byte_of_char
 from tasks.tracking import tracking_uri
 
@@ -94,7 +94,7 @@ def model_cache(workspace: Path) -> Path:
             return cache
     except OSError:
         pass
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyseek" / CACHE_DIR
+    return user_cache() / CACHE_DIR
 
 
 class _Registry:

@@ -108,6 +108,12 @@ def workspace(path: str | os.PathLike | None = None, *, writable: bool = True) -
     return root
 
 
+def user_cache() -> Path:
+    """tinyseek's directory in the user's cache (`$XDG_CACHE_HOME`, else `~/.cache`): what
+    does not belong to one workspace, or cannot be written to it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyseek"
+
+
 def cpu_cores() -> int:
     """CPU cores this process may run on (its affinity, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
