@@ -33,6 +33,21 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
+class ScatterRows(torch.autograd.Function):
+    """`rows` placed at `index` among `total` zero rows, each at most once. Backward gathers
+    them back, keeping only the index (autograd's `index_copy` also keeps the rows)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return rows.new_zeros(total, *rows.shape[1:]).index_copy_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 class GatherRows(torch.autograd.Function):
     """rows[index] for an index that names each row at most once: backward writes each
     gradient row into its place (`index_copy`) instead of adding it there (`index_add`,
@@ -158,7 +173,7 @@ class Experts(nn.Module):
                  total: int) -> torch.Tensor:
         """The experts over a layout of `_layout`, weighted and summed per token in fp32.
 
-        Each pair's row is copied in (`index_copy_`) and read back out (`GatherRows`) by its
+        Each pair's row is copied in (`ScatterRows`) and read back out (`GatherRows`) by its
         index, one to one. Backward then gathers the copy's gradient and writes each output
         row's gradient in its place: nothing is added, so nothing contends and nothing
         depends on the order of atomic adds. (Gathering rows by token and adding their
@@ -166,7 +181,7 @@ class Experts(nn.Module):
         Padding rows are zero and never read back."""
         N, k = weights.shape
         pairs = x.unsqueeze(1).expand(N, k, x.shape[1]).flatten(0, 1)
-        routed = x.new_zeros(total, x.shape[1]).index_copy_(0, row, pairs)
+        routed = ScatterRows.apply(pairs, row, total)
         # all experts' weights cast once to x's dtype (autocast's: the norm before emits it)
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
