@@ -65,12 +65,9 @@ def ephemeral_database(home: Path) -> Path:
 
     Runs on one workspace share `prefect.db`; a run that starts while another holds it takes
     `prefect-1.db`, `prefect-2.db`, ... so two temporary servers never migrate or write one
-    SQLite file at the same time. The slot is held (flock) for the life of the process. A new
-    file starts as a copy of a migrated one (`flows.prefect_database`).
+    SQLite file at the same time. The slot is held (flock) for the life of the process.
     """
     import fcntl
-
-    from flows import prefect_database
 
     home.mkdir(parents=True, exist_ok=True)
     for slot in range(64):
@@ -82,7 +79,6 @@ def ephemeral_database(home: Path) -> Path:
             handle.close()
             continue
         _held_slots.append(handle)
-        prefect_database.seed(home / name)
         return home / name
     raise UserError(f"64 tinyseek runs already use {home}; wait for some to finish")
 

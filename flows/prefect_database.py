@@ -1,12 +1,12 @@
 """New Prefect SQLite databases start as a copy of an empty, migrated one.
 
 A Prefect server migrates a new SQLite database before it answers: about 6 s on a laptop
-CPU, paid by the first run in every workspace (and by every extra database that
+CPU, paid before the first flow run in every workspace (and in every extra database that
 concurrent runs take, `flows.cli.ephemeral_database`). The migrations depend on Prefect's
 version alone, so they run once per version into a template in the user's cache directory
-(`tasks.stage.user_cache`: `~/.cache/tinyseek` by default), and a new database is a copy of it.
-Where the template cannot be made or copied, the database is left to the server to
-migrate, as without it.
+(`tasks.stage.user_cache`: `~/.cache/tinyseek` by default), and a new database is a copy of
+it. Where the template cannot be made or copied, the server migrates the database itself,
+as without it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from tasks.stage import user_cache
 
 
 def seed(database: Path) -> None:
-    """Create `database` as a copy of the migrated template, unless it exists already.
-    The caller holds the database (no other process creates it meanwhile)."""
+    """Create `database` as a copy of the migrated template, unless it exists already (also
+    when another process creates it meanwhile: the copy is linked in only where no file is)."""
     if database.exists():
         return
     try:
@@ -34,8 +34,10 @@ def seed(database: Path) -> None:
     partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
     try:
         shutil.copyfile(template, partial)
-        os.replace(partial, database)
+        os.link(partial, database)
     except OSError:
+        pass
+    finally:
         partial.unlink(missing_ok=True)
 
 
@@ -57,6 +59,8 @@ def _template() -> Path:
     if template.exists():
         return template
     template.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Migrating an empty Prefect database once for Prefect {version('prefect')} into {template} "
+          "(new workspaces start from a copy)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=template.parent) as scratch:
         migrated = Path(scratch) / template.name
         env = {**os.environ, "PREFECT_HOME": scratch,

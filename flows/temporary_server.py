@@ -20,17 +20,26 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+from flows import prefect_database
 
 _PR_SET_PDEATHSIG = 1
+SQLITE = "sqlite+aiosqlite:///"
 
 
 def start() -> None:
     """Start the server Prefect would start itself, detached from this terminal's signals.
 
     Prefect keeps one temporary server per process (`SubprocessASGIServer()`), so the flow
-    run finds this one already running.
+    run finds this one already running. A new SQLite database starts as a copy of a migrated
+    one (`flows.prefect_database`).
     """
     from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+
+    url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "")
+    if url.startswith(SQLITE):
+        prefect_database.seed(Path(url.removeprefix(SQLITE)))
 
     announcement = _Announcement()
     subprocess_server_logger.addFilter(announcement)

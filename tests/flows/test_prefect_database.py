@@ -34,3 +34,22 @@ def test_without_a_template_the_database_is_left_to_the_server(tmp_path, monkeyp
     assert not database.exists() and not prefect_database.template_path().exists()
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     assert list((tmp_path / "cache" / "tinyseek").iterdir()) == []
+
+
+def test_a_database_created_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = prefect_database.template_path()
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"migrated")
+    database = tmp_path / "home" / "prefect.db"
+    database.parent.mkdir()
+    copy = prefect_database.shutil.copyfile
+
+    def another_process_first(source, target):
+        database.write_bytes(b"the other server's runs")
+        return copy(source, target)
+
+    monkeypatch.setattr(prefect_database.shutil, "copyfile", another_process_first)
+    prefect_database.seed(database)
+    assert database.read_bytes() == b"the other server's runs"
+    assert [p.name for p in database.parent.iterdir()] == ["prefect.db"]
