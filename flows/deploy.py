@@ -10,16 +10,17 @@ workspace), waits until both answer, serves the deployments and stops it all on 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from flows import prefect_database
-from flows.prefect_database import executable
 from tasks.config import PipelineConfig
 from tasks.stage import StageError
 
@@ -95,6 +96,11 @@ def wait_healthy(url: str, what: str, proc: subprocess.Popen, timeout: float = 1
     raise StageError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
+def _executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
 def check_free(host: str, port: int, option: str) -> None:
     """Refuse a port another process listens on, naming the option that moves it."""
     with socket.socket() as probe:
@@ -113,10 +119,10 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
     (root / "prefect").mkdir(parents=True, exist_ok=True)
     prefect_database.seed(root / "prefect" / "prefect.db")
-    prefect = subprocess.Popen([executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+    prefect = subprocess.Popen([_executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
                                env=env, start_new_session=True)
     mlflow = subprocess.Popen(
-        [executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+        [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
          "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
@@ -166,7 +172,7 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     print(f"Prefect UI: http://{host}:{prefect_port}")
     print(f"MLflow UI:  http://{host}:{mlflow_port}")
     print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); Ctrl-C stops everything")
-    serving = subprocess.Popen([executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True)
+    serving = subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True)
     code = 0
     try:
         code = serving.wait()

@@ -41,12 +41,6 @@ def seed(database: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def executable(name: str) -> str:
-    """A console script of this environment (`prefect`, `mlflow`, `tinyseek`), else from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
 def template_path() -> Path:
     return user_cache() / f"prefect-{version('prefect')}.db"
 
@@ -65,7 +59,7 @@ def _template() -> Path:
         migrated = Path(scratch) / template.name
         env = {**os.environ, "PREFECT_HOME": scratch,
                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{migrated}"}
-        subprocess.run([executable("prefect"), "server", "database", "upgrade", "-y"],
+        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
                        env=env, check=True, capture_output=True, timeout=300)
         os.replace(migrated, template)
     return template

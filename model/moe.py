@@ -33,14 +33,19 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
+def _placed(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """`rows` at `index` among `total` zero rows (each index at most once)."""
+    return rows.new_zeros(total, *rows.shape[1:]).index_copy_(0, index, rows)
+
+
 class ScatterRows(torch.autograd.Function):
-    """`rows` placed at `index` among `total` zero rows, each at most once. Backward gathers
-    them back, keeping only the index (autograd's `index_copy` also keeps the rows)."""
+    """`_placed`, whose backward gathers the rows back keeping only the index (autograd's
+    `index_copy` also keeps the rows)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
         ctx.save_for_backward(index)
-        return rows.new_zeros(total, *rows.shape[1:]).index_copy_(0, index, rows)
+        return _placed(rows, index, total)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -63,7 +68,7 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
+        return _placed(grad, index, ctx.rows), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

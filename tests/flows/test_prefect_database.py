@@ -28,7 +28,7 @@ def test_without_a_template_the_database_is_left_to_the_server(tmp_path, monkeyp
     """A template that cannot be made (here: migrations that fail) creates nothing, leaves no
     partial file and raises nothing: the server then migrates the database itself."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(prefect_database, "executable", lambda name: "false")
+    monkeypatch.setattr(prefect_database.sys, "executable", "false")
     database = tmp_path / "prefect.db"
     prefect_database.seed(database)
     assert not database.exists() and not prefect_database.template_path().exists()
