@@ -5,9 +5,10 @@ projections, MoE router weights, the output head). It is left off norms, biases 
 embeddings: decaying a norm gain or an embedding row pulls it towards zero for no
 benefit, and embeddings of rare tokens would shrink between their rare updates.
 
-`kind="muon"` updates the hidden 2-D matrices with `torch.optim.Muon` (orthogonalised
-momentum) and everything else (embeddings, the output head, norms, biases, tensors
-of other ranks) with AdamW, as the Muon authors recommend. Muon scales its update with
+`kind="muon"` updates the hidden 2-D matrices with Muon (orthogonalised momentum:
+`torch.optim.Muon`, batched by matrix shape in `model.muon.GroupedMuon`) and everything
+else (embeddings, the output head, norms, biases, tensors of other ranks) with AdamW, as
+the Muon authors recommend. Muon scales its update with
 `adjust_lr_fn="match_rms_adamw"`, so one learning rate and one schedule drive both.
 """
 
@@ -18,6 +19,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from model.muon import GroupedMuon
 
 OptimizerKind = Literal["adamw", "muon"]
 HEAD_NAMES = ("lm_head", "head")
@@ -144,7 +147,7 @@ def build_optimizer(
     optimizers: list[torch.optim.Optimizer] = []
     if split.muon:
         muon_group = _group("muon", split.muon, weight_decay)
-        optimizers.append(torch.optim.Muon([muon_group], lr=lr, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(GroupedMuon([muon_group], lr=lr, adjust_lr_fn="match_rms_adamw"))
     if groups:
         optimizers.append(_adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused))
     if not optimizers:

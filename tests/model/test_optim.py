@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.muon import GroupedMuon
 from model.optim import CombinedOptimizer, build_optimizer, split_params
 
 
@@ -119,7 +120,7 @@ def test_muon_combined_optimizer_trains_and_round_trips_state():
     model = Tiny()
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, kind="muon")
     assert isinstance(opt, CombinedOptimizer)
-    assert isinstance(opt.optimizers[0], torch.optim.Muon)
+    assert isinstance(opt.optimizers[0], GroupedMuon)
     assert [g["name"] for g in opt.param_groups] == ["muon", "decay", "no_decay"]
     before = model.layers[0].q_proj.weight.detach().clone()
     run_steps(opt, model)

@@ -1,0 +1,68 @@
+"""Muon whose Newton-Schulz iterations run on all matrices of one shape at once.
+
+`torch.optim.Muon` orthogonalises each matrix on its own: five iterations of three small
+bf16 matmuls per parameter. A transformer repeats the same few shapes in every layer (the
+demo model's 35 Muon matrices have 6 shapes once the tall ones are transposed), so here
+each shape's matrices are stacked and iterated as one batched matmul. Each matrix goes
+through the same arithmetic as in torch's loop, and the updates are bit-identical to
+`torch.optim.Muon`'s (tests/model/test_muon.py); the state (one momentum buffer per
+parameter) and the options are torch's too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.optim._muon import _adjust_lr
+
+
+def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> list[torch.Tensor]:
+    """Newton-Schulz orthogonalisation of each matrix (in bf16, as torch's
+    `_zeropower_via_newtonschulz`), batched over the matrices of one shape."""
+    a, b, c = coefficients
+    tall = [m.shape[0] > m.shape[1] for m in matrices]
+    wide = [m.bfloat16().mT if t else m.bfloat16() for m, t in zip(matrices, tall)]
+    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+    for i, m in enumerate(wide):
+        by_shape[m.shape].append(i)
+    result: dict[int, torch.Tensor] = {}
+    for indices in by_shape.values():
+        # scaled so that the spectral norm is at most 1, each by its own Frobenius norm
+        x = torch.stack([wide[i] / wide[i].norm().clamp(min=eps) for i in indices])
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, m in zip(indices, x.unbind()):
+            result[i] = m.mT if tall[i] else m
+    return [result[i] for i in range(len(matrices))]
+
+
+class GroupedMuon(torch.optim.Muon):
+    """`torch.optim.Muon` with the orthogonalisation batched by shape (`orthogonalise`);
+    its step is torch's otherwise: Nesterov momentum, decoupled weight decay, the update
+    scaled by `adjust_lr_fn`."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            momentum = group["momentum"]
+            updates = []
+            for grad, buffer in zip(grads, buffers):
+                buffer.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+            updates = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            lr = group["lr"]
+            for param, update in zip(params, updates):
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
