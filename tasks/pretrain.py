@@ -18,6 +18,7 @@ import model.config
 import model.data
 import model.linear
 import model.moe
+import model.muon
 import model.norm
 import model.optim
 import model.rope
@@ -34,8 +35,8 @@ from tasks.tokenize import TokenData
 from tasks.training import train_stage, work_dir
 
 # every model module whose code decides what training computes: editing one retrains
-MODEL_CODE = (model.attention, model.config, model.data, model.linear, model.moe, model.norm, model.optim,
-              model.rope, model.schedule, model.trainer, model.transformer)
+MODEL_CODE = (model.attention, model.config, model.data, model.linear, model.moe, model.muon, model.norm,
+              model.optim, model.rope, model.schedule, model.trainer, model.transformer)
 
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:

@@ -119,3 +119,19 @@ def test_pretraining_can_continue_from_a_model_of_the_same_tokenizer_and_shape(t
         handle.write("\n")  # any other bytes: a tokenizer trained on another corpus
     with pytest.raises(StageError, match="the corpus produced a different tokenizer"):
         pretrain(toks, quick(f"pretrain.init_from={other}"), root)
+
+
+def test_every_model_module_training_runs_is_in_the_training_fingerprint():
+    import subprocess
+    import sys
+
+    from tasks.pretrain import MODEL_CODE
+
+    # the model modules a training step loads, in a fresh interpreter
+    listing = "import sys, model.trainer; print(' '.join(n for n in sys.modules if n.startswith('model.')))"
+    run = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, check=True)
+    loaded = set(run.stdout.split())
+    # modules that cannot change what training computes: checkpoint files, peak FLOP/s for the mfu metric
+    outside = {"model.checkpoint", "model.perf"}
+    assert "model.transformer" in loaded
+    assert loaded - outside <= {module.__name__ for module in MODEL_CODE}
