@@ -4,9 +4,10 @@
 bf16 matmuls per parameter. A transformer repeats the same few shapes in every layer (the
 demo model's 35 Muon matrices have 6 shapes once the tall ones are transposed), so here
 each shape's matrices are stacked and iterated as one batched matmul. Each matrix goes
-through the same arithmetic as in torch's loop, and the updates are bit-identical to
-`torch.optim.Muon`'s (tests/model/test_muon.py); the state (one momentum buffer per
-parameter) and the options are torch's too.
+through the same arithmetic as in torch's loop, and on a CPU the updates are bit-identical
+to `torch.optim.Muon`'s (tests/model/test_muon.py; elsewhere a batched matmul may round
+differently from single ones); the state (one momentum buffer per parameter) and the
+options are torch's too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from torch.optim._muon import _adjust_lr
 
 
 def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> list[torch.Tensor]:
+                  eps: float, use_addmm: bool = True) -> list[torch.Tensor]:
     """Newton-Schulz orthogonalisation of each matrix (in bf16, as torch's
-    `_zeropower_via_newtonschulz`), batched over the matrices of one shape."""
+    `_zeropower_via_newtonschulz`), batched over the matrices of one shape. `use_addmm`
+    picks between torch's two forms of the polynomial (fused multiply-adds, or separate
+    products and sums): the same values up to rounding; torch releases that have the
+    option call it `use_addmm`, the others use the fused form."""
     a, b, c = coefficients
     tall = [m.shape[0] > m.shape[1] for m in matrices]
     wide = [m.bfloat16().mT if t else m.bfloat16() for m, t in zip(matrices, tall)]
@@ -33,7 +37,10 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
         x = torch.stack([wide[i] / wide[i].norm().clamp(min=eps) for i in indices])
         for _ in range(steps):
             gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+            if use_addmm:
+                x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+            else:
+                x = a * x + (b * gram + c * gram @ gram) @ x
         for i, m in zip(indices, x.unbind()):
             result[i] = m.mT if tall[i] else m
     return [result[i] for i in range(len(matrices))]
@@ -60,7 +67,8 @@ class GroupedMuon(torch.optim.Muon):
             for grad, buffer in zip(grads, buffers):
                 buffer.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
-            updates = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            updates = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                    group.get("use_addmm", True))
             lr = group["lr"]
             for param, update in zip(params, updates):
                 param.mul_(1 - lr * group["weight_decay"])
