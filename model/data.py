@@ -77,11 +77,14 @@ def _shifted(rows: np.ndarray) -> Batch:
 class _ShuffledOrder:
     """A seeded per-epoch shuffle of `size` items, dealt in batches to one DDP rank."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world_size: int, what: str):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world_size: int, what: str,
+                 lengths: np.ndarray | None = None, length_window: int = 1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or length_window < 1:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size and length_window >= 1, got {batch_size}, "
+                             f"{rank}, {world_size}, {length_window}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.lengths, self.length_window = lengths, length_window
         self.per_rank = size // world_size
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
@@ -94,9 +97,27 @@ class _ShuffledOrder:
 
     def _slice(self) -> np.ndarray:
         if self._dealt is None or self._dealt[0] != self.epoch:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(self.size)
-            self._dealt = (self.epoch, order[: self.per_rank * self.world_size][self.rank :: self.world_size])
+            generator = np.random.default_rng(self.seed + self.epoch)
+            order = generator.permutation(self.size)
+            mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+            if self.lengths is not None and self.length_window > 1:
+                mine = self._by_length(mine, generator)
+            self._dealt = (self.epoch, mine)
         return self._dealt[1]
+
+    def _by_length(self, order: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+        """Each run of `length_window` batches of `order` sorted by item length and dealt
+        again as batches in a shuffled order: batches of similar lengths (less padding),
+        still drawn from the whole shuffled data. Items past the last whole batch stay last."""
+        span = self.length_window * self.batch_size
+        whole = self.batches_per_epoch * self.batch_size
+        regrouped = []
+        for start in range(0, whole, span):
+            window = order[start : min(start + span, whole)]
+            window = window[np.argsort(self.lengths[window], kind="stable")]
+            batches = window.reshape(-1, self.batch_size)
+            regrouped.append(batches[generator.permutation(len(batches))].reshape(-1))
+        return np.concatenate([*regrouped, order[whole:]])
 
     def next(self) -> np.ndarray:
         if self.index + self.batch_size > self.batches_per_epoch * self.batch_size:
@@ -215,7 +236,10 @@ class SFTBatches(_Resumable):
     cut to `seq_len + 1` tokens; those left with nothing to learn are dropped (counted in
     `dropped`). Batch widths are rounded up to a multiple of `WIDTH_STEP` (within
     `seq_len`): a handful of distinct shapes instead of one per batch, which CPU matmul
-    libraries that build a kernel per shape (oneDNN for bf16) reward.
+    libraries that build a kernel per shape (oneDNN for bf16) reward. With `length_window`
+    > 1, each run of that many shuffled batches is regrouped by example length (as
+    `group_by_length` does in transformers' Trainer): less padding, but examples of one
+    length range train together, so where length follows the task a batch holds fewer tasks.
     """
 
     WIDTH_STEP = 8
@@ -229,6 +253,7 @@ class SFTBatches(_Resumable):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        length_window: int = 1,
     ):
         self.pad_id = pad_id
         self.seq_len = seq_len
@@ -241,7 +266,9 @@ class SFTBatches(_Resumable):
             if (targets != IGNORE_INDEX).any():
                 self._examples.append((ids_arr[:-1], targets))
         self.dropped = len(examples) - len(self._examples)
-        self._order = _ShuffledOrder(len(self._examples), batch_size, seed, rank, world_size, "usable examples")
+        lengths = np.array([len(inputs) for inputs, _ in self._examples])
+        self._order = _ShuffledOrder(len(self._examples), batch_size, seed, rank, world_size, "usable examples",
+                                     lengths, length_window)
 
     @property
     def examples(self) -> int:

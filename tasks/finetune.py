@@ -55,7 +55,8 @@ def build_trainer(pretrained: Ref, config: PipelineConfig, checkpoints: Path, ra
     if cfg.seq_len > limit:
         raise StageError(f"finetune.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={limit}")
     pad = model.config.pad_token_id
-    train = SFTBatches(data["train"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed, rank=rank, world_size=world)
+    train = SFTBatches(data["train"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed, rank=rank, world_size=world,
+                       length_window=cfg.length_window)
 
     def validation():
         held_out = SFTBatches(data["test"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed)

@@ -40,7 +40,9 @@ MODEL_CODE = (model.attention, model.config, model.data, model.linear, model.moe
 
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
-    settings = {"model": config.model, "train": config.pretrain.model_dump(exclude={"devices", "threads"})}
+    # length_window regroups fine-tuning examples; pretraining windows are all one length
+    train = config.pretrain.model_dump(exclude={"devices", "threads", "length_window"})
+    settings = {"model": config.model, "train": train}
     return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *MODEL_CODE))
 
 

@@ -60,6 +60,11 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
+    length_window: int = Field(
+        1, ge=1, description="Fine-tuning: regroup each run of this many shuffled batches by example length "
+        "(less padding, but a batch holds fewer kinds of example; 1: batches as shuffled). Pretraining windows "
+        "are all one length."
+    )
     devices: int = Field(1, ge=1, description="Processes to train with (torchrun DDP when > 1).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")

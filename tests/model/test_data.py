@@ -209,3 +209,42 @@ def test_sft_resume_and_ranks():
     resumed.load_state_dict(state)
     for (xe, ye), (xg, yg) in zip(expected, [resumed.next_batch() for _ in range(7)]):
         assert torch.equal(xe, xg) and torch.equal(ye, yg)
+
+
+def varied_examples(count=96, seed=0):
+    """Chats of 3 to 30 tokens, each with one answer token at the end."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(count):
+        n = int(rng.integers(3, 31))
+        examples.append(([1] + [100 + i] * (n - 1), [0] * (n - 1) + [1]))
+    return examples
+
+
+def test_length_windows_pad_less_and_still_deal_each_example_once_an_epoch():
+    examples = varied_examples()
+    plain = SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3)
+    grouped = SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, length_window=4)
+    plain_batches, grouped_batches = drain_epoch(plain), drain_epoch(grouped)
+    assert sorted(first_ids(grouped_batches)) == sorted(first_ids(plain_batches)) == [(1, 100 + i) for i in range(96)]
+    assert sum(x.numel() for x, _ in grouped_batches) < 0.8 * sum(x.numel() for x, _ in plain_batches)
+    # the next epoch is another order
+    assert first_ids(drain_epoch(grouped)) != first_ids(grouped_batches)
+
+
+def test_length_window_one_is_the_plain_order_and_windows_resume_exactly():
+    examples = varied_examples()
+    plain = drain_epoch(SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3))
+    one = drain_epoch(SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, length_window=1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, one))
+    original = SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, length_window=4)
+    for _ in range(5):
+        original.next_batch()
+    state = original.state_dict()
+    expected = [original.next_batch() for _ in range(15)]  # into the next epoch
+    resumed = SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, length_window=4)
+    resumed.load_state_dict(state)
+    for (xe, _), (xg, _) in zip(expected, [resumed.next_batch() for _ in range(15)]):
+        assert torch.equal(xe, xg)
+    with pytest.raises(ValueError, match="length_window"):
+        SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, length_window=0)

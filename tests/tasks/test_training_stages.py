@@ -12,7 +12,7 @@ from tasks import training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
-from tasks.finetune import finetune
+from tasks.finetune import build_trainer as finetune_trainer, finetune
 from tasks.instructions import eval_texts
 from tasks.pretrain import build_trainer, pretrain
 from tasks.stage import StageError
@@ -50,6 +50,13 @@ def test_pretrain_then_finetune_write_models_histories_and_checkpoints(tokens):
     assert tuned.counts["steps"] == 4
     before, after = load_file(str(base.dir / "model.safetensors")), load_file(str(tuned.dir / "model.safetensors"))
     assert any(not before[name].equal(after[name]) for name in before)
+
+    # batches regrouped by length are another fine-tuning, not another pretraining
+    config.finetune.length_window = config.pretrain.length_window = 2
+    assert pretrain(toks, config, root).cached
+    regrouped = finetune(base, config, root, log=lambda m: None)
+    assert not regrouped.cached and regrouped.dir != tuned.dir
+    assert finetune_trainer(base, config, root / "scratch").train._order.length_window == 2
 
 
 def test_sequence_longer_than_the_model_is_a_clear_error(tokens):
