@@ -230,6 +230,11 @@ def test_length_windows_pad_less_and_still_deal_each_example_once_an_epoch():
     assert sum(x.numel() for x, _ in grouped_batches) < 0.8 * sum(x.numel() for x, _ in plain_batches)
     # the next epoch is another order
     assert first_ids(drain_epoch(grouped)) != first_ids(grouped_batches)
+    # DDP ranks still take disjoint halves
+    ranks = [SFTBatches(examples, seq_len=32, batch_size=8, pad_id=0, seed=3, rank=r, world_size=2, length_window=3)
+             for r in (0, 1)]
+    dealt = [first_ids(drain_epoch(loader)) for loader in ranks]
+    assert not set(dealt[0]) & set(dealt[1]) and len(dealt[0]) == len(dealt[1]) == 48
 
 
 def test_length_window_one_is_the_plain_order_and_windows_resume_exactly():
