@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from model.config import ConfigError, ModelConfig
 from tasks.clean import CleanConfig
 from tasks.collect import CollectConfig
-from tasks.evaluate import EvaluateConfig
+from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import InstructionConfig
 from tasks.stage import REPO_ROOT, StageError
 from tasks.tokenize import TokenizeConfig
-from tasks.training import TrainingConfig
+from tasks.training_config import TrainingConfig
 
 PRESETS_DIR = REPO_ROOT / "configs"
 

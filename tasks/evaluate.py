@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 import model.generate
@@ -42,6 +41,7 @@ from model.data import eval_batches
 from model.generate import CACHE_DTYPES, generate
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, render_prompt
+from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
 from tasks.stage import Ref, StageError, code_version, fingerprint, resolve_device, run_stage, workspace
 
@@ -54,47 +54,6 @@ NEXT_TOKEN_COLUMNS = ["rank", "token", "token_id", "probability", "prompt"]
 
 Messages = list[dict[str, str]]
 ChatFn = Callable[[list[Messages]], list[str]]
-
-
-class EvaluateConfig(BaseModel):
-    """What to measure on the base and fine-tuned models, and how much of it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int = Field(32, ge=1, description="Most tokens generated for one answer or sample.")
-    batch_size: int = Field(32, ge=1, description="Prompts or validation windows per forward pass.")
-    max_examples_per_family: int = Field(
-        100, ge=1, description="Held-out instruction problems scored per task family (the first of the test split)."
-    )
-    val_batches: int = Field(16, ge=1, description="Validation batches the loss is averaged over.")
-    seq_len: int = Field(
-        256, ge=8, description="Tokens per validation window (capped at the model's max_position_embeddings)."
-    )
-    primary_metric: str = Field(
-        "exact_match_mean",
-        description="Metric that decides promotion over the champion: a metrics.json name; without a _base/_tuned "
-        "suffix it means the fine-tuned model's. Names with loss, bpb or max_vio are better when lower.",
-    )
-    prompts: list[str] = Field(
-        default_factory=lambda: ["def ", "Return the", "The module"],
-        description="Text the models continue as in pretraining (greedy samples).",
-    )
-    chat_prompts: list[str] = Field(
-        default_factory=lambda: ["Convert 3 kilometers to meters.", "What is 12 + 7?", "Reverse the word 'stone'."],
-        description="Instructions the models answer as a user turn in the chat format (greedy samples).",
-    )
-    next_token_prompts: list[str] = Field(
-        default_factory=lambda: ["import ", "def __init__(self", "Return the"],
-        description="Prompts whose most likely next tokens are listed for both models.",
-    )
-    top_k_tokens: int = Field(5, ge=1, description="Next-token candidates listed per prompt.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
-    kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field(
-        "auto",
-        description="Element type of the decode cache when the models generate: auto (the model's), bf16 or fp8 "
-        "(e4m3, a quarter of fp32). Narrower caches round the cached keys and values; evaluate with one to see "
-        "what that costs. A run evaluated with one registers nothing: served models decode with their own dtype.",
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -54,11 +55,13 @@ def resolve_device(choice: str, setting: str, fallback: str) -> torch.device:
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors whose message says what to fix: the CLI shows them as one line, and a flow
     run's log without a traceback. Imported when asked for: the data stages (and clean's
-    worker processes) import this module and need no torch."""
-    from model.checkpoint import CheckpointError
+    worker processes) import this module and need no torch. `model.checkpoint` (torch) counts
+    only once loaded, since none of its errors can be raised before: a config error is then
+    shown without loading torch."""
     from model.config import ConfigError
 
-    return StageError, ConfigError, CheckpointError
+    checkpoint = sys.modules.get("model.checkpoint")
+    return (StageError, ConfigError) + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 
 class Ref(BaseModel):

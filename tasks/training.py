@@ -1,5 +1,5 @@
-"""What pretraining and fine-tuning share: their config form and how a training run
-lives inside the stage contract.
+"""What pretraining and fine-tuning share: how a training run lives inside the stage
+contract (their config form is `tasks.training_config`).
 
 A training stage must be resumable, so its checkpoints cannot live in the stage's
 temporary build directory (a new attempt gets a new one). They go to a stable work
@@ -14,84 +14,17 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from model.checkpoint import save_model
 from model.perf import cpp_compiler
-from model.trainer import NonFiniteLoss, TrainConfig, Trainer
+from model.trainer import NonFiniteLoss, Trainer
 from model.transformer import parameter_counts
-from tasks.stage import StageError, resolve_device
+from tasks.stage import StageError
+from tasks.training_config import TrainingConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HISTORY = "history.jsonl"
-
-
-class TrainingConfig(BaseModel):
-    """How long and how to train; the same form for pretraining and fine-tuning."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
-    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
-    micro_batch: int = Field(16, ge=1, description="Sequences per forward/backward pass on one device.")
-    batch_tokens: int = Field(
-        4096, ge=1, description="Target global batch in tokens; gradient accumulation makes up the difference."
-    )
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(3e-4, ge=0, description="Learning rate at the end of the schedule.")
-    warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="Decay after warmup: cosine, warmup-stable-decay (wsd) or constant."
-    )
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="For wsd: fraction of steps spent decaying.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms, biases, embeddings).")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping threshold.")
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="AdamW, or Muon for hidden matrices.")
-    mtp_lambda: float = Field(
-        0.3, ge=0, description="Weight of the multi-token-prediction loss (0: the MTP modules are not run)."
-    )
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast (fp32 master weights) or fp32.")
-    compile: bool = Field(False, description="Compile the model with torch.compile.")
-    eval_every: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
-    eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
-    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
-    seed: int = Field(0, description="Seed for initialisation and data order.")
-    length_window: int = Field(
-        1, ge=1, description="Fine-tuning: regroup each run of this many shuffled batches by example length "
-        "(less padding, but a batch holds fewer kinds of example; 1: batches as shuffled). Pretraining windows "
-        "are all one length."
-    )
-    devices: int = Field(1, ge=1, description="Processes to train with (torchrun DDP when > 1).")
-    threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
-    init_from: str | None = Field(
-        None, description="Model directory to continue from instead of random weights (pretraining only)."
-    )
-
-    def grad_accum(self, world: int = 1) -> int:
-        per_pass = self.micro_batch * self.seq_len * world
-        return max(1, round(self.batch_tokens / per_pass))
-
-    def engine(self, world: int = 1) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps, micro_batch=self.micro_batch, grad_accum=self.grad_accum(world), lr=self.lr,
-            min_lr=self.min_lr, warmup_steps=min(self.warmup_steps, self.steps), schedule=self.schedule,
-            decay_fraction=self.decay_fraction, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-            optimizer=self.optimizer, mtp_lambda=self.mtp_lambda, precision=self.precision, compile=self.compile,
-            eval_every=self.eval_every, eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every,
-            keep_last=self.keep_last, seed=self.seed,
-        )
-
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device, "training.device", "'auto' or 'cpu'")
-
-    def apply_threads(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:

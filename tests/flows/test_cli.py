@@ -1,8 +1,11 @@
 """Errors a user can meet are one clear line (exit code 2), never a traceback."""
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.flows.helpers import free_port, tinyseek
+from tests.flows.helpers import cli_env, free_port, tinyseek
 
 
 def assert_one_line_error(result, *fragments):
@@ -42,6 +45,17 @@ def test_invalid_value_names_the_field(tmp_path):
     assert_one_line_error(result, "pretrain.steps")
     result = tinyseek("data", "--preset", "tiny", "--set", "model.qk_rope_head_dim=5", "--workspace", str(tmp_path))
     assert_one_line_error(result, "qk_rope_head_dim")
+
+
+def test_a_config_error_is_found_without_loading_torch(tmp_path):
+    """Checking a config needs no torch (a second's work instead of several), so a mistyped
+    value is reported before the heavy imports of the stages."""
+    code = ("import sys; from flows.cli import main; "
+            f"status = main(['run', '--set', 'pretrain.steps=-1', '--workspace', {str(tmp_path)!r}]); "
+            "print(status, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert "error: config pretrain.steps" in result.stderr
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
 
 
 def test_workspace_that_is_a_file(tmp_path):

@@ -16,7 +16,6 @@ from model.generate import CACHE_DTYPES
 from model.transformer import Transformer
 from tasks.chat import BOS, END, SPECIAL_TOKENS
 from tasks.evaluate import (
-    EvaluateConfig,
     bits_per_byte,
     chat_completer,
     compare_with_champion,
@@ -33,6 +32,7 @@ from tasks.evaluate import (
     routed_load,
     validation_loss,
 )
+from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import InstructionConfig, build_examples
 from tasks.stage import StageError, run_stage
 from tests.model.helpers import config as model_config
