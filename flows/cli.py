@@ -140,10 +140,11 @@ def run_flow(name: str) -> Callable[[argparse.Namespace], None]:
         from tasks.config import load_config
 
         config = load_config(args.preset, args.config, args.overrides)
-        from flows import pipeline, temporary_server
-
         if not os.environ.get("PREFECT_API_URL"):
-            temporary_server.start()
+            from flows import temporary_server
+
+            temporary_server.start(meanwhile=["flows.pipeline"])
+        from flows import pipeline
 
         flow_fn = {"run": pipeline.build_llm, "data": pipeline.data_flow, "pretrain": pipeline.pretrain_flow,
                    "finetune": pipeline.finetune_flow, "evaluate": pipeline.evaluate_flow}[name]

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from flows import prefect_database
@@ -28,19 +30,28 @@ _PR_SET_PDEATHSIG = 1
 SQLITE = "sqlite+aiosqlite:///"
 
 
-def start() -> None:
+def start(meanwhile: Sequence[str] = ()) -> None:
     """Start the server Prefect would start itself, detached from this terminal's signals.
 
     Prefect keeps one temporary server per process (`SubprocessASGIServer()`), so the flow
     run finds this one already running. A new SQLite database starts as a copy of a migrated
     one (`flows.prefect_database`).
+
+    The server needs ~3 s to answer, in a process of its own; the modules named in
+    `meanwhile` (the flows, with torch and MLflow: ~2.5 s) are imported on a second thread
+    while this one waits for it. The server itself is started from this thread, since its
+    end-with-parent signal is tied to the thread that started it.
     """
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
 
+    ensure_logging_setup()  # the announcement below is Prefect's log line, before any flow ran
     url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL", "")
     if url.startswith(SQLITE):
         prefect_database.seed(Path(url.removeprefix(SQLITE)))
 
+    imports = threading.Thread(target=_import, args=(meanwhile,), name="tinyseek-imports", daemon=True)
+    imports.start()
     announcement = _Announcement()
     subprocess_server_logger.addFilter(announcement)
     try:
@@ -48,6 +59,17 @@ def start() -> None:
             SubprocessASGIServer().start()
     finally:
         subprocess_server_logger.removeFilter(announcement)
+        imports.join()
+
+
+def _import(modules: Sequence[str]) -> None:
+    """Import `modules` ahead of their use. One that fails is left alone here: its import
+    where it is used fails again, with its own message."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            return
 
 
 class _Announcement(logging.Filter):
@@ -64,9 +86,10 @@ class _Announcement(logging.Filter):
 
 @contextlib.contextmanager
 def _detached_children() -> Iterator[None]:
-    """Within the block, `subprocess.Popen` starts each child in a new session, ended by
-    SIGTERM when this process dies (Linux)."""
+    """Within the block, `subprocess.Popen` called from this thread starts each child in a new
+    session, ended by SIGTERM when this thread dies (Linux)."""
     parent = os.getpid()
+    starter = threading.get_ident()
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def end_with_parent() -> None:  # runs in the child, between fork and exec
@@ -79,7 +102,8 @@ def _detached_children() -> Iterator[None]:
 
     class Detached(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
-            kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
+            if threading.get_ident() == starter:
+                kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
             super().__init__(*args, **kwargs)
 
     subprocess.Popen = Detached  # type: ignore[misc]
