@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -170,6 +172,57 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Within the block, a Ctrl-C (SIGINT) is held and raised as KeyboardInterrupt at its end;
+    a second one raises at once. Only where Python's own handler is in place, on the main
+    thread (a handler set by the program, or SIG_IGN, stays as it is)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+class _Uninterrupted:
+    """An `MlflowClient` for a SQLite store whose calls finish before a Ctrl-C takes effect.
+
+    Python raises KeyboardInterrupt wherever the main thread is. Raised inside a write to
+    the SQLite database, it left that connection holding the database's write lock: every
+    later write, such as marking the interrupted runs KILLED, waited out SQLite's busy
+    timeout (20 s) and failed with "database is locked". A store call takes milliseconds, so
+    holding the interrupt until it returns costs nothing a person notices.
+    """
+
+    def __init__(self, client: mlflow.MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with interrupts_held():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
 class Tracker:
     """The pipeline's view of one MLflow experiment, every call naming its run explicitly."""
 
@@ -179,7 +232,8 @@ class Tracker:
         self.uri = tracking_uri(self.root)
         # the first use of a SQLite store creates and migrates it: one process at a time
         with _store_lock(self.uri):
-            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+            client = mlflow.MlflowClient(tracking_uri=self.uri)
+            self.client = _Uninterrupted(client) if self.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:

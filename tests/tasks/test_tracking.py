@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.telemetry.client import get_telemetry_client
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -27,6 +29,7 @@ from tasks.tracking import (
     artifact_location,
     flatten,
     git_commit,
+    interrupts_held,
     quiet_mlflow,
     run_tags,
     system_metrics,
@@ -211,6 +214,49 @@ def test_metrics_callback_buffers_and_flushes(tracker):
     assert len(client.get_metric_history(run_id, "lr")) == 5
     with pytest.raises(ValueError):
         MetricsCallback(tracker, run_id, every=0)
+
+
+def test_a_ctrl_c_during_a_store_write_takes_effect_after_it(tracker, monkeypatch):
+    """Raised inside a SQLite write, KeyboardInterrupt left the database locked, and marking
+    the interrupted run KILLED then failed; the write now finishes first."""
+    run_id = tracker.start_run("pretrain")
+    write = SqlAlchemyStore.log_batch
+
+    def write_during_ctrl_c(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", write_during_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
+    monkeypatch.undo()
+    tracker.end_run(run_id, "KILLED")
+    run = reader(tracker).get_run(run_id)
+    assert run.data.metrics == {"loss": 2.5} and run.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            done.append("after the first")
+    assert done == ["after the first"]
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            done.append("after the second")
+    assert done == ["after the first"]
+    seen = []
+    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # a handler of the program's own
+    try:
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [signal.SIGINT]  # left in charge
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_system_metrics_for_an_explicit_run(tracker):
