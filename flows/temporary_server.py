@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from flows import prefect_database
@@ -39,8 +39,9 @@ def start(meanwhile: Sequence[str] = ()) -> None:
 
     The server needs ~3 s to answer, in a process of its own; the modules named in
     `meanwhile` (the flows, with torch and MLflow: ~2.5 s) are imported on a second thread
-    while this one waits for it. The server itself is started from this thread, since its
-    end-with-parent signal is tied to the thread that started it.
+    while this one waits for it. That thread starts once the server's process exists (a
+    process is best forked with one thread running), and the server is started from this
+    thread, since its end-with-parent signal is tied to the thread that started it.
     """
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
@@ -50,26 +51,42 @@ def start(meanwhile: Sequence[str] = ()) -> None:
     if url.startswith(SQLITE):
         prefect_database.seed(Path(url.removeprefix(SQLITE)))
 
-    imports = threading.Thread(target=_import, args=(meanwhile,), name="tinyseek-imports", daemon=True)
-    imports.start()
+    imports = _Imports(meanwhile)
     announcement = _Announcement()
     subprocess_server_logger.addFilter(announcement)
     try:
-        with _detached_children():
+        with _detached_children(after_start=imports.start):
             SubprocessASGIServer().start()
     finally:
         subprocess_server_logger.removeFilter(announcement)
-        imports.join()
+    imports.wait()
 
 
-def _import(modules: Sequence[str]) -> None:
-    """Import `modules` ahead of their use. One that fails is left alone here: its import
-    where it is used fails again, with its own message."""
-    for name in modules:
+class _Imports:
+    """Modules imported on a thread of their own; `wait` joins it (starting it first if no
+    one did) and raises what an import raised."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = modules
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, name="tinyseek-imports", daemon=True)
+
+    def start(self) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
+
+    def _run(self) -> None:
         try:
-            importlib.import_module(name)
-        except Exception:
-            return
+            for name in self.modules:
+                importlib.import_module(name)
+        except Exception as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        self.start()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _Announcement(logging.Filter):
@@ -85,9 +102,10 @@ class _Announcement(logging.Filter):
 
 
 @contextlib.contextmanager
-def _detached_children() -> Iterator[None]:
+def _detached_children(after_start: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Within the block, `subprocess.Popen` called from this thread starts each child in a new
-    session, ended by SIGTERM when this thread dies (Linux)."""
+    session, ended by SIGTERM when this thread dies (Linux), and calls `after_start` once the
+    child exists. Other threads' children are started as usual."""
     parent = os.getpid()
     starter = threading.get_ident()
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -102,9 +120,12 @@ def _detached_children() -> Iterator[None]:
 
     class Detached(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
-            if threading.get_ident() == starter:
-                kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
+            if threading.get_ident() != starter:
+                super().__init__(*args, **kwargs)
+                return
+            kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
             super().__init__(*args, **kwargs)
+            after_start()
 
     subprocess.Popen = Detached  # type: ignore[misc]
     try:
