@@ -182,9 +182,10 @@ def interrupts_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
+    restoring = False
 
     def hold(signum: int, frame: object) -> None:
-        if held:
+        if held and not restoring:
             raise KeyboardInterrupt
         held.append(signum)
 
@@ -192,9 +193,10 @@ def interrupts_held() -> Iterator[None]:
     try:
         yield
     finally:
+        restoring = True  # a signal pending now is run by the restore: it must not cut it short
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
+        if held:  # also when the block raised: a caller that handles its error still sees the Ctrl-C
+            raise KeyboardInterrupt
 
 
 class _Uninterrupted:
@@ -203,14 +205,16 @@ class _Uninterrupted:
     Python raises KeyboardInterrupt wherever the main thread is. Raised inside a write to
     the SQLite database, it left that connection holding the database's write lock: every
     later write, such as marking the interrupted runs KILLED, waited out SQLite's busy
-    timeout (20 s) and failed with "database is locked". A store call takes milliseconds, so
-    holding the interrupt until it returns costs nothing a person notices.
+    timeout (20 s) and failed with "database is locked". A store call takes milliseconds and
+    an artifact copy as long as the copy, so the interrupt comes a moment later.
     """
 
     def __init__(self, client: mlflow.MlflowClient) -> None:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # the client's own names only (copy and pickle ask for __setstate__ first)
+            raise AttributeError(name)
         attribute = getattr(self._client, name)
         if not callable(attribute):
             return attribute
@@ -235,6 +239,13 @@ class Tracker:
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             self.client = _Uninterrupted(client) if self.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold a SQLite store for the block: a read, decide, write sequence that another
+        process on the workspace must not interleave. A server orders its own writes."""
+        with _store_lock(self.uri):
+            yield
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

@@ -3,6 +3,7 @@ datasets, system metrics and the trainer's metrics callback, read back through M
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -234,6 +235,7 @@ def test_a_ctrl_c_during_a_store_write_takes_effect_after_it(tracker, monkeypatc
     run = reader(tracker).get_run(run_id)
     assert run.data.metrics == {"loss": 2.5} and run.info.status == "KILLED"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert copy.copy(tracker.client).get_run(run_id).info.status == "KILLED"  # the wrapper copies like a client
 
 
 def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
@@ -249,6 +251,11 @@ def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
             signal.raise_signal(signal.SIGINT)
             done.append("after the second")
     assert done == ["after the first"]
+    with pytest.raises(KeyboardInterrupt) as caught:  # an error of the block, which a caller would handle,
+        with interrupts_held():                        # does not swallow the Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError("already exists")
+    assert isinstance(caught.value.__context__, ValueError)
     seen = []
     signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # a handler of the program's own
     try:
