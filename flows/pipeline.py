@@ -265,9 +265,18 @@ def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: 
 
 
 def register_steps(run: PipelineRun) -> dict[str, Any]:
-    """Evaluate, register the fine-tuned model as `challenger`, promote it if it beats the champion."""
-    cfg = run.config
+    """Evaluate, register the fine-tuned model as `challenger`, promote it if it beats the champion.
+
+    Runs on one workspace register one after the other: the second sees the version the first
+    registered, and the aliases are never set by two at once (MLflow reads, then inserts).
+    """
     evaluate_steps(run)
+    with run.tracker.exclusive():
+        return _register(run)
+
+
+def _register(run: PipelineRun) -> dict[str, Any]:
+    cfg = run.config
     tracker, tuned = run.tracker, run.refs["finetune"]
     champion, previous = champion_metrics(tracker)
     if cfg.evaluate.kv_cache_dtype != "auto":
