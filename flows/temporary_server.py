@@ -120,12 +120,12 @@ def _detached_children(after_start: Callable[[], None] = lambda: None) -> Iterat
 
     class Detached(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
-            if threading.get_ident() != starter:
-                super().__init__(*args, **kwargs)
-                return
-            kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
+            mine = threading.get_ident() == starter
+            if mine:
+                kwargs.update(start_new_session=True, preexec_fn=end_with_parent)
             super().__init__(*args, **kwargs)
-            after_start()
+            if mine:
+                after_start()
 
     subprocess.Popen = Detached  # type: ignore[misc]
     try:

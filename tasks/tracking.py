@@ -362,7 +362,7 @@ class Tracker:
         # once collide on its unique key. Serialise on SQLite; elsewhere the retry finds it.
         for attempt in range(2):
             try:
-                with _store_lock(self.uri):
+                with self.exclusive():
                     self.client.log_inputs(run_id, datasets=[entry])
                 return
             except MlflowException as exc:
