@@ -151,15 +151,21 @@ def peak_rss_bytes() -> int:
 
 # ---- worker processes ------------------------------------------------------------------
 
+# glibc malloc settings under which freed memory stays with the process: no allocation is
+# served by a fresh mmap, and the heap is never trimmed. By default every large tensor
+# (from 32 MiB, e.g. the logits; smaller ones once the heap top is trimmed) comes as new
+# pages, each zero-filled by the kernel at first touch, again at every training step.
+RETAINING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
 
 class Worker:
     """A benchmark module run as `python -m <module> --worker <args>` that answers
     JSON requests line by line on stdin/stdout (see `serve`)."""
 
-    def __init__(self, module: str, args: list[str]):
+    def __init__(self, module: str, args: list[str], env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--worker", *args],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
         )
         self.ready = self._read()
 

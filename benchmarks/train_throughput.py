@@ -10,6 +10,7 @@ process runs one forward pass of each model and sums the tensors it keeps for ba
 (activations and cast weights: an exact figure, where the peak RSS moves with the allocator).
 
     python -m benchmarks.train_throughput --config demo --precision bf16 --steps 6
+    python -m benchmarks.train_throughput --allocator retain   # both without page faults from malloc
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.common import (
-    Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, saved_bytes, serve, table,
+    RETAINING_MALLOC, Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, saved_bytes, serve, table,
     training_step,
 )
 from model.hf import WEIGHTS, export_hf
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=0, help="0: the preset's micro_batch")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", choices=["default", "retain"], default="default",
+                        help="retain: both processes keep freed memory (glibc `RETAINING_MALLOC`), so no step "
+                             "page-faults fresh memory in")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -96,11 +100,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"config {args.config}: batch {batch} x {setup.seq_len} tokens, {args.precision}"
           f"{', torch.compile' if args.compile else ''}; MTP excluded (num_nextn_predict_layers=0) so both "
-          f"models compute the same loss; fused AdamW for both")
+          f"models compute the same loss; fused AdamW for both; {args.allocator} allocator for both")
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as weights:
         export_hf(Transformer(setup.model), weights)
-        workers = {side: Worker(MODULE, ["--side", side, "--weights", weights, *common]) for side in ("hf", "ours")}
+        env = RETAINING_MALLOC if args.allocator == "retain" else None
+        workers = {side: Worker(MODULE, ["--side", side, "--weights", weights, *common], env)
+                   for side in ("hf", "ours")}
         params = {side: w.ready["params"] for side, w in workers.items()}
         print(f"parameters: transformers {params['hf']:,}, tinyseek {params['ours']:,}")
         alternate(workers, 1, op="steps", n=args.warmup)
