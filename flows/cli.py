@@ -188,6 +188,7 @@ def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: 
 
 COUNT = checked(int, lambda n: n >= 0, "a whole number >= 0")
 POSITIVE = checked(int, lambda n: n >= 1, "a whole number >= 1")
+PORT = checked(int, lambda n: 1 <= n <= 65535, "a port number from 1 to 65535")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -306,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(sub)
     sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule (default: daily at 03:00)")
     sub.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: 127.0.0.1)")
-    sub.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
-    sub.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default: 5000)")
+    sub.add_argument("--prefect-port", type=PORT, default=4200, help="Prefect server port (default: 4200)")
+    sub.add_argument("--mlflow-port", type=PORT, default=5000, help="MLflow server port (default: 5000)")
     add_workspace(sub)
     sub.set_defaults(handler=up_command)
 

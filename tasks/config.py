@@ -8,22 +8,27 @@ overrides. Unknown names are errors that suggest the closest valid name.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from model.config import ConfigError, ModelConfig
 from tasks.clean import CleanConfig
 from tasks.collect import CollectConfig
-from tasks.evaluate_config import EvaluateConfig
+from tasks.evaluate_config import EvaluateConfig, metric_names
 from tasks.instructions import InstructionConfig
 from tasks.stage import REPO_ROOT, StageError
 from tasks.tokenize import TokenizeConfig
 from tasks.training_config import TrainingConfig
 
 PRESETS_DIR = REPO_ROOT / "configs"
+
+# model fields the tokenizer decides: a value in the model section would be overridden
+FROM_TOKENIZER = {"vocab_size": "set tokenize.vocab_size instead", "bos_token_id": "the tokenizer's <bos> sets it",
+                  "eos_token_id": "the tokenizer's <eos> sets it", "pad_token_id": "the tokenizer's <pad> sets it"}
 
 
 class PipelineConfig(BaseModel):
@@ -49,6 +54,41 @@ class PipelineConfig(BaseModel):
     )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="What to measure after training.")
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        """A misspelt preset would otherwise leave every value at the stage defaults."""
+        available = presets()
+        if name != "custom" and name not in available:
+            raise ValueError(f"unknown preset {name!r}; {_suggest(name, available)}")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _model_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return model_section(values)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        """What can be checked before any stage runs, so that a run does not fail after hours
+        of training: the model's shape (with a placeholder vocabulary), the sequence lengths
+        against its context, and the promotion metric against the metrics evaluate writes."""
+        model = ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)})
+        for stage in ("pretrain", "finetune"):
+            seq_len = getattr(self, stage).seq_len
+            if seq_len > model.max_position_embeddings:
+                raise ValueError(f"{stage}.seq_len={seq_len} exceeds model.max_position_embeddings="
+                                 f"{model.max_position_embeddings}: lower one or raise the other")
+        families = [*self.instructions.families, *(["user"] if self.instructions.user_data else [])]
+        metric, known = self.evaluate.primary_metric, metric_names(families)
+        if metric not in known:
+            close = difflib.get_close_matches(metric, known, n=3, cutoff=0.6)
+            hint = ("did you mean " + " or ".join(close) + "?" if close else
+                    "use one of " + ", ".join(name for name in known if not name.endswith(("_base", "_tuned")))
+                    + " (the fine-tuned model's; with a _base suffix the pretrained model's)")
+            raise ValueError(f"evaluate.primary_metric={metric!r} is not a metric evaluate writes; {hint}")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _preset_underneath(cls, data: Any) -> Any:
@@ -71,11 +111,38 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def model_section(values: dict[str, Any]) -> dict[str, Any]:
+    """The model section with each value of the type `ModelConfig` declares, read as the other
+    sections' values are ('256' from a --set becomes 256, '1e-6' a float, 32.5 for an integer is
+    an error); an integer stays as written where a float is wanted. Unknown names, and the
+    fields the tokenizer decides, are errors."""
+    types = typing.get_type_hints(ModelConfig)
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in FROM_TOKENIZER:
+            raise ValueError(f"model.{name} comes from the tokenizer: {FROM_TOKENIZER[name]}")
+        if name not in types:
+            raise ValueError(f"unknown model field {name!r}; {_suggest(name, list(types))}")
+        try:
+            typed = TypeAdapter(types[name]).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"model.{name}={value!r}: {exc.errors()[0]['msg']}") from None
+        keep = isinstance(value, int) and not isinstance(value, bool) and isinstance(typed, float)
+        out[name] = value if keep else typed
+    return out
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise StageError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise StageError(f"config file {path} is a directory: give the path of a .yaml file") from None
+    except OSError as exc:
+        raise StageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise StageError(f"config file {path} is not a text file: give the path of a .yaml file") from None
     except yaml.YAMLError as exc:
         raise StageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -113,11 +180,18 @@ def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig)
             break
         if isinstance(node, dict):  # a mapping field (e.g. train_counts): validation checks its keys
             break
+        if isinstance(node, list):
+            whole = ".".join(keys[:depth])
+            raise StageError(f"--set {path}: {whole} is a list; set it whole, e.g. --set '{whole}=[...]' "
+                             f"(a YAML list, as in a config file)")
         valid = _valid_keys(node)
         if key not in valid:
             raise StageError(f"--set {path}: unknown key {key!r}; {_suggest(key, valid)}")
         node = getattr(node, key) if isinstance(node, BaseModel) else node[key]
-    nested: Any = yaml.safe_load(raw)
+    try:
+        nested: Any = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise StageError(f"--set {path}: {raw!r} is not a valid YAML value ({str(exc).splitlines()[0]})") from None
     for key in reversed(keys):
         nested = {key: nested}
     return merge(values, nested)
@@ -148,10 +222,16 @@ def load_config(
     for assignment in overrides:
         values = apply_set(values, assignment, defaults)
     try:
-        config = PipelineConfig.model_validate(values)
+        return PipelineConfig.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # a bad mapping key: name the key
-        raise StageError(f"config {where}: {first['msg']} ({exc.error_count()} problem(s) in all)") from None
-    config.model_for(vocab_size=max(config.tokenize.vocab_size, 8), special_ids={})
-    return config
+        raise StageError(config_error(exc)) from None
+
+
+def config_error(exc: ValidationError) -> str:
+    """The first problem of a config, on one line: where, what, and how many problems in all."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # a bad mapping key: name the key
+    what = first["msg"].removeprefix("Value error, ")  # a validator's own message, which may name the field
+    if what.startswith(f"{where}."):
+        where = ""
+    return f"config{' ' + where if where else ''}: {what} ({exc.error_count()} problem(s) in all)"

@@ -3,9 +3,22 @@ checked (`tasks.config`) without loading torch: a mistyped value fails in a seco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# what `tasks.evaluate` measures on each model (written with a _base and a _tuned suffix), and
+# on the fine-tuning run (written as is)
+MODEL_METRICS = ("val_loss", "val_bpb", "val_max_vio", "exact_match_mean")
+RUN_METRICS = ("max_vio_final",)
+
+
+def metric_names(families: Sequence[str]) -> list[str]:
+    """Every name `primary_metric` may take for a run with these instruction families: a
+    model's metric with a _base or _tuned suffix, or without one (the fine-tuned model's)."""
+    per_model = [*MODEL_METRICS, *(f"exact_match_{family}" for family in families)]
+    return [*(f"{name}{suffix}" for name in per_model for suffix in ("", "_tuned", "_base")), *RUN_METRICS]
 
 
 class EvaluateConfig(BaseModel):

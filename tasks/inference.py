@@ -271,7 +271,10 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     directory = resolve_model(ref, workspace)
     if not (directory / TOKENIZER_FILE).is_file():
         raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")
-    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
+        raise StageError(f"cannot load the tokenizer in {directory} ({_first_line(exc)})") from None
     return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype], compile)
 
 

@@ -45,6 +45,8 @@ def test_invalid_value_names_the_field(tmp_path):
     assert_one_line_error(result, "pretrain.steps")
     result = tinyseek("data", "--preset", "tiny", "--set", "model.qk_rope_head_dim=5", "--workspace", str(tmp_path))
     assert_one_line_error(result, "qk_rope_head_dim")
+    result = tinyseek("data", "--preset", "tiny", "--set", "model.hidden_size=abc", "--workspace", str(tmp_path))
+    assert_one_line_error(result, "model.hidden_size='abc'", "integer")
 
 
 def test_a_config_error_is_found_without_loading_torch(tmp_path):
@@ -135,6 +137,15 @@ def test_device_and_seed_are_checked_by_the_parser(option, value, capsys):
     assert f"argument {option}: " in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("option, value", [("--prefect-port", "99999"), ("--mlflow-port", "0")])
+def test_ports_are_checked_by_the_parser(option, value, capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", option, value])
+    assert f"argument {option}: {value} is not a port number" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_missing_model_reference(tmp_path):
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(tmp_path / "none"))
     assert_one_line_error(result, "no model directory")
@@ -152,9 +163,9 @@ def test_inference_commands_only_read_the_workspace(tmp_path):
 def test_an_error_inside_a_stage_is_one_line_in_the_log_too(tmp_path):
     """A stage's own error reaches the user as one line; Prefect's log of the failed task and
     flow says it without the engine's traceback (the data stages before it run for real)."""
-    result = tinyseek("pretrain", "--preset", "tiny", "--workspace", str(tmp_path), "--set", "pretrain.seq_len=999")
-    assert_one_line_error(result, "pretrain.seq_len=999 exceeds model.max_position_embeddings")
-    assert "Task run failed with exception: StageError('pretrain.seq_len=999" in result.stderr
+    result = tinyseek("pretrain", "--preset", "tiny", "--workspace", str(tmp_path), "--set", "pretrain.micro_batch=100000")
+    assert_one_line_error(result, "pretraining data: only", "lower pretrain.seq_len or pretrain.micro_batch")
+    assert "Task run failed with exception: StageError('pretraining data: only" in result.stderr
 
 
 def test_a_damaged_model_directory(tmp_path):
@@ -171,3 +182,6 @@ def test_a_damaged_model_directory(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(model_dir))
     assert_one_line_error(result, f"cannot load the model in {model_dir}")
+    (model_dir / "tokenizer.json").write_text("{")
+    result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(model_dir))
+    assert_one_line_error(result, f"cannot load the tokenizer in {model_dir}")

@@ -1,0 +1,74 @@
+"""A config is checked whole before any stage runs: a mistake is one line naming the field
+and the fix, not defaults silently taken or a failure after hours of training."""
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.config import PipelineConfig, load_config
+from tasks.stage import StageError
+
+
+def test_a_misspelt_preset_is_refused_wherever_it_is_written(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("preset: demoo\n")
+    with pytest.raises(StageError, match="unknown preset 'demoo'; did you mean demo"):
+        load_config(None, config_file)
+    with pytest.raises(StageError, match="unknown preset 'tny'; did you mean tiny"):
+        load_config("tiny", overrides=["preset=tny"])
+    with pytest.raises(ValidationError, match="unknown preset 'demoo'"):  # a deployment's form
+        PipelineConfig.model_validate({"preset": "demoo", "pretrain": {"steps": 5}})
+    assert PipelineConfig.model_validate({"preset": "demo"}).model["hidden_size"] == 256
+    assert PipelineConfig().preset == "custom"
+
+
+def test_model_values_take_the_model_fields_types():
+    config = load_config("tiny", overrides=["model.hidden_size=48", "model.rms_norm_eps=1e-5", "model.rope_theta=500"])
+    assert config.model["hidden_size"] == 48 and type(config.model["hidden_size"]) is int
+    assert config.model["rms_norm_eps"] == 1e-5  # YAML reads 1e-5 as text, as the other sections' values
+    assert type(config.model["rope_theta"]) is int  # a float field keeps an integer as written
+    assert type(PipelineConfig.model_validate({"model": {"hidden_size": "64"}}).model["hidden_size"]) is int
+    for value, says in [("abc", "model.hidden_size='abc'"), ("32.5", "fractional part"), ("null", "valid integer")]:
+        with pytest.raises(StageError, match=says):
+            load_config("tiny", overrides=[f"model.hidden_size={value}"])
+    with pytest.raises(StageError, match="model.rope_scaling='abc'"):
+        load_config("tiny", overrides=["model.rope_scaling=abc"])
+
+
+@pytest.mark.parametrize("field, says", [("vocab_size", "set tokenize.vocab_size"), ("pad_token_id", "<pad>")])
+def test_fields_the_tokenizer_decides_are_refused(field, says):
+    with pytest.raises(StageError, match=f"model.{field} comes from the tokenizer: .*{says}"):
+        load_config("tiny", overrides=[f"model.{field}=100"])
+
+
+def test_sequences_longer_than_the_context_fail_before_training():
+    with pytest.raises(StageError, match="finetune.seq_len=4096 exceeds model.max_position_embeddings="):
+        load_config("tiny", overrides=["finetune.seq_len=4096"])
+    load_config("tiny", overrides=["finetune.seq_len=4096", "model.max_position_embeddings=4096"])
+
+
+def test_the_promotion_metric_is_one_evaluate_writes():
+    assert load_config("tiny", overrides=["evaluate.primary_metric=exact_match_add_base"])
+    assert load_config("tiny", overrides=["evaluate.primary_metric=val_loss"])
+    with pytest.raises(StageError, match="did you mean exact_match_mean"):
+        load_config("tiny", overrides=["evaluate.primary_metric=exact_match_meen"])
+    with pytest.raises(StageError, match="'bogus' is not a metric evaluate writes; use one of val_loss"):
+        load_config("tiny", overrides=["evaluate.primary_metric=bogus"])
+    with pytest.raises(StageError, match="exact_match_add"):  # a family left out writes no metric
+        load_config("tiny", overrides=["instructions.families=[upper]", "instructions.train_counts={}",
+                                       "evaluate.primary_metric=exact_match_add"])
+
+
+def test_set_mistakes_say_what_to_write():
+    with pytest.raises(StageError, match=r"collect.sources is a list; set it whole, e.g. --set 'collect.sources=\[...\]'"):
+        load_config("tiny", overrides=["collect.sources.0.max_files=5"])
+    with pytest.raises(StageError, match=r"--set pretrain.steps: '\[1' is not a valid YAML value"):
+        load_config("tiny", overrides=["pretrain.steps=[1"])
+
+
+def test_a_config_path_that_is_not_a_yaml_file(tmp_path):
+    with pytest.raises(StageError, match="is a directory: give the path of a .yaml file"):
+        load_config("tiny", tmp_path)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(StageError, match="not a text file"):
+        load_config("tiny", binary)
