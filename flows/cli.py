@@ -117,7 +117,7 @@ def add_workspace(parser: argparse.ArgumentParser) -> None:
 
 def print_summary(result: dict[str, Any], as_json: bool) -> None:
     print()
-    print(f"done in {result['seconds']} s; workspace {result['workspace']}")
+    print(f"flow finished in {result['seconds']} s; workspace {result['workspace']}")
     for name, stage in result["stages"].items():
         flag = "reused" if stage["cached"] else "built "
         counts = ", ".join(f"{k}={v}" for k, v in list(stage["counts"].items())[:4])
@@ -126,21 +126,27 @@ def print_summary(result: dict[str, Any], as_json: bool) -> None:
         if result.get(key):
             print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result[key].items()))
     print(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']}")
-    if result.get("version"):
-        print(f"registered model tinyseek version {result['version']} ({result['model_uri']})")
-    elif result.get("reason"):
-        print(result["reason"])
+    version, reason, champion = result.get("version"), result.get("reason"), result.get("champion_before")
+    if version and result.get("promoted"):
+        print(f"registered model tinyseek version {version} ({result['model_uri']}), now the champion: {reason}")
+    elif version and version != champion:
+        print(f"registered model tinyseek version {version} ({result['model_uri']}) as challenger only: {reason}; "
+              f"models:/tinyseek@champion stays version {champion}")
+    elif reason:
+        print(reason)
+    if result.get("report"):
+        print(f"report: {result['report']}")
     if as_json:
         print(json.dumps(result, default=str))
 
 
 def run_flow(name: str) -> Callable[[argparse.Namespace], None]:
     def command(args: argparse.Namespace) -> None:
-        prepare_environment(args.workspace)
-        check_servers()
         from tasks.config import load_config
 
-        config = load_config(args.preset, args.config, args.overrides)
+        config = load_config(args.preset, args.config, args.overrides)  # first: a mistake leaves no trace
+        prepare_environment(args.workspace)
+        check_servers()
         if not os.environ.get("PREFECT_API_URL"):
             from flows import temporary_server
 
@@ -247,17 +253,20 @@ def next_token_command(args: argparse.Namespace) -> None:
 
 
 def export_hf_command(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if not args.force and out.is_dir() and any(out.iterdir()):  # said before the model loads
+        raise UserError(f"{out} already holds files: choose another --out, or add --force to overwrite them")
     inference, loaded = load_model(args)
-    out = inference.export_hf(loaded, Path(args.out))
+    out = inference.export_hf(loaded, out)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def serve_command(args: argparse.Namespace) -> None:
-    root = prepare_environment(args.workspace)
-    check_servers()
     from tasks.config import load_config
 
     config = load_config(args.preset, args.config, args.overrides)
+    root = prepare_environment(args.workspace)
+    check_servers()
     from flows.deploy import check_cron, serve
 
     check_cron(args.cron)
@@ -265,10 +274,10 @@ def serve_command(args: argparse.Namespace) -> None:
 
 
 def up_command(args: argparse.Namespace) -> None:
-    root = prepare_environment(args.workspace)
     from tasks.config import load_config
 
     load_config(args.preset, args.config, args.overrides)  # fail here, before starting servers
+    root = prepare_environment(args.workspace)
     from flows.deploy import check_cron, up
 
     check_cron(args.cron)
@@ -343,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     text = "write a directory that HF transformers loads"
     sub = commands.add_parser("export-hf", help=text, description=text)
     add_model_option(sub)
-    sub.add_argument("--out", required=True, help="output directory")
+    sub.add_argument("--out", required=True, help="output directory (new or empty)")
+    sub.add_argument("--force", action="store_true", help="write into --out even if it holds files, overwriting them")
     add_workspace(sub)
     sub.set_defaults(handler=export_hf_command)
     return parser

@@ -260,7 +260,7 @@ def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: 
     model_uri = f"models:/{MODEL_NAME}/{version}" if version is not None else None
     run.decision = {"version": version, "model_uri": model_uri, "promoted": False, "reason": reason,
                     "champion_before": champion}
-    write_run_report(run, None)
+    run.decision["report"] = str(write_run_report(run, None))
     return run.decision
 
 
@@ -306,7 +306,7 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                     "champion_before": champion}
     comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None
     create_markdown_artifact(decision_markdown(run.decision, comparison), description="promotion decision")
-    write_run_report(run, comparison)
+    run.decision["report"] = str(write_run_report(run, comparison))
     return run.decision
 
 

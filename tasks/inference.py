@@ -101,10 +101,11 @@ class _Registry:
     """Resolves MLflow refs to artifact locations and downloads model directories from them."""
 
     def __init__(self, uri: str):
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        path = Path(uri.removeprefix("sqlite:///"))
+        if uri.startswith("sqlite:///") and not path.is_file():
             raise StageError(
-                f"no MLflow store at {uri.removeprefix('sqlite:///')} (run `tinyseek run` first, "
-                "or set MLFLOW_TRACKING_URI to a server)"
+                f"no MLflow store at {path} (train a model into this workspace first: `tinyseek run "
+                f"--workspace {path.parent}`, or set MLFLOW_TRACKING_URI to a server)"
             )
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -160,19 +161,26 @@ class _Registry:
         return version
 
     def _run_candidates(self, run_id: str, path: str) -> list[tuple[str, int]]:
-        """A run's logged models (newest first; `path` may start with a model's name), then its artifacts."""
+        """A run's logged models (newest first; `path` may start with a model's name); for a bare
+        run id also those of its child runs (a pipeline run's model is logged by its `register`
+        child); then the run's artifacts."""
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
             raise StageError(f"no MLflow run {run_id} in {self.uri}") from None
+        experiment = run.info.experiment_id
+        sources = [run_id]
+        if not path:
+            children = self.client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+            sources += [child.info.run_id for child in children]
         head, _, rest = path.partition("/")
-        logged = self.client.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{run_id}'",
-            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
-        )
         found = [
-            (_join(m.artifact_location, rest if path else ""), 0) for m in logged if not path or m.name == head
+            (_join(m.artifact_location, rest if path else ""), 0)
+            for source in sources
+            for m in self.client.search_logged_models(
+                experiment_ids=[experiment], filter_string=f"source_run_id = '{source}'",
+                order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+            if not path or m.name == head
         ]
         return [*found, (_join(run.info.artifact_uri, path), 0 if path else 1)]
 

@@ -2,8 +2,10 @@
 
 The pyfunc model takes prompts and returns completions, so `mlflow models serve` and
 `mlflow.pyfunc.load_model` work on any registered version. Its artifact is the plain
-model directory (weights, config, tokenizer); the code is referenced, not packaged, so
-it is served with `--env-manager local` from an environment where tinyseek is installed.
+model directory (weights, config, tokenizer); the code is referenced, not packaged (a
+three-line `tasks/served_model.py` that builds `TinyseekModel`, as MLflow's "models from code"
+wants; nothing is pickled), so it is served with `--env-manager local` from an environment
+where tinyseek is installed.
 
 A new version gets the alias `challenger`; the version that wins evaluation is promoted
 to `champion`. Everything goes through the tracker's client with explicit run ids.
@@ -47,6 +49,9 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pa
 # `compile` decodes through torch.compile (the first such request compiles; later ones reuse it).
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True,
                                   "kv_cache_dtype": "auto", "compile": False}
+
+# the file MLflow runs to rebuild `TinyseekModel` where it is loaded ("models from code")
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 INPUT_EXAMPLE = pd.DataFrame({PROMPT_COLUMN: ["What is 2 + 2?"]})
 SIGNATURE = ModelSignature(
@@ -136,7 +141,7 @@ def log_model(tracker: Tracker, run_id: str, model_dir: str | Path, name: str = 
             save_model(
                 path=str(local),
                 mlflow_model=mlmodel,
-                python_model=TinyseekModel(),
+                python_model=str(SERVED_MODEL_CODE),
                 artifacts={"model": str(model_dir)},
                 signature=SIGNATURE,
                 input_example=INPUT_EXAMPLE,

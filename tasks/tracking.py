@@ -72,9 +72,11 @@ def quiet_mlflow() -> None:
     """Keep MLflow offline and quiet unless the user's environment or logging says otherwise."""
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
-    monitor_log = logging.getLogger("mlflow.system_metrics")  # start/stop lines for every stage
-    if monitor_log.level == logging.NOTSET:
-        monitor_log.setLevel(logging.WARNING)
+    # start/stop lines for every stage; the store's creation; "validating input example" per logged model
+    for name in ("mlflow.system_metrics", "mlflow.store.db.utils", "mlflow.pyfunc"):
+        log = logging.getLogger(name)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.WARNING)
     if get_telemetry_client() is not None and is_telemetry_disabled():
         set_telemetry_client()  # drops the client created at import, before any record is sent
 

@@ -41,8 +41,9 @@ def test_unknown_set_key_names_the_closest(tmp_path, assignment, hint):
 
 
 def test_invalid_value_names_the_field(tmp_path):
-    result = tinyseek("data", "--preset", "tiny", "--set", "pretrain.steps=-1", "--workspace", str(tmp_path))
+    result = tinyseek("data", "--preset", "tiny", "--set", "pretrain.steps=-1", "--workspace", str(tmp_path / "ws"))
     assert_one_line_error(result, "pretrain.steps")
+    assert not (tmp_path / "ws").exists()  # nothing is created for a run that cannot start
     result = tinyseek("data", "--preset", "tiny", "--set", "model.qk_rope_head_dim=5", "--workspace", str(tmp_path))
     assert_one_line_error(result, "qk_rope_head_dim")
     result = tinyseek("data", "--preset", "tiny", "--set", "model.hidden_size=abc", "--workspace", str(tmp_path))
@@ -146,6 +147,17 @@ def test_ports_are_checked_by_the_parser(option, value, capsys):
     assert f"argument {option}: {value} is not a port number" in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_an_export_does_not_overwrite_files_unless_forced(tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    result = tinyseek("export-hf", "--workspace", str(tmp_path), "--out", str(out))
+    assert_one_line_error(result, f"{out} already holds files", "--force")
+    forced = tinyseek("export-hf", "--workspace", str(tmp_path), "--out", str(out), "--force")
+    assert_one_line_error(forced, "no MLflow store")  # past the check: here no model exists
+    assert (out / "config.json").read_text() == "{}"
+
+
 def test_missing_model_reference(tmp_path):
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(tmp_path / "none"))
     assert_one_line_error(result, "no model directory")
@@ -185,3 +197,24 @@ def test_a_damaged_model_directory(tmp_path):
     (model_dir / "tokenizer.json").write_text("{")
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(model_dir))
     assert_one_line_error(result, f"cannot load the tokenizer in {model_dir}")
+
+
+@pytest.mark.parametrize(
+    "decision, says",
+    [({"version": 1, "promoted": True, "champion_before": None, "reason": "no champion yet; m = 0.5"},
+      "version 1 (models:/tinyseek/1), now the champion: no champion yet"),
+     ({"version": 2, "promoted": False, "champion_before": 1, "reason": "m 0.4 does not beat the champion's 0.5"},
+      "version 2 (models:/tinyseek/2) as challenger only: m 0.4 does not beat the champion's 0.5; "
+      "models:/tinyseek@champion stays version 1"),
+     ({"version": 1, "promoted": False, "champion_before": 1, "reason": "unchanged: version 1 (the champion) is this model"},
+      "unchanged: version 1 (the champion) is this model")],
+)
+def test_the_summary_says_which_model_serves(decision, says, capsys):
+    from flows.cli import print_summary
+
+    result = {"seconds": 1.0, "workspace": "ws", "stages": {}, "metrics": {}, "mlflow_run_id": "abc",
+              "tracking_uri": "sqlite:///ws/mlflow.db", "model_uri": f"models:/tinyseek/{decision['version']}",
+              "report": "ws/reports/abc/report.md", **decision}
+    print_summary(result, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert says in lines[-2] and lines[-1] == "report: ws/reports/abc/report.md", lines

@@ -123,7 +123,8 @@ def test_a_directory_without_a_model_is_refused(ws):
 
 def test_no_store_yet_says_run_first(ws, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(StageError, match=r"no MLflow store at .*mlflow.db \(run `tinyseek run` first"):
+    with pytest.raises(StageError, match=r"no MLflow store at .*mlflow.db \(train a model into this workspace "
+                                         rf"first: `tinyseek run --workspace {ws}`"):
         resolve_model(inference.DEFAULT_REF, ws)
     assert not (ws / "mlflow.db").exists()
 
@@ -157,6 +158,19 @@ def test_resolves_registered_versions_and_runs_into_one_cache_entry(registry, mo
     for ref in (run_id, f"runs:/{run_id}/tinyseek"):
         same_files(resolve_model(ref, root), model_dir)
     assert [p.name for p in (root / "models-cache").iterdir()] == [champion.name]
+
+
+def test_a_pipeline_run_id_names_the_model_its_child_run_logged(registry, model_dir, monkeypatch):
+    """`tinyseek run` prints its parent run's id; the model is logged by the `register` child."""
+    root, _ = registry
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name("tinyseek").experiment_id
+    with mlflow.start_run(experiment_id=experiment) as parent:
+        with mlflow.start_run(experiment_id=experiment, nested=True):
+            mlflow.pyfunc.log_model(name="tinyseek", python_model=Echo(), artifacts={"model": str(model_dir)})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    same_files(resolve_model(parent.info.run_id, root), model_dir)
 
 
 def test_a_workspace_that_cannot_hold_the_cache_sends_it_to_the_user_cache(registry, model_dir, monkeypatch,
