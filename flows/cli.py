@@ -307,14 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     text = "serve all deployments (build-llm, each stage, retrain) to the Prefect server in PREFECT_API_URL"
     sub = commands.add_parser("serve", help=text, description=text)
     add_config_options(sub)
-    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule (default: daily at 03:00)")
+    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule, cron in UTC (default: daily at 03:00 UTC)")
     add_workspace(sub)
     sub.set_defaults(handler=serve_command)
 
     text = "start local Prefect and MLflow servers, serve the deployments, print the UI URLs; Ctrl-C stops all"
     sub = commands.add_parser("up", help=text, description=text)
     add_config_options(sub)
-    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule (default: daily at 03:00)")
+    sub.add_argument("--cron", default="0 3 * * *", help="retrain schedule, cron in UTC (default: daily at 03:00 UTC)")
     sub.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: 127.0.0.1)")
     sub.add_argument("--prefect-port", type=PORT, default=4200, help="Prefect server port (default: 4200)")
     sub.add_argument("--mlflow-port", type=PORT, default=5000, help="MLflow server port (default: 5000)")

@@ -104,6 +104,8 @@ def _executable(name: str) -> str:
 def check_free(host: str, port: int, option: str) -> None:
     """Refuse a port another process listens on, naming the option that moves it."""
     with socket.socket() as probe:
+        # as the servers bind: connections of a server stopped moments ago (TIME_WAIT) do not count
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -126,7 +128,9 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
          "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
-        env=env, start_new_session=True,
+        # its web stack warns of a deprecated starlette module in each worker, at every start
+        env={**env, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"},
+        start_new_session=True,
     )
     procs = [prefect, mlflow]
     try:
@@ -164,8 +168,20 @@ def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+# what stops `up` as Ctrl-C does: `kill` or a service manager (SIGTERM), a closed terminal (SIGHUP).
+# Its servers run in sessions of their own, so only `up` can stop them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: list[str]) -> None:
-    """Servers first, then `tinyseek serve SERVE_ARGS` pointed at them, until Ctrl-C."""
+    """Servers first, then `tinyseek serve SERVE_ARGS` pointed at them, until Ctrl-C (or a
+    SIGTERM or SIGHUP), which stops them all."""
+    for sig in STOP_SIGNALS[1:]:
+        signal.signal(sig, _interrupt)
     procs = start_servers(root, prefect_port, mlflow_port, host)
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://{host}:{mlflow_port}"}
@@ -177,7 +193,8 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     try:
         code = serving.wait()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the shutdown below runs to its end
+        for sig in STOP_SIGNALS:  # the shutdown below runs to its end
+            signal.signal(sig, signal.SIG_IGN)
         print("stopping: flow runs in progress are cancelled first", flush=True)
     finally:
         stop_serving(serving)

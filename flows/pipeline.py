@@ -25,7 +25,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
-from prefect.exceptions import TerminationSignal
+from prefect.exceptions import ParameterTypeError, TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.settings import PREFECT_UI_URL
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from tasks.clean import clean, drop_reasons
 from tasks.collect import collect
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, switched_preset
 from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of
 from tasks.finetune import finetune
 from tasks.inference import DEFAULT_REF, resolve_model
@@ -53,18 +53,31 @@ INTERRUPTIONS = (KeyboardInterrupt, TerminationSignal)
 
 class TracebackOnlyForBugs(logging.Filter):
     """Prefect logs a failed task or flow run with its traceback. A `user_errors()` message
-    already says what to fix, and an interrupted run (Ctrl-C, a served run cancelled) is no
-    fault: two pages of engine frames would bury the line that says so. Any other exception
-    keeps its traceback."""
+    already says what to fix, as does the list of a run's invalid parameters (a config from
+    a deployment's form that does not validate: the run's state message), and an interrupted
+    run (Ctrl-C, a served run cancelled) is no fault: two pages of engine frames would bury
+    the line that says so. Any other exception keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (*user_errors(), *INTERRUPTIONS)):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (*user_errors(), ParameterTypeError, *INTERRUPTIONS)):
             record.exc_info = record.exc_text = None
+            if str(error) not in record.getMessage():  # "Engine execution exited ...": say why
+                record.msg, record.args = f"{record.getMessage()}: {error}", ()
         return True
+
+
+class NoParameterDump(logging.Filter):
+    """Prefect logs invalid parameters twice: as pydantic's raw error list with every input,
+    and as the readable list that is also the run's state message. Only the second is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Parameter validation failed for flow")
 
 
 for _run_logger in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_run_logger).addFilter(TracebackOnlyForBugs())
+logging.getLogger("prefect.flows").addFilter(NoParameterDump())
 
 
 @dataclass
@@ -100,11 +113,12 @@ class PipelineRun:
 
 class TrainingProgress:
     """Mirrors training steps into a Prefect progress artifact, the flow log (every 5%) and,
-    on a terminal, a progress bar."""
+    on a terminal, a progress bar. The artifact is made at the first step reported, so a
+    reused stage, which trains no step, leaves none behind at 0%."""
 
     def __init__(self, stage: str, total: int):
         self.stage, self.total = stage, total
-        self.artifact = create_progress_artifact(progress=0.0, description=f"{stage} training progress")
+        self.artifact = None
         self.logger = get_run_logger()
         self.every = max(1, total // 20)
         self.bar = tqdm(total=total, desc=stage, unit="step", leave=False, disable=not sys.stderr.isatty())
@@ -117,7 +131,11 @@ class TrainingProgress:
             self.bar.close()
         if step % self.every and step != self.total:
             return
-        update_progress_artifact(self.artifact, progress=100.0 * step / self.total)
+        progress = 100.0 * step / self.total
+        if self.artifact is None:
+            self.artifact = create_progress_artifact(progress=progress, description=f"{self.stage} training progress")
+        else:
+            update_progress_artifact(self.artifact, progress=progress)
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "max_vio") if k in metrics)
         self.logger.info(f"{self.stage} step {step}/{self.total}: {shown}")
 
@@ -260,6 +278,7 @@ def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: 
     model_uri = f"models:/{MODEL_NAME}/{version}" if version is not None else None
     run.decision = {"version": version, "model_uri": model_uri, "promoted": False, "reason": reason,
                     "champion_before": champion}
+    get_run_logger().info(reason)
     run.decision["report"] = str(write_run_report(run, None))
     return run.decision
 
@@ -306,6 +325,8 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                     "champion_before": champion}
     comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None
     create_markdown_artifact(decision_markdown(run.decision, comparison), description="promotion decision")
+    verdict = "the champion" if promoted else f"the challenger; the champion stays version {champion}"
+    get_run_logger().info(f"registered version {version} of {MODEL_NAME} as {verdict}: {reason}")
     run.decision["report"] = str(write_run_report(run, comparison))
     return run.decision
 
@@ -389,8 +410,19 @@ def summary(run: PipelineRun) -> dict[str, Any]:
     return out
 
 
+def prefilled_config() -> dict[str, Any] | None:
+    """In a run of a deployment, the config its run form was prefilled with (the deployment's)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment.id).parameters.get("config")
+
+
 def _flow(name: str, steps: Callable[[PipelineRun], Any], config: PipelineConfig, workspace_dir: str | None):
-    run = PipelineRun.start(name, config, workspace_dir)
+    run = PipelineRun.start(name, switched_preset(config, prefilled_config()), workspace_dir)
     try:
         steps(run)
         result = summary(run)

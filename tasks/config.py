@@ -150,6 +150,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def switched_preset(config: PipelineConfig, prefilled: dict[str, Any] | None) -> PipelineConfig:
+    """`config` as meant by a form prefilled with `prefilled` (a deployment's whole config, of one
+    preset) whose preset was changed: the new preset's values, with every field the form changed
+    on top. A whole config leaves no field for the preset to fill, so taken as it is it would be
+    the old preset's values under the new preset's name. Any other `config` is returned as is."""
+    if not prefilled or prefilled.get("preset") == config.preset:
+        return config
+    return PipelineConfig.model_validate(_changes(prefilled, config.model_dump(mode="json")))
+
+
+def _changes(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `new` that differ from `base`, mappings compared entry by entry."""
+    out = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            if inner := _changes(base[key], value):
+                out[key] = inner
+        elif key not in base or base[key] != value:
+            out[key] = value
+    return out
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():

@@ -187,19 +187,25 @@ def test_run_logs_keep_tracebacks_for_bugs_only():
     import logging
     import sys
 
-    from prefect.exceptions import TerminationSignal
+    from prefect.exceptions import ParameterTypeError, TerminationSignal
 
-    from flows.pipeline import TracebackOnlyForBugs
+    from flows.pipeline import NoParameterDump, TracebackOnlyForBugs
     from tasks.stage import StageError
 
-    def keeps_traceback(exc: BaseException) -> bool:
+    def logged(exc: BaseException) -> logging.LogRecord:
         try:
             raise exc
         except BaseException:
             record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
         TracebackOnlyForBugs().filter(record)
-        return record.exc_info is not None
+        return record
 
-    assert keeps_traceback(ValueError("a bug"))
-    for expected in (KeyboardInterrupt(), TerminationSignal(signal.SIGTERM), StageError("set pretrain.steps")):
-        assert not keeps_traceback(expected), expected
+    assert logged(ValueError("a bug")).exc_info is not None
+    invalid = ParameterTypeError(" - config.preset: unknown preset 'tnyi'; did you mean tiny?")
+    for expected in (KeyboardInterrupt(), TerminationSignal(signal.SIGTERM), StageError("set pretrain.steps"), invalid):
+        assert logged(expected).exc_info is None, expected
+    # the line that replaces the traceback says why the run failed
+    assert logged(invalid).getMessage() == "failed:  - config.preset: unknown preset 'tnyi'; did you mean tiny?"
+    dump = logging.LogRecord("prefect.flows", logging.ERROR, __file__, 1,
+                             "Parameter validation failed for flow 'data': [{'type': 'value_error'}]", (), None)
+    assert not NoParameterDump().filter(dump)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -156,3 +157,42 @@ async def read_flow_run(run_id):
 
     async with get_client() as client:
         return await client.read_flow_run(run_id)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_up_stops_everything_it_started_on_a_signal(tmp_path, sig):
+    """`kill` or a closed terminal stops `up` the way Ctrl-C does: its servers, in sessions of
+    their own, would otherwise keep running and holding the ports."""
+    prefect_port, mlflow_port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        up = subprocess.Popen([TINYSEEK, "up", "--preset", "tiny", "--workspace", str(tmp_path / "ws"),
+                               "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+                              env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{prefect_port}/api/health", up)
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", up)
+        deadline = time.time() + 60
+        while not any(" serve " in p for p in processes_mentioning(str(tmp_path / "ws"))) and time.time() < deadline:
+            time.sleep(0.5)
+        up.send_signal(sig)  # to `up` alone, as `kill PID` does
+        up.wait(timeout=150)
+    finally:
+        stop(up)
+    assert "stopped the deployments, the Prefect server and the MLflow server" in log.read_text(), log.read_text()
+    assert processes_mentioning(str(tmp_path / "ws")) == []
+    for port in prefect_port, mlflow_port:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)

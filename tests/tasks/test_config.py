@@ -72,3 +72,18 @@ def test_a_config_path_that_is_not_a_yaml_file(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(StageError, match="not a text file"):
         load_config("tiny", binary)
+
+
+def test_a_preset_changed_in_a_prefilled_form_takes_that_presets_values():
+    """A deployment's run form shows its whole config; changing only `preset` there must give
+    that preset, not the old values under the new name."""
+    from tasks.config import switched_preset
+
+    prefilled = load_config("tiny", overrides=["pretrain.steps=50"]).model_dump(mode="json")
+    form = {**prefilled, "preset": "demo", "finetune": {**prefilled["finetune"], "steps": 3}}
+    config = switched_preset(PipelineConfig.model_validate(form), prefilled)
+    demo = load_config("demo", overrides=["finetune.steps=3"])
+    assert config == demo  # tiny's 50 pretraining steps were the form's, not a change made in it
+    unchanged = PipelineConfig.model_validate(prefilled)
+    assert switched_preset(unchanged, prefilled) is unchanged
+    assert switched_preset(unchanged, None) is unchanged  # a run outside a deployment
