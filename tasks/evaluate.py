@@ -470,6 +470,7 @@ def evaluate_fingerprint(base: Ref, tuned: Ref, config: EvaluateConfig, instruct
     settings = {
         "evaluate": config.model_dump(exclude={"device"}),
         "instructions": instructions.model_dump(mode="json"),
+        "user_data": tasks.instructions.user_data_state(instructions),
         "validation": {"files": [str(f) for f in val.files], "dtype": val.dtype,
                        "bytes_per_token": val.bytes_per_token},
     }

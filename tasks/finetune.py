@@ -14,12 +14,15 @@ from pathlib import Path
 import pandas as pd
 from tokenizers import Tokenizer
 
+import tasks.chat
+import tasks.instructions
+
 from model.checkpoint import load_model
 from model.data import SFTBatches
 from model.trainer import Trainer
 from tasks.chat import render
 from tasks.config import PipelineConfig
-from tasks.instructions import build_examples
+from tasks.instructions import build_examples, user_data_state
 from tasks.pretrain import MODEL_CODE
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.training import train_stage, work_dir
@@ -30,9 +33,12 @@ QUARANTINE = "quarantine.parquet"
 def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
     settings = {
         "instructions": config.instructions.model_dump(mode="json"),
+        "user_data": user_data_state(config.instructions),
         "train": config.finetune.model_dump(exclude={"devices", "threads"}),
     }
-    return fingerprint("finetune", settings, [pretrained.fingerprint], code_version(sys.modules[__name__], *MODEL_CODE))
+    # the examples are generated and rendered by instructions' and chat's code
+    code = code_version(sys.modules[__name__], tasks.instructions, tasks.chat, *MODEL_CODE)
+    return fingerprint("finetune", settings, [pretrained.fingerprint], code)
 
 
 def tokenizer_dir(pretrained: Ref) -> Path:

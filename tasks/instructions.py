@@ -512,22 +512,27 @@ def _to_example(row: Any, fmt: str) -> Example:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1."""
-    with open(path, encoding="utf-8") as handle:
-        is_array = path.suffix == ".json" and handle.read(4096).lstrip().startswith("[")
+    """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1. A line
+    that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept."""
+    with open(path, "rb") as handle:
+        is_array = path.suffix == ".json" and handle.read(4096).lstrip().startswith(b"[")
         handle.seek(0)
         if is_array:
             try:
-                rows = json.load(handle)
+                rows = json.loads(handle.read().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise StageError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
             except json.JSONDecodeError as exc:
                 raise StageError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
             yield from enumerate(rows, start=1)
             return
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, BadRow("invalid UTF-8")
             except json.JSONDecodeError:
                 yield number, BadRow("invalid JSON")
 
@@ -573,6 +578,17 @@ def _rows(source: UserDataSource) -> Iterator[tuple[int, Any]]:
     if path.is_dir() or not (path.suffix in FILE_READERS or source.path.startswith(("/", ".", "~"))):
         return _dataset_rows(source, path)
     raise StageError(f"{path}: no such file or directory")
+
+
+def user_data_state(config: InstructionConfig) -> list[list[Any]]:
+    """Path, size and modification time of every local file of the user's data (a hub dataset
+    is named by its config alone): with the config, what decides the examples, so that the
+    stages built from them (fine-tuning, evaluation) are built again when a file changes.
+    Collect's own file states, as it tracks its local inputs."""
+    from tasks.collect import _file_states, _walk
+
+    paths = [Path(source.path).expanduser() for source in config.user_data]
+    return _file_states([file for path in paths if path.exists() for file in _walk(path)])
 
 
 def load_user_data(source: UserDataSource) -> tuple[list[Example], list[dict[str, Any]]]:

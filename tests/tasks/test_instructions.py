@@ -347,6 +347,45 @@ def test_alpaca_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
     ]
 
 
+def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"instruction": "Name a color.", "output": "Blue"}).encode()
+    path.write_bytes(good + b"\n" + '{"instruction": "Caf\u00e9?", "output": "yes"}'.encode("latin-1") + b"\n" + good + b"\n")
+    examples, quarantine = load_user_data(UserDataSource(path=str(path)))
+    assert len(examples) == 2 and quarantine == [{"line": 2, "reason": "invalid UTF-8"}]
+    array = tmp_path / "rows.json"
+    array.write_bytes(b'[{"instruction": "Caf\xe9?", "output": "yes"}]')
+    with pytest.raises(StageError, match=r"rows.json: not UTF-8 text \(byte 21: invalid continuation byte"):
+        load_user_data(UserDataSource(path=str(array)))
+
+
+def test_an_edited_user_data_file_makes_new_fine_tuning_and_evaluation(tmp_path):
+    """The stages built from the user's examples are keyed by the files, not only by their path."""
+    import os
+
+    from tasks.config import load_config
+    from tasks.evaluate import Validation, evaluate_fingerprint
+    from tasks.finetune import finetune_fingerprint
+    from tasks.stage import Ref
+
+    path = _write_jsonl(tmp_path / "mine.jsonl", ALPACA_LINES)
+    config = load_config("tiny", overrides=[f"instructions.user_data=[{{path: {path}}}]"])
+    pretrained = Ref(stage="pretrain", path=str(tmp_path), fingerprint="p")
+    tuned = Ref(stage="finetune", path=str(tmp_path), fingerprint="t")
+    val = Validation([], "uint16", 1.0)
+
+    def fingerprints() -> tuple[str, str]:
+        return (finetune_fingerprint(pretrained, config),
+                evaluate_fingerprint(pretrained, tuned, config.evaluate, config.instructions, val))
+
+    before = fingerprints()
+    assert fingerprints() == before
+    _write_jsonl(path, [*ALPACA_LINES, {"instruction": "Name a shape.", "output": "Circle"}])
+    os.utime(path, ns=(1, 1))  # a different time too, whatever the clock's resolution
+    after = fingerprints()
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_messages_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
     examples, quarantine = load_user_data(UserDataSource(path=str(_write_jsonl(tmp_path / "m.jsonl", MESSAGES_LINES))))
     assert [e.messages for e in examples] == [MESSAGES_LINES[0]["messages"], MESSAGES_LINES[1]["messages"]]
