@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 import sysconfig
 import tempfile
@@ -45,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
@@ -57,9 +58,11 @@ SAMPLE_CHARS = 500
 BINARY_PROBE = 8192
 ROW_GROUP_BYTES = 64 << 20
 BATCH_ROWS = 1024
+FIELD_PROBE = 1000  # records without text_field at a file's start that show the setting, not the data, is wrong
 # Standard-library folders that are not the library itself, or differ between machines.
 STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
 DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_ESCAPED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as `surrogateescape` decodes it
 
 DOC_SCHEMA = pa.schema(
     [("id", pa.string()), ("text", pa.large_string()), ("source", pa.string()), ("origin", pa.string())]
@@ -72,7 +75,8 @@ def _name(default: str) -> Any:
 
 
 def _text_field() -> Any:
-    return Field("text", min_length=1, description="The JSON field or CSV/Parquet/dataset column holding the text.")
+    return Field("text", min_length=1, description="The JSON field or CSV/Parquet/dataset column holding the text. "
+                 "A record without it is quarantined; a file none of whose first records has it stops the stage.")
 
 
 class _Source(BaseModel):
@@ -95,8 +99,8 @@ class FilesSource(_Source):
     name: str = _name("files")
     paths: list[str] = Field(
         min_length=1,
-        description=f"Files, directories (read recursively, hidden entries skipped) or glob patterns "
-        f"(** allowed). Supported: {SUPPORTED}.",
+        description=f"Files, directories (read recursively, into linked folders too, hidden entries skipped) or "
+        f"glob patterns (** allowed). Supported: {SUPPORTED}.",
     )
     text_field: str = _text_field()
 
@@ -114,12 +118,26 @@ class HFSource(_Source):
     max_docs: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
 
+def _fetchable(url: str) -> str:
+    """Refuse, at config time, a URL that urllib could never fetch however often it tried."""
+    if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+        raise ValueError(f"{url!r} contains a space or control character; percent-encode it (a space is %20)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # parsed lazily: a bad port raises here
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host")
+    return url
+
+
 class UrlSource(_Source):
     """Files fetched over http(s), then read like local files."""
 
     kind: Literal["url"] = "url"
     name: str = _name("url")
-    urls: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(
+    urls: list[Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_fetchable)]] = Field(
         min_length=1, description="http(s) URLs of plain-text, JSONL, JSON, CSV or Parquet files."
     )
     format: Literal["auto", "txt", "md", "jsonl", "json", "csv", "parquet"] = Field(
@@ -197,32 +215,47 @@ def _require(label: str, field: str, names: list[str]) -> None:
         raise _missing(label, field, names)
 
 
-class _Field:
-    """Takes the text out of records; a field absent from a file's first record is a config error."""
+def _value(field: str, value: Any, origin: str) -> _Item:
+    if value is None:
+        return _Bad(origin, "missing-field", f"no value for {field!r}")
+    if not isinstance(value, str):
+        return _Bad(origin, "not-text", f"{field!r} is {type(value).__name__}", _sample(str(value)))
+    return _Doc(value, origin)
 
-    def __init__(self, name: str, label: str):
-        self.name, self.label, self.seen = name, label, False
 
-    def pick(self, record: Any, origin: str) -> _Item:
+def _column(values: Iterable[Any], field: str, label: str) -> Iterator[_Item]:
+    for row, value in enumerate(values):
+        yield _value(field, value, f"{label}#{row}")
+
+
+def _records(entries: Iterable[tuple[str, Any] | _Bad], field: str, label: str) -> Iterator[_Item]:
+    """The text of each JSON record of one file or dataset; `entries` are (origin, record)
+    pairs, or the _Bad of a record that did not parse.
+
+    A wrong `text_field` is a config error, a record that lacks it is bad input. So the
+    records lacking it are held until one record has it, then quarantined; if none of the
+    first FIELD_PROBE records (or none at all) has it, the stage stops naming the fields there."""
+    held: list[_Item] | None = []
+    fields: list[str] = []
+    for entry in entries:
+        if isinstance(entry, _Bad):
+            yield entry
+            continue
+        origin, record = entry
         if not isinstance(record, dict):
             detail = f"expected an object, got {type(record).__name__}"
-            return _Bad(origin, "malformed-json", detail, _sample(str(record)))
-        if self.name not in record and not self.seen:
-            raise _missing(self.label, self.name, record)
-        self.seen = True
-        return self.value(record.get(self.name), origin)
-
-    def value(self, value: Any, origin: str) -> _Item:
-        if value is None:
-            return _Bad(origin, "missing-field", f"no value for {self.name!r}")
-        if not isinstance(value, str):
-            return _Bad(origin, "not-text", f"{self.name!r} is {type(value).__name__}", _sample(str(value)))
-        return _Doc(value, origin)
-
-
-def _column(values: Iterable[Any], field: _Field, label: str) -> Iterator[_Item]:
-    for row, value in enumerate(values):
-        yield field.value(value, f"{label}#{row}")
+            yield _Bad(origin, "malformed-json", detail, _sample(str(record)))
+        elif held is not None and field not in record:
+            fields = fields or list(record)
+            held.append(_value(field, None, origin))
+            if len(held) == FIELD_PROBE:
+                raise _missing(label, field, fields)
+        else:
+            yield from held or ()
+            held = None
+            yield _value(field, record.get(field), origin)
+    if held:
+        raise _missing(label, field, fields)
 
 
 # ---- files ---------------------------------------------------------------------------
@@ -239,14 +272,24 @@ def _format(path: Path) -> tuple[str, str] | None:
 
 
 def _walk(top: Path) -> list[Path]:
-    """Files under `top` in sorted order, hidden files and folders skipped."""
+    """Files under `top` in sorted order, hidden files and folders skipped. Linked folders
+    are followed, each real folder once, so a link back up the tree cannot loop."""
     if not top.is_dir():
         return [top]
-    found = []
-    for folder, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+    found, seen = [], {top.resolve()}
+    for folder, dirnames, filenames in os.walk(top, followlinks=True):
+        visible = sorted(name for name in dirnames if not name.startswith("."))
+        dirnames[:] = [name for name in visible if _first_visit(Path(folder) / name, seen)]
         found += [Path(folder) / name for name in sorted(filenames) if not name.startswith(".")]
     return found
+
+
+def _first_visit(folder: Path, seen: set[Path]) -> bool:
+    real = folder.resolve()
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def _expand(entry: str) -> list[Path]:
@@ -311,7 +354,10 @@ def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
 
 
 def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
-    field = _Field(text_field, label)
+    yield from _records(_json_lines(stream, label, max_doc_chars), text_field, label)
+
+
+def _json_lines(stream: io.BufferedIOBase, label: str, max_doc_chars: int) -> Iterator[tuple[str, Any] | _Bad]:
     for number, line in _lines(stream, 4 * max_doc_chars):
         origin = f"{label}:{number}"
         if line is None:
@@ -319,17 +365,17 @@ def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_
         elif b"\0" in line:
             yield _Bad(origin, "binary", f"line {number} contains NUL bytes")
         elif line.strip():
-            yield _parse_line(line, number, origin, field)
+            yield _parse_line(line, number, origin)
 
 
-def _parse_line(line: bytes, number: int, origin: str, field: _Field) -> _Item:
+def _parse_line(line: bytes, number: int, origin: str) -> tuple[str, Any] | _Bad:
     try:
         record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
     except UnicodeDecodeError as exc:
         return _Bad(origin, "invalid-utf8", f"line {number}, byte {exc.start}: {exc.reason}", _sample(line))
     except json.JSONDecodeError as exc:
         return _Bad(origin, "malformed-json", f"line {number}, column {exc.colno}: {exc.msg}", _sample(line))
-    return field.pick(record, origin)
+    return origin, record
 
 
 def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -347,24 +393,29 @@ def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
         yield _Bad(label, "malformed-json", f"line {exc.lineno}, column {exc.colno}: {exc.msg}", _sample(data))
         return
     del data
-    field = _Field(text_field, label)
-    for row, record in enumerate(records):
-        yield field.pick(record, f"{label}#{row}")
+    yield from _records(((f"{label}#{row}", record) for row, record in enumerate(records)), text_field, label)
 
 
 def _read_csv(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    """Rows of a CSV file with a header. Bytes that are not UTF-8 are decoded as lone
+    surrogates (`surrogateescape`), so only the rows whose text holds them are quarantined."""
     csv.field_size_limit(max(csv.field_size_limit(), min(4 * max_doc_chars, 2**31 - 1)))
-    reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
+    reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=""))
     try:
         _require(label, text_field, reader.fieldnames or [])
-        field = _Field(text_field, label)
         for row in reader:
-            yield field.value(row[text_field], f"{label}:{reader.line_num}")
-    except UnicodeDecodeError as exc:
-        detail = f"after line {reader.line_num}: {exc.reason}; the rest of the file is skipped"
-        yield _Bad(label, "invalid-utf8", detail)
+            yield _utf8_row(_value(text_field, row[text_field], f"{label}:{reader.line_num}"), reader.line_num)
     except csv.Error as exc:
         yield _Bad(label, "malformed-csv", f"line {reader.line_num}: {exc}; the rest of the file is skipped")
+
+
+def _utf8_row(item: _Item, line: int) -> _Item:
+    """`item`, or an invalid-utf8 _Bad when its text holds a byte escaped by `surrogateescape`."""
+    if isinstance(item, _Doc) and (bad := _ESCAPED.search(item.text)):
+        raw = item.text.encode("utf-8", "surrogateescape")
+        byte = ord(bad.group()) - 0xDC00
+        return _Bad(item.origin, "invalid-utf8", f"line {line}: byte 0x{byte:02x} is not UTF-8", _sample(raw))
+    return item
 
 
 def _read_parquet(path: Path, label: str, text_field: str) -> Iterator[_Item]:
@@ -375,7 +426,7 @@ def _read_parquet(path: Path, label: str, text_field: str) -> Iterator[_Item]:
         raise StageError(f"{label}: column {text_field!r} holds {kind}, not text. Set text_field to a text column.")
     batches = table.iter_batches(batch_size=BATCH_ROWS, columns=[text_field])
     values = (value for batch in batches for value in batch.column(0).to_pylist())
-    yield from _column(values, _Field(text_field, label), label)
+    yield from _column(values, text_field, label)
 
 
 READERS = {".txt": _read_text, ".md": _read_text, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
@@ -477,7 +528,7 @@ def _hf_disk(source: HFSource) -> Iterator[_Item]:
     _require(label, source.text_field, dataset.column_names)
     batches = dataset.select_columns([source.text_field]).iter(batch_size=BATCH_ROWS)
     values = (value for batch in batches for value in batch[source.text_field])
-    yield from _column(values, _Field(source.text_field, label), label)
+    yield from _column(values, source.text_field, label)
 
 
 def _hf_hub(source: HFSource) -> Iterator[_Item]:
@@ -490,9 +541,8 @@ def _hf_hub(source: HFSource) -> Iterator[_Item]:
         offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
         hint = " (the Hub is switched off here: set HF_HUB_OFFLINE=0 and HF_DATASETS_OFFLINE=0)" if offline else ""
         raise StageError(f"cannot open dataset {label}: {type(exc).__name__}: {exc}{hint}") from None
-    field = _Field(source.text_field, label)
-    for row, record in enumerate(rows):
-        yield field.pick(record, f"{label}#{row}")
+    records = ((f"{label}#{row}", record) for row, record in enumerate(rows))
+    yield from _records(records, source.text_field, label)
 
 
 def _read_hf(source: HFSource) -> Iterator[_Item]:

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -255,6 +256,55 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert ref.counts["quarantined"] == 13
 
 
+def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):
+    rows = [f"row {number} {'x' * 100}" for number in range(200)]  # past the decoder's 8 KB read-ahead
+    rows[150] = "caf\xe9"
+    path = write(tmp_path / "rows.csv", b"text,label\n" + b"".join(
+        (row.encode("latin-1") if number == 150 else row.encode()) + b",y\n" for number, row in enumerate(rows)
+    ))  # fmt: skip
+
+    ref = run(ws, FilesSource(paths=[str(path)]))
+
+    assert texts(ref) == {f"{path}:{number + 2}": row for number, row in enumerate(rows) if number != 150}
+    [bad] = pq.read_table(ref.dir / QUARANTINE).to_pylist()
+    assert (bad["origin"], bad["reason"], bad["detail"]) == (f"{path}:152", "invalid-utf8", "line 152: byte 0xe9 is not UTF-8")
+    assert bad["sample"] == "caf\ufffd"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_records_without_text_field_are_quarantined_even_first(ws, tmp_path, fmt):
+    records = [{"title": "no text"}, {"title": "nor here"}, {"text": "kept"}, {"title": "later"}]
+    data = json.dumps(records) if fmt == "json" else jsonl(*records)
+    path = write(tmp_path / f"rows.{fmt}", data)
+
+    ref = run(ws, FilesSource(paths=[str(path)]))
+
+    origin = (lambda row: f"{path}#{row}") if fmt == "json" else (lambda row: f"{path}:{row + 1}")
+    assert texts(ref) == {origin(2): "kept"}
+    assert quarantined(ref) == {origin(0): "missing-field", origin(1): "missing-field", origin(3): "missing-field"}
+
+
+def test_text_field_absent_from_the_first_records_stops_the_stage(ws, tmp_path, monkeypatch):
+    monkeypatch.setattr("tasks.collect.FIELD_PROBE", 3)
+    path = write(tmp_path / "rows.jsonl", jsonl(*[{"body": "b"}] * 3, {"text": "too late to tell"}))
+    with pytest.raises(StageError, match=r"rows\.jsonl: no field 'text'; fields there: body\."):
+        run(ws, FilesSource(paths=[str(path)]))
+
+
+def test_linked_folders_are_followed_each_real_folder_once(ws, tmp_path):
+    shared = write(tmp_path / "shared" / "notes.txt", "shared notes").parent
+    root = tmp_path / "corpus"
+    write(root / "own.txt", "own")
+    (root / "linked").symlink_to(shared, target_is_directory=True)
+    (root / "linked-again").symlink_to(shared, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+
+    assert texts(run(ws, FilesSource(paths=[str(root)]))) == {
+        f"{root}/linked/notes.txt": "shared notes",
+        f"{root}/own.txt": "own",
+    }
+
+
 def test_quarantine_table_exists_and_is_empty_for_clean_input(ws, tmp_path):
     ref = run(ws, FilesSource(paths=[str(write(tmp_path / "a.txt", "fine"))]))
     table = pq.read_table(ref.dir / QUARANTINE)
@@ -494,6 +544,13 @@ def test_config_validation():
         CollectConfig(sources=[FilesSource(paths=["a"]), FilesSource(paths=["b"])])
     with pytest.raises(ValidationError):
         UrlSource(urls=["ftp://example.com/file.txt"])
+    for url, reason in [("http://[::1/x.txt", "not a valid URL: Invalid IPv6 URL"),
+                        ("https://example.com:99999/x", "not a valid URL: Port out of range"),
+                        ("http://exa mple.com/x", "space or control character; percent-encode it"),
+                        ("http:///x.txt", "names no host")]:  # fmt: skip
+        with pytest.raises(ValidationError, match=re.escape(reason)):
+            UrlSource(urls=[url])
+    assert UrlSource(urls=["http://example.com/a%20b.txt"]).urls == ["http://example.com/a%20b.txt"]
     with pytest.raises(ValidationError):
         CollectConfig(shard_size=10)
     parsed = CollectConfig.model_validate({"sources": [{"kind": "files", "paths": ["x"]}, {"kind": "stdlib"}]})
