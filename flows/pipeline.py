@@ -362,6 +362,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
         run.root / "reports" / run.parent_id,
         title=f"tinyseek run ({cfg.preset} preset)",
         data_summary={**refs["collect"].counts, **refs["clean"].counts, **refs["tokenize"].counts,
+                      "instruction_rows_quarantined": refs["finetune"].counts.get("quarantined_rows", 0),
                       "drop_reasons": drop_reasons(refs["clean"])},
         model_summary={"parameters (total)": counts.get("params_total"),
                        "parameters (activated per token)": counts.get("params_activated"),

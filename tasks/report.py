@@ -192,7 +192,9 @@ def _data_section(data_summary: Mapping[str, Any]) -> str:
     return _section(
         "What data went in",
         "Documents collected, kept after cleaning (filters, deduplication, decontamination) and turned into "
-        "tokens; the reasons table says why documents were dropped.",
+        "tokens; the reasons table says why documents were dropped. `quarantined` counts the documents that "
+        "could not be read, `instruction_rows_quarantined` the rows of your instruction data that could not be "
+        "used: each stage's quarantine.parquet lists them with the reason.",
         _key_values(data_summary),
         *(f"**{name.replace('_', ' ')}**\n\n{markdown_table(table)}" for name, table in tables.items()),
     )
