@@ -111,10 +111,28 @@ class PipelineRun:
                 raise
 
 
+# the flow log hears from a slow training run at least this often (seconds)
+PROGRESS_SECONDS = 60.0
+
+
+def duration(seconds: float) -> str:
+    """A rough length of time for people: '40 s', '12 min', '3 h 5 min', '2 d 4 h'."""
+    minutes, hours = seconds / 60, seconds / 3600
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    if hours < 48:
+        return f"{hours // 1:.0f} h {minutes % 60:.0f} min"
+    return f"{hours // 24:.0f} d {hours % 24:.0f} h"
+
+
 class TrainingProgress:
-    """Mirrors training steps into a Prefect progress artifact, the flow log (every 5%) and,
-    on a terminal, a progress bar. The artifact is made at the first step reported, so a
-    reused stage, which trains no step, leaves none behind at 0%."""
+    """Mirrors training steps into a Prefect progress artifact, the flow log and, on a
+    terminal, a progress bar. The log has the first step, every 5% and, for a slow run
+    (a large preset on a CPU), a line at least every PROGRESS_SECONDS, each with the time
+    left at the rate since the first step. The artifact is made at the first step reported,
+    so a reused stage, which trains no step, leaves none behind at 0%."""
 
     def __init__(self, stage: str, total: int):
         self.stage, self.total = stage, total
@@ -122,22 +140,34 @@ class TrainingProgress:
         self.logger = get_run_logger()
         self.every = max(1, total // 20)
         self.bar = tqdm(total=total, desc=stage, unit="step", leave=False, disable=not sys.stderr.isatty())
+        self.first: tuple[int, float] | None = None  # the first step reported (a resumed run's is not 1), and when
+        self.logged = 0.0
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        self.first = self.first or (step, now)
         self.bar.update(step - self.bar.n)
         if "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
         if step == self.total:
             self.bar.close()
-        if step % self.every and step != self.total:
+        due = step == self.first[0] or now - self.logged >= PROGRESS_SECONDS
+        if step % self.every and step != self.total and not due:
             return
+        self.logged = now
         progress = 100.0 * step / self.total
         if self.artifact is None:
             self.artifact = create_progress_artifact(progress=progress, description=f"{self.stage} training progress")
         else:
             update_progress_artifact(self.artifact, progress=progress)
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "max_vio") if k in metrics)
-        self.logger.info(f"{self.stage} step {step}/{self.total}: {shown}")
+        self.logger.info(f"{self.stage} step {step}/{self.total}: {shown}{self._left(step, now)}")
+
+    def _left(self, step: int, now: float) -> str:
+        first_step, started = self.first
+        if step <= first_step or step == self.total:
+            return ""
+        return f", about {duration((self.total - step) * (now - started) / (step - first_step))} left"
 
 
 def system_metrics_interval() -> float:

@@ -95,6 +95,8 @@ def train_stage(
     if settings.compile and settings.torch_device().type == "cpu" and cpp_compiler() is None:
         raise StageError(f"{stage}.compile needs a C++ compiler on a CPU and none was found (g++, clang++ or $CXX): "
                          f"install one, or train eagerly with {stage}.compile=false")
+    if settings.compile:
+        log(f"{stage}: compiling the model with torch.compile first; its first step takes a minute or more")
     if settings.devices > 1:
         from tasks import distributed
 
