@@ -513,13 +513,14 @@ def _to_example(row: Any, fmt: str) -> Example:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1. A line
-    that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept."""
+    that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept.
+    A byte-order mark (as some Windows editors write) is skipped."""
     with open(path, "rb") as handle:
-        is_array = path.suffix == ".json" and handle.read(4096).lstrip().startswith(b"[")
+        is_array = path.suffix.lower() == ".json" and handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
         handle.seek(0)
         if is_array:
             try:
-                rows = json.loads(handle.read().decode("utf-8"))
+                rows = json.loads(handle.read().decode("utf-8-sig"))
             except UnicodeDecodeError as exc:
                 raise StageError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
             except json.JSONDecodeError as exc:
@@ -530,7 +531,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield number, json.loads(raw.decode("utf-8"))
+                yield number, json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError:
                 yield number, BadRow("invalid UTF-8")
             except json.JSONDecodeError:
@@ -571,11 +572,12 @@ FILE_READERS = {".jsonl": _json_rows, ".json": _json_rows, ".parquet": _parquet_
 
 def _rows(source: UserDataSource) -> Iterator[tuple[int, Any]]:
     path = Path(source.path).expanduser()
+    suffix = path.suffix.lower()
     if path.is_file():
-        if path.suffix not in FILE_READERS:
+        if suffix not in FILE_READERS:
             raise StageError(f"{path}: unsupported file type; use {', '.join(FILE_READERS)} or a dataset directory")
-        return FILE_READERS[path.suffix](path)
-    if path.is_dir() or not (path.suffix in FILE_READERS or source.path.startswith(("/", ".", "~"))):
+        return FILE_READERS[suffix](path)
+    if path.is_dir() or not (suffix in FILE_READERS or source.path.startswith(("/", ".", "~"))):
         return _dataset_rows(source, path)
     raise StageError(f"{path}: no such file or directory")
 

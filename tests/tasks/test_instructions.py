@@ -359,6 +359,16 @@ def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_
         load_user_data(UserDataSource(path=str(array)))
 
 
+def test_a_byte_order_mark_and_an_upper_case_ending_are_read(tmp_path):
+    rows = [{"instruction": "Name a color.", "output": "Blue"}, {"instruction": "2 + 3?", "output": "5"}]
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "LINES.JSONL").write_bytes(bom + _write_jsonl(tmp_path / "x", rows).read_bytes())
+    (tmp_path / "ARRAY.Json").write_bytes(bom + json.dumps(rows, indent=2).encode())
+    for name in ("LINES.JSONL", "ARRAY.Json"):
+        examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / name)))
+        assert [e.answer for e in examples] == ["Blue", "5"] and quarantine == [], name
+
+
 def test_an_edited_user_data_file_makes_new_fine_tuning_and_evaluation(tmp_path):
     """The stages built from the user's examples are keyed by the files, not only by their path."""
     import os
