@@ -35,6 +35,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from benchmarks.arguments import count
+
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "benchmarks.data_pipeline"
 CONTENT_WORD = re.compile(r"\b[A-Za-z]{4,}\b")
@@ -179,14 +181,19 @@ def report(results: dict[str, dict[str, Any]], rss: dict[str, int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=int, default=10, help="size of the large corpus, in copies of the default one")
-    parser.add_argument("--workspace", type=Path, help="where stage outputs go (default: a temporary directory)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--scale", type=count(2), default=10,
+                        help="size of the large corpus, in copies of the default one")
+    parser.add_argument("--workspace", type=Path,
+                        help="an empty or new directory for the stage outputs (default: a temporary one)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.workspace)))
         return
+    if args.workspace and args.workspace.exists() and any(args.workspace.iterdir()):
+        parser.error(f"--workspace {args.workspace} is not empty: its stage outputs would be reused, not timed")
 
     from tasks.collect import collect, iter_documents
     from tasks.stage import cpu_cores

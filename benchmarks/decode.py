@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from benchmarks.arguments import count
 from benchmarks.common import machine, named_setup, table
 from model.generate import CACHE_DTYPES, generate
 from model.hf import export_hf
@@ -45,13 +46,16 @@ def per_head_cache_bytes_per_token(model: Transformer, element_size: int) -> int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["demo", "4x"], default="demo")
-    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=128, help="new tokens per prompt")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs per side, alternating")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", choices=["demo", "4x"], default="demo",
+                        help="the model compared: the demo preset's, or one about four times larger")
+    parser.add_argument("--batch", type=count(1), default=1, help="prompts decoded together")
+    parser.add_argument("--prompt", type=count(1), default=64, help="prompt tokens")
+    parser.add_argument("--new", type=count(2), default=128,
+                        help="new tokens per prompt (at least 2: the first comes with the prefill)")
+    parser.add_argument("--rounds", type=count(1), default=3, help="timed runs per side, alternating")
+    parser.add_argument("--threads", type=count(1), default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--kv-cache-dtype", choices=list(CACHE_DTYPES), default="auto",
                         help="our decode cache's element type (auto: the model's fp32)")
     parser.add_argument("--compile", action="store_true", help="compile both sides' decoding (torch.compile)")
@@ -61,6 +65,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     setup = named_setup(args.config)
+    context = setup.model.max_position_embeddings
+    if args.prompt + args.new > context:
+        parser.error(f"--prompt {args.prompt} + --new {args.new} is over the model's context of {context} tokens")
     torch.manual_seed(0)
     ours = Transformer(setup.model).eval()
     with tempfile.TemporaryDirectory() as directory:

@@ -20,9 +20,11 @@ import time
 
 import torch
 
+from benchmarks.arguments import count
 from benchmarks.common import machine, named_setup, random_batch, training_step
 from model.perf import matmul_peak_flops
 from model.transformer import Transformer, flops_per_token
+from tasks.config import presets
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name
 DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -84,24 +86,35 @@ def compiled(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="demo", help="a preset of configs/ or 4x")
-    parser.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the step runs")
+    parser.add_argument("--preset", default="demo", choices=[*presets(), "4x"], help="a preset of configs/ or 4x")
+    parser.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both",
+                        help="bf16: autocast; each precision against its own matmul peak")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         default="default", help="torch.compile's mode (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median counts)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--micro-batch", type=int, default=0, help="0: the preset's")
-    parser.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--steps", type=count(1), default=5, help="timed steps (the median counts)")
+    parser.add_argument("--warmup", type=count(0), default=3,
+                        help="untimed steps first (compilation happens here: at least 2 with --compile)")
+    parser.add_argument("--micro-batch", type=count(0), default=0, help="0: the preset's")
+    parser.add_argument("--seq-len", type=count(0), default=0, help="0: the preset's")
+    parser.add_argument("--threads", type=count(1), default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--profile", type=count(0), default=0, metavar="N",
                         help="also print the N kernels (CPU: operators) of one step that take the most time")
     parser.add_argument("--tiny", action="store_true", help="smoke test: the tiny preset")
     args = parser.parse_args()
     if args.tiny:
         args.preset = "tiny"
+    if args.compile and args.warmup < 2:
+        parser.error("--compile needs --warmup 2 or more: torch.compile compiles again at the second step")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA GPU (use --device cpu)")
+    context = named_setup(args.preset).model.max_position_embeddings
+    if args.seq_len > context:
+        parser.error(f"--seq-len {args.seq_len} is over the {args.preset} model's context of {context} tokens")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]

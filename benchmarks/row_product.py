@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.arguments import count
 from benchmarks.common import machine, named_setup
 from model import linear
 from model.moe import Experts
@@ -50,11 +51,13 @@ def microseconds(sides: dict[str, Callable[[], object]], calls: int, rounds: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["demo", "4x"], default="demo")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=7, help="timed bursts per side, alternating")
-    parser.add_argument("--min", type=int, default=linear.ROW_PRODUCT_MIN,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", choices=["demo", "4x"], default="demo",
+                        help="the model compared: the demo preset's, or one about four times larger")
+    parser.add_argument("--threads", type=count(1), default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--rounds", type=count(1), default=7, help="timed bursts per side, alternating")
+    parser.add_argument("--min", type=count(0), default=linear.ROW_PRODUCT_MIN,
                         help="weight elements from which `linear` takes the row product in this run")
     args = parser.parse_args()
     linear.ROW_PRODUCT_MIN = args.min
@@ -68,13 +71,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for out_features, in_features in weight_shapes(model):
-            count = max(2, (128 << 20) // (out_features * in_features * 4))
-            weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+            copies = max(2, (128 << 20) // (out_features * in_features * 4))
+            weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
             row = torch.randn(1, in_features, generator=generator)
             turn = iter(range(1 << 62))
 
             def cold(product: Callable) -> Callable[[], object]:
-                return lambda: product(row, weights[next(turn) % count])
+                return lambda: product(row, weights[next(turn) % copies])
 
             def hot(product: Callable) -> Callable[[], object]:
                 return lambda: product(row, weights[0])

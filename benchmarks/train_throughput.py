@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.arguments import count
 from benchmarks.common import (
     RETAINING_MALLOC, Worker, alternate, hf_model, machine, named_setup, peak_rss_bytes, random_batch, saved_bytes, serve, table,
     training_step,
@@ -72,16 +73,19 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["demo", "4x"], default="demo")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed burst")
-    parser.add_argument("--rounds", type=int, default=4, help="timed bursts per model, alternating")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--micro-batch", type=int, default=0, help="0: the preset's micro_batch")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", choices=["demo", "4x"], default="demo",
+                        help="the model compared: the demo preset's, or one about four times larger")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast on both sides; fp32: none")
+    parser.add_argument("--steps", type=count(1), default=3, help="steps per timed burst")
+    parser.add_argument("--rounds", type=count(1), default=4, help="timed bursts per model, alternating")
+    parser.add_argument("--warmup", type=count(0), default=2, help="untimed steps per model first")
+    parser.add_argument("--threads", type=count(1), default=torch.get_num_threads(), help="torch threads per side")
+    parser.add_argument("--micro-batch", type=count(0), default=0, help="0: the preset's micro_batch")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     parser.add_argument("--allocator", choices=["default", "retain"], default="default",
                         help="retain: both processes keep freed memory (glibc `RETAINING_MALLOC`), so no step "
                              "page-faults fresh memory in")
@@ -91,6 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.compile and args.warmup < 2:
+        parser.error("--compile needs --warmup 2 or more: torch.compile compiles again at the second step")
 
     torch.set_num_threads(args.threads)
     setup = named_setup(args.config)
