@@ -162,6 +162,16 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the permissions any other new file gets. safetensors
+    0.8 writes through a temporary file that is always 0600, so weights beside a 0644 config
+    could not be read by other users of a shared workspace or export (safetensors issue #782)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def _write_files(
     tmp: Path,
     step: int,
@@ -171,7 +181,7 @@ def _write_files(
     rng: dict[str, Any],
 ) -> None:
     tensors, aliases = _storable(model_state)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={ALIASES_KEY: json.dumps(aliases)})
+    save_tensors(tensors, tmp / MODEL_FILE, {ALIASES_KEY: json.dumps(aliases)})
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(rng, tmp / RNG_FILE)
     files = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)}
@@ -303,7 +313,7 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _storable(model.state_dict())
-    save_file(tensors, str(out / MODEL_FILE), metadata={ALIASES_KEY: json.dumps(aliases)})
+    save_tensors(tensors, out / MODEL_FILE, {ALIASES_KEY: json.dumps(aliases)})
     (out / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
     return out
 

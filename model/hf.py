@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from model.checkpoint import save_tensors
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -80,7 +81,7 @@ def export_hf(model: Transformer, out_dir: str | Path) -> Path:
         if name.startswith("mtp.") or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         tensors[to_hf_name(name)] = tensor.detach().to(torch.float32).contiguous().cpu()
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_tensors(tensors, out / WEIGHTS, {"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(config), indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,

@@ -224,6 +224,22 @@ def test_save_and_load_model_round_trip(tmp_path):
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weights_get_the_permissions_of_any_new_file(tmp_path, umask):
+    from model.checkpoint import save_tensors
+
+    before = os.umask(umask)
+    try:
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", {"format": "pt"})
+        (tmp_path / "config.json").write_text("{}")
+        checkpoint = save(tmp_path / "checkpoints", 1)
+    finally:
+        os.umask(before)
+    expected = (tmp_path / "config.json").stat().st_mode
+    assert oct((tmp_path / "w.safetensors").stat().st_mode) == oct(expected) == oct(0o100666 & ~umask)
+    assert all(oct(path.stat().st_mode) == oct(expected) for path in checkpoint.iterdir()), checkpoint
+
+
 @pytest.mark.parametrize("damage", ["truncate", "config", "missing"])
 def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
     from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model, save_model
