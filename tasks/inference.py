@@ -35,6 +35,7 @@ from mlflow.entities import FileInfo
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
 
 from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
 from model.generate import CACHE_DTYPES, generate, stream
@@ -493,13 +494,23 @@ def tokenizer_files(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
     }
 
 
+def hf_tokenizer(loaded: LoadedModel) -> Tokenizer:
+    """The model's tokenizer, adding <|bos|> before plain text as `prompt_ids` does, so that
+    `AutoTokenizer` gives a prompt the same conditioning. Chat templates already start with
+    it, and `apply_chat_template` adds no special tokens of its own."""
+    tokenizer = Tokenizer.from_str(loaded.tokenizer.to_str())
+    bos = (BOS, loaded.token_id(BOS))
+    tokenizer.post_processor = TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[bos])
+    return tokenizer
+
+
 def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
     """Write a directory `transformers` loads with `AutoModelForCausalLM` and `AutoTokenizer`:
     the DeepseekV3 weights and config, the tokenizer with the chat template, and a generation
     config that stops at the end of a turn."""
     try:
         out = export_hf_weights(loaded.model, out_dir)
-        loaded.tokenizer.save(str(out / TOKENIZER_FILE))
+        hf_tokenizer(loaded).save(str(out / TOKENIZER_FILE))
         for name, content in tokenizer_files(loaded).items():
             (out / name).write_text(json.dumps(content, indent=2))
     except OSError as exc:

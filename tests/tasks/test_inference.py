@@ -416,6 +416,7 @@ def test_export_loads_in_transformers_with_greedy_and_template_parity(loaded, tm
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     rendered = hf_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(rendered) == render_prompt(conversation, tok)
+    assert hf_tok("def main").input_ids == prompt_ids(loaded, "def main", chat=False)  # <|bos|> first, as ours
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == (BOS, EOS, PAD)
     assert hf_tok.model_max_length == loaded.context
 
