@@ -219,6 +219,11 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    unused = [option for option, value in (("--top-k", args.top_k), ("--top-p", args.top_p < 1),
+                                           ("--seed", args.seed is not None)) if value]
+    if args.temperature == 0 and unused:
+        print(f"note: {' and '.join(unused)} only apply when sampling (--temperature above 0); "
+              f"decoding greedily", file=sys.stderr)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed}
 
@@ -244,7 +249,7 @@ def generate_command(args: argparse.Namespace) -> None:
 
 def chat_command(args: argparse.Namespace) -> None:
     inference, loaded = load_model(args)
-    inference.chat_loop(loaded, system=args.system, **sampling(args))
+    inference.chat_loop(loaded, system=args.system, name=args.model, **sampling(args))
 
 
 def next_token_command(args: argparse.Namespace) -> None:

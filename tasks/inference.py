@@ -54,6 +54,8 @@ CACHE_DIR = "models-cache"
 DEFAULT_MAX_NEW_TOKENS = 64
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
+HELP_COMMAND = "/help"
+CHAT_HELP = f"{RESET_COMMAND} clears the conversation, {' or '.join(EXIT_COMMANDS)} (or Ctrl-D) ends the chat"
 REF_FORMS = "a model directory, models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/RUN_ID/PATH or a run id"
 
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -387,11 +389,14 @@ def chat_loop(
     output: TextIO = sys.stdout,
     *,
     system: str | None = None,
+    name: str | None = None,
     **sampling: Any,
 ) -> None:
-    """An interactive chat: each reply streams to `output`; /reset clears the conversation;
-    /exit, /quit, end of input (Ctrl-D) or Ctrl-C at the prompt end it. Ctrl-C during a
-    reply stops that reply. `sampling` takes `stream_reply`'s options."""
+    """An interactive chat with the model `name` (else its directory): each reply streams
+    to `output`; /reset clears the conversation; /exit, /quit, end of input (Ctrl-D) or
+    Ctrl-C at the prompt end it; /help lists these. Ctrl-C during a reply stops that
+    reply. When the conversation outgrows the context, its oldest exchanges are dropped,
+    with a note. `sampling` takes `stream_reply`'s options."""
     max_new_tokens = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     budget = loaded.context - max_new_tokens
     start = [{"role": "system", "content": system}] if system else []
@@ -403,7 +408,7 @@ def chat_loop(
                              f"{max_new_tokens} leave {room}: shorten --system or lower --max-new-tokens")
         raise StageError(f"max_new_tokens={max_new_tokens} leaves {room}: lower --max-new-tokens")
     messages = list(start)
-    output.write(f"chatting with {loaded.directory} ({RESET_COMMAND} clears the conversation, /exit quits)\n")
+    output.write(f"chatting with {name or loaded.directory} ({HELP_COMMAND} lists the commands)\n")
     while True:
         try:
             line = input_fn(">>> ").strip()
@@ -416,14 +421,22 @@ def chat_loop(
             messages = list(start)
             output.write("(conversation cleared)\n")
             continue
+        if line == HELP_COMMAND:
+            output.write(f"({CHAT_HELP})\n")
+            continue
         if not line:
             continue
-        messages = trim_history([*messages, {"role": "user", "content": line}], loaded.tokenizer, budget)
-        needed = len(render_prompt(messages, loaded.tokenizer))
-        if needed > budget:
-            messages.pop()
+        asked = [*messages, {"role": "user", "content": line}]
+        fitted = trim_history(asked, loaded.tokenizer, budget)
+        needed = len(render_prompt(fitted, loaded.tokenizer))
+        if needed > budget:  # the conversation so far stays as it was
             output.write(f"(message too long: the conversation needs {needed} tokens, the model reads {budget})\n")
             continue
+        if len(fitted) < len(asked):
+            dropped = (len(asked) - len(fitted)) // 2
+            output.write(f"(the {dropped} oldest exchange{'s' * (dropped > 1)} dropped to fit the model's context "
+                         f"of {loaded.context} tokens)\n")
+        messages = fitted
         reply = ""
         try:
             for piece in stream_reply(loaded, messages, **sampling):

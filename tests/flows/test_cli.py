@@ -129,6 +129,18 @@ def test_sampling_options_out_of_range_are_refused_before_loading(option, value,
     assert f"argument {option}: " in last and says in last, last
 
 
+def test_sampling_options_that_greedy_decoding_ignores_are_noted(capsys):
+    from flows.cli import build_parser, sampling
+
+    parser = build_parser()
+    sampling(parser.parse_args(["generate", "--prompt", "x", "--top-k", "5", "--seed", "3"]))
+    assert capsys.readouterr().err == ("note: --top-k and --seed only apply when sampling (--temperature above 0); "
+                                       "decoding greedily\n")
+    for quiet in (["--top-k", "5", "--temperature", "0.7"], ["--top-k", "0", "--top-p", "1"]):
+        assert sampling(parser.parse_args(["chat", *quiet]))["top_k"] in (0, 5)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("option, value", [("--device", "gpu"), ("--seed", str(2**64)), ("--seed", "-1")])
 def test_device_and_seed_are_checked_by_the_parser(option, value, capsys):
     from flows.cli import build_parser

@@ -364,6 +364,31 @@ def test_a_message_that_cannot_fit_is_dropped_with_a_note(loaded):
     assert "(message too long: the conversation needs" in out.getvalue()
 
 
+def test_a_message_too_long_leaves_the_conversation_as_it_was(loaded):
+    out = Terminal()
+    chat_loop(loaded, scripted(["hi", "fox " * 100, "more"]), out, max_new_tokens=10)
+    first = reply_to(loaded, [{"role": "user", "content": "hi"}], max_new_tokens=10)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "more"}]
+    assert out.getvalue().endswith(f"\n{reply_to(loaded, history, max_new_tokens=10)}\n\n")
+    assert "dropped" not in out.getvalue()
+
+
+def test_exchanges_dropped_to_fit_the_context_are_noted(loaded):
+    message = "fox " * 10
+    one = len(render_prompt([{"role": "user", "content": message}], loaded.tokenizer))
+    out = Terminal()
+    chat_loop(loaded, scripted([message, message]), out, max_new_tokens=loaded.context - (one + 2))
+    assert out.getvalue().count("(the 1 oldest exchange dropped to fit the model's context of 128 tokens)\n") == 1
+
+
+def test_chat_help_lists_the_commands_and_names_the_model(loaded):
+    out = Terminal()
+    chat_loop(loaded, scripted(["/help"]), out, name="models:/tinyseek@champion")
+    assert out.getvalue() == ("chatting with models:/tinyseek@champion (/help lists the commands)\n"
+                              "(/reset clears the conversation, /exit or /quit (or Ctrl-D) ends the chat)\n\n")
+
+
 def test_a_chat_that_could_answer_nothing_is_refused_at_the_start(loaded):
     never = scripted([])  # no message is read
     with pytest.raises(StageError, match=f"max_new_tokens={loaded.context} leaves no room for a message"):
