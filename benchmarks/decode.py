@@ -63,6 +63,7 @@ def main() -> None:
 
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar, between our result lines
     torch.set_num_threads(args.threads)
     setup = named_setup(args.config)
     context = setup.model.max_position_embeddings

@@ -65,7 +65,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = Transformer(named_setup(args.config).model)
     print(f"machine: {machine()}")
-    print(f"config {args.config}: one fp32 row times each weight shape, µs per call (median of {args.rounds} bursts)")
+    print(f"config {args.config}: one fp32 row times each weight shape, µs per call (median of {args.rounds} bursts; "
+          f"lower is better); ratio: linear / F.linear, below 1x where linear is faster")
     print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'linear':>8}  {'ratio':>6}  "
           f"{'cache: F.linear':>15}  {'linear':>8}  {'ratio':>6}  linear takes")
     generator = torch.Generator().manual_seed(0)
