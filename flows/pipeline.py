@@ -98,7 +98,8 @@ class PipelineRun:
     def start(cls, name: str, config: PipelineConfig, workspace_dir: str | None) -> PipelineRun:
         root = workspace(workspace_dir)
         tracker = Tracker(root)
-        parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params={"preset": config.preset})
+        # the whole config as params, so that runs compare in the MLflow UI by any setting
+        parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params=config)
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
 
@@ -190,6 +191,8 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
             ref = work(metrics)
         metrics.close()
         tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
+        if ref.cached and ref.manifest().get("final_metrics"):  # a reused training run: where it ended
+            tracker.log_metrics(child, ref.manifest()["final_metrics"], step=ref.counts.get("steps", 0))
         tracker.log_dict(child, ref.manifest(), f"{stage}/manifest.json")
         tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached)})
     except BaseException as exc:
@@ -283,6 +286,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     child = run.child_runs["evaluate"]
     run.metrics = metrics_of(ref)
     run.tracker.log_metrics(child, run.metrics)
+    run.tracker.log_metrics(run.parent_id, run.metrics)  # the scores on the run people compare
     for table in sorted(ref.dir.glob("*.parquet")):
         run.tracker.log_table(child, pd.read_parquet(table), f"evaluate/{table.stem}.json")
     return run.metrics
@@ -398,7 +402,8 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
                        "parameters (activated per token)": counts.get("params_activated"),
                        **{k: v for k, v in refs["pretrain"].manifest().get("model_config", {}).items()
                           if k in REPORTED_MODEL_FIELDS}},
-        timings={name: ref.manifest().get("seconds", 0.0) for name, ref in refs.items()},
+        timings={f"{name} (reused)" if ref.cached else name: 0.0 if ref.cached else ref.manifest().get("seconds", 0.0)
+                 for name, ref in refs.items()},
         metrics=run.metrics,
         exact_match=table("exact_match"),
         curves=_curves(run),

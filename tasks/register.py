@@ -14,6 +14,7 @@ to `champion`. Everything goes through the tracker's client with explicit run id
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Mapping
 from importlib import metadata
@@ -124,13 +125,20 @@ def _requirements() -> list[str]:
 
 
 def log_model(tracker: Tracker, run_id: str, model_dir: str | Path, name: str = MODEL_NAME) -> str:
-    """Log the model directory as a pyfunc model output of `run_id`; return its `models:/` URI."""
+    """Log the model directory's files as a pyfunc model output of `run_id`; return its `models:/`
+    URI. Its subdirectories (the training checkpoints, with their optimizer state several
+    times the weights' size) stay in the workspace."""
     client = tracker.client
     logged = client.create_logged_model(
         tracker.experiment_id, name=name, source_run_id=run_id, params=client.get_run(run_id).data.params
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / Path(model_dir).name  # the artifact keeps the directory's name
+            files.mkdir()
+            for path in Path(model_dir).iterdir():
+                if path.is_file():
+                    shutil.copy2(path, files / path.name)
             local = Path(tmp) / "model"
             mlmodel = Model(
                 artifact_path=logged.artifact_location,
@@ -142,7 +150,7 @@ def log_model(tracker: Tracker, run_id: str, model_dir: str | Path, name: str = 
                 path=str(local),
                 mlflow_model=mlmodel,
                 python_model=str(SERVED_MODEL_CODE),
-                artifacts={"model": str(model_dir)},
+                artifacts={"model": str(files)},
                 signature=SIGNATURE,
                 input_example=INPUT_EXAMPLE,
                 pip_requirements=_requirements(),

@@ -30,6 +30,8 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     c = client(root)
     parent = c.get_run(summary["mlflow_run_id"])
     assert parent.data.tags["preset"] == "tiny"
+    assert parent.data.params["preset"] == "tiny" and parent.data.params["pretrain.steps"] == "20"
+    assert parent.data.metrics["exact_match_mean_tuned"] == summary["metrics"]["exact_match_mean_tuned"]
     assert parent.data.tags["data_fingerprint"] == summary["stages"]["tokenize"]["path"].rsplit("/", 1)[-1]
     assert "prefect.flow_run_id" in parent.data.tags and "mlflow.source.git.commit" in parent.data.tags
     children = c.search_runs([parent.info.experiment_id],
@@ -59,6 +61,13 @@ def test_second_run_reuses_every_stage(built):
     assert all(summary["stages"][stage]["cached"] for stage in STAGES)
     assert "Cached" in second.stdout + second.stderr
     assert summary["version"] == first["version"]  # the same model is not registered twice
+    c = client(root)
+    reused = c.search_runs([c.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                           filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    pretrain = next(run for run in reused if run.info.run_name == "pretrain")
+    assert pretrain.data.tags["cached"] == "True" and "loss" in pretrain.data.metrics  # where the reused run ended
+    report = (root / "reports" / summary["mlflow_run_id"] / "report.md").read_text()
+    assert "| pretrain (reused) | 0 |" in report and "Total: 0.0 s." in report
     assert time.time() - started < first_seconds
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlflow
 import pandas as pd
@@ -59,6 +59,8 @@ def model_dir(tmp_path_factory) -> Path:
     assert tokenizer.get_vocab_size() <= config.vocab_size
     out = save_model(Transformer(config), tmp_path_factory.mktemp("model"))
     tokenizer.save(str(out / "tokenizer.json"))
+    (out / "checkpoints" / "step-000001").mkdir(parents=True)  # as a training stage leaves them
+    (out / "checkpoints" / "step-000001" / "optimizer.pt").write_bytes(b"training state")
     return out
 
 
@@ -97,6 +99,9 @@ def test_log_register_and_promote(ws, model_dir):
     assert (logged.status, logged.source_run_id, logged.name) == ("READY", run_id, MODEL_NAME)
     assert logged.params == {"preset": "tiny"}
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model_id]
+    served = f"artifacts/{model_dir.name}"
+    files = {PurePosixPath(f.path).name for f in client.list_logged_model_artifacts(model_id, served)}
+    assert files == {path.name for path in model_dir.iterdir() if path.is_file()}  # no checkpoints/
 
     assert first == 1
     version = client.get_model_version_by_alias(MODEL_NAME, CHALLENGER)
