@@ -34,7 +34,7 @@ from tqdm import tqdm
 from tasks.clean import clean, drop_reasons
 from tasks.collect import collect
 from tasks.config import PipelineConfig, switched_preset
-from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of
+from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of, resolve
 from tasks.finetune import finetune
 from tasks.inference import DEFAULT_REF, resolve_model
 from tasks.instructions import eval_texts
@@ -244,7 +244,9 @@ def data_steps(run: PipelineRun) -> dict[str, Ref]:
     run.tracker.log_table(run.child_runs["clean"], drop_reasons(cleaned), "clean/drop_reasons.json")
     tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root),
                     cfg.tokenize.model_dump(mode="json"), clean_corpus=cleaned)
-    run.tracker.set_tags(run.parent_id, {"data_fingerprint": tokens.fingerprint})
+    # the data stages ran before it was known: every run of the pipeline names the same data
+    for run_id in (run.parent_id, *(run.child_runs[stage] for stage in ("collect", "clean", "tokenize"))):
+        run.tracker.set_tags(run_id, {"data_fingerprint": tokens.fingerprint})
     return run.refs
 
 
@@ -343,12 +345,16 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     child = tracker.start_run("register", parent_id=run.parent_id,
                               tags={**_stage_tags(run), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
-    tracker.log_metrics(child, run.metrics)
     if existing is None:
         model_uri = log_model(tracker, child, tuned.dir)
-        version = register(tracker, model_uri, child, tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
-                                                             "data_fingerprint": _data_fp(run)})
+        tracker.log_metrics(child, run.metrics, model_id=model_uri.removeprefix("models:/"))
+        primary, score = cfg.evaluate.primary_metric, resolve(run.metrics, cfg.evaluate.primary_metric)
+        described = f"{cfg.preset} preset; {primary} = {'not measured' if score is None else f'{score:.4g}'}"
+        version = register(tracker, model_uri, child, description=f"{described}; pipeline run {run.parent_id}",
+                           tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
+                                 "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
     else:
+        tracker.log_metrics(child, run.metrics)
         version, model_uri = existing, f"models:/{MODEL_NAME}/{existing}"
     promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
     if promoted:

@@ -41,6 +41,9 @@ from tasks.tracking import Tracker
 MODEL_NAME = "tinyseek"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+DESCRIPTION = ("A small DeepSeek-V3-style language model (MLA, DeepSeekMoE, MTP), pretrained and fine-tuned on "
+               "instructions by the tinyseek pipeline. Alias champion: the version served, which won evaluation; "
+               "challenger: the latest registered.")
 TOKENIZER_FILE = "tokenizer.json"
 PROMPT_COLUMN = "prompt"
 RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas")
@@ -170,11 +173,12 @@ def register(
     run_id: str,
     tags: Mapping[str, Any] | None = None,
     name: str = MODEL_NAME,
+    description: str | None = None,
 ) -> int:
     """Register `model_uri` as a new version of `name`, aliased `challenger`; return the version."""
     client = tracker.client
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=DESCRIPTION)
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
@@ -187,6 +191,7 @@ def register(
         run_id=run_id,
         tags={key: str(value) for key, value in (tags or {}).items()},
         model_id=logged.model_id,
+        description=description,
     )
     # Link the logged model to its version, as `mlflow.register_model` does (shown in the UI).
     linked = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))

@@ -314,8 +314,11 @@ class Tracker:
         for chunk in _chunks(flat, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        self.log_metric_batch(run_id, [Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()])
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0,
+                    model_id: str | None = None) -> None:
+        """Log `metrics` at `step`; with `model_id`, also as that logged model's (the UI's model page shows them)."""
+        now = _now_ms()
+        self.log_metric_batch(run_id, [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()])
 
     def log_metric_batch(self, run_id: str, metrics: Iterable[Metric]) -> None:
         for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):

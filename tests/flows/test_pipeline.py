@@ -38,6 +38,7 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {run.info.run_name: run for run in children}
     assert set(STAGES + ["register"]) <= set(by_name)
+    assert {run.data.tags["data_fingerprint"] for run in children} == {parent.data.tags["data_fingerprint"]}
     assert by_name["collect"].data.metrics["docs"] > 0
     assert by_name["pretrain"].data.params["pretrain.steps"] == "20"
     history = c.get_metric_history(by_name["pretrain"].info.run_id, "loss")
@@ -49,6 +50,13 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     assert "report/report.md" in artifacts
     version = c.get_model_version_by_alias("tinyseek", "challenger")
     assert int(version.version) == summary["version"]
+    assert version.tags["pipeline_run_id"] == parent.info.run_id
+    assert version.description.startswith("tiny preset; exact_match_mean = ")
+    assert version.description.endswith(f"; pipeline run {parent.info.run_id}")
+    assert "DeepSeek-V3" in c.get_registered_model("tinyseek").description
+    [output] = c.get_run(version.run_id).outputs.model_outputs
+    scores = {m.key: m.value for m in c.get_logged_model(output.model_id).metrics}
+    assert scores["exact_match_mean_tuned"] == summary["metrics"]["exact_match_mean_tuned"]
     assert c.get_model_version_by_alias("tinyseek", "champion").version == version.version  # first one wins
 
 
