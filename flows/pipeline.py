@@ -346,21 +346,22 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                               tags={**_stage_tags(run), "fingerprint": tuned.fingerprint})
     run.child_runs["register"] = child
     if existing is None:
-        model_uri = log_model(tracker, child, tuned.dir)
-        tracker.log_metrics(child, run.metrics, model_id=model_uri.removeprefix("models:/"))
+        logged = log_model(tracker, child, tuned.dir)
+        tracker.log_metrics(child, run.metrics, model_id=logged.removeprefix("models:/"))
         primary, score = cfg.evaluate.primary_metric, resolve(run.metrics, cfg.evaluate.primary_metric)
         described = f"{cfg.preset} preset; {primary} = {'not measured' if score is None else f'{score:.4g}'}"
-        version = register(tracker, model_uri, child, description=f"{described}; pipeline run {run.parent_id}",
+        version = register(tracker, logged, child, description=f"{described}; pipeline run {run.parent_id}",
                            tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
                                  "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
     else:
         tracker.log_metrics(child, run.metrics)
-        version, model_uri = existing, f"models:/{MODEL_NAME}/{existing}"
+        version = existing
     promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
     if promoted:
         promote(tracker, version)
     tracker.set_tags(child, {"promoted": str(promoted), "decision": reason, "champion_before": str(champion)})
     tracker.end_run(child)
+    model_uri = f"models:/{MODEL_NAME}/{version}"  # as registered: what --model and MLflow's pages take
     run.decision = {"version": version, "model_uri": model_uri, "promoted": promoted, "reason": reason,
                     "champion_before": champion}
     comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None

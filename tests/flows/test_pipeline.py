@@ -51,6 +51,7 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     version = c.get_model_version_by_alias("tinyseek", "challenger")
     assert int(version.version) == summary["version"]
     assert version.tags["pipeline_run_id"] == parent.info.run_id
+    assert summary["model_uri"] == f"models:/tinyseek/{summary['version']}"  # what --model takes
     assert version.description.startswith("tiny preset; exact_match_mean = ")
     assert version.description.endswith(f"; pipeline run {parent.info.run_id}")
     assert "DeepSeek-V3" in c.get_registered_model("tinyseek").description
