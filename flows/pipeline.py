@@ -23,7 +23,12 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.exceptions import ParameterTypeError, TerminationSignal
 from prefect.runtime import flow_run
@@ -236,12 +241,20 @@ def _stage(stage: str, run: PipelineRun, work: StageWork, params: dict[str, Any]
     return task_fn(stage, work, run, params, inputs, return_state=True).result()
 
 
+def log_table(run: PipelineRun, stage: str, table: pd.DataFrame, name: str) -> None:
+    """A table for people: in the stage's MLflow run (`<stage>/<name>.json`) and as a Prefect
+    table artifact, keyed by stage and name so the UI keeps each table's history across runs."""
+    run.tracker.log_table(run.child_runs[stage], table, f"{stage}/{name}.json")
+    create_table_artifact(table=table.to_dict(orient="records"), key=f"{stage}-{name}".replace("_", "-"),
+                          description=f"{stage}: {name.replace('_', ' ')}")
+
+
 def data_steps(run: PipelineRun) -> dict[str, Ref]:
     cfg, root = run.config, run.root
     collected = _stage("collect", run, lambda cb: collect(cfg.collect, root), cfg.collect.model_dump(mode="json"))
     cleaned = _stage("clean", run, lambda cb: clean(collected, cfg.clean, root, eval_texts(cfg.instructions)),
                      cfg.clean.model_dump(mode="json"), corpus=collected)
-    run.tracker.log_table(run.child_runs["clean"], drop_reasons(cleaned), "clean/drop_reasons.json")
+    log_table(run, "clean", drop_reasons(cleaned), "drop_reasons")
     tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root),
                     cfg.tokenize.model_dump(mode="json"), clean_corpus=cleaned)
     # the data stages ran before it was known: every run of the pipeline names the same data
@@ -290,7 +303,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     run.tracker.log_metrics(child, run.metrics)
     run.tracker.log_metrics(run.parent_id, run.metrics)  # the scores on the run people compare
     for table in sorted(ref.dir.glob("*.parquet")):
-        run.tracker.log_table(child, pd.read_parquet(table), f"evaluate/{table.stem}.json")
+        log_table(run, "evaluate", pd.read_parquet(table), table.stem)
     return run.metrics
 
 

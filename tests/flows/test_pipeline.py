@@ -1,6 +1,8 @@
 """The tiny pipeline end to end through `tinyseek run`: MLflow runs, the registry, the
 cached rerun, serving, and using the model (generate, next-token, export-hf)."""
 
+import contextlib
+import sqlite3
 import time
 
 import mlflow
@@ -132,6 +134,13 @@ def test_report_has_every_section(built):
     assert "| instruction_rows_quarantined | 0 |" in text
     assert "None/" not in text  # the temporary Prefect server has no UI to link to
     assert list(report.parent.glob("*.png"))
+
+
+def test_tables_for_people_are_prefect_table_artifacts_too(built):
+    root, _, _ = built
+    with contextlib.closing(sqlite3.connect(root / "prefect" / "prefect.db")) as db:
+        keys = {key for (key,) in db.execute("select key from artifact where type = 'table'")}
+    assert {"clean-drop-reasons", "evaluate-exact-match", "evaluate-generations"} <= keys, keys
 
 
 def test_retraining_fetches_again_once_per_token_and_can_continue_from_the_champion(tmp_path, monkeypatch):
