@@ -276,9 +276,11 @@ def _with_progress(stage: str, total: int, callback):
 def pretrain_steps(run: PipelineRun) -> Ref:
     cfg = run.config
     tokens = data_steps(run)["tokenize"]
+    data = TokenData(tokens)
+    model = cfg.model_for(data.vocab_size, data.special_ids).to_dict()  # every field, the defaults too
     return _stage("pretrain", run,
                   lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb)),
-                  {"model": cfg.model, "pretrain": cfg.pretrain.model_dump(mode="json")}, tokens=tokens)
+                  {"model": model, "pretrain": cfg.pretrain.model_dump(mode="json")}, tokens=tokens)
 
 
 def finetune_steps(run: PipelineRun) -> Ref:
