@@ -123,14 +123,15 @@ PROGRESS_SECONDS = 60.0
 
 def duration(seconds: float) -> str:
     """A rough length of time for people: '40 s', '12 min', '3 h 5 min', '2 d 4 h'."""
-    minutes, hours = seconds / 60, seconds / 3600
     if seconds < 90:
         return f"{seconds:.0f} s"
-    if minutes < 90:
-        return f"{minutes:.0f} min"
-    if hours < 48:
-        return f"{hours // 1:.0f} h {minutes % 60:.0f} min"
-    return f"{hours // 24:.0f} d {hours % 24:.0f} h"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)  # rounded first: never "2 h 60 min"
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(round(seconds / 3600), 24)
+    return f"{days} d {hours} h"
 
 
 class TrainingProgress:
@@ -196,9 +197,10 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
             ref = work(metrics)
         metrics.close()
         tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
-        if ref.cached and ref.manifest().get("final_metrics"):  # a reused training run: where it ended
-            tracker.log_metrics(child, ref.manifest()["final_metrics"], step=ref.counts.get("steps", 0))
-        tracker.log_dict(child, ref.manifest(), f"{stage}/manifest.json")
+        manifest = ref.manifest()
+        if ref.cached and manifest.get("final_metrics"):  # a reused training run: where it ended
+            tracker.log_metrics(child, manifest["final_metrics"], step=ref.counts.get("steps", 0))
+        tracker.log_dict(child, manifest, f"{stage}/manifest.json")
         tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached)})
     except BaseException as exc:
         tracker.end_run(child, ended_status(exc))

@@ -48,6 +48,6 @@ def test_a_slow_run_is_heard_from_every_minute_and_resumed_runs_count_from_their
 
 
 @pytest.mark.parametrize("seconds, shown", [(40, "40 s"), (600, "10 min"), (3 * 3600 + 300, "3 h 5 min"),
-                                            (50 * 3600, "2 d 2 h")])
+                                            (3 * 3600 - 1, "3 h 0 min"), (50 * 3600, "2 d 2 h")])
 def test_duration(seconds, shown):
     assert pipeline.duration(seconds) == shown

@@ -267,7 +267,8 @@ def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):
 
     assert texts(ref) == {f"{path}:{number + 2}": row for number, row in enumerate(rows) if number != 150}
     [bad] = pq.read_table(ref.dir / QUARANTINE).to_pylist()
-    assert (bad["origin"], bad["reason"], bad["detail"]) == (f"{path}:152", "invalid-utf8", "line 152: byte 0xe9 is not UTF-8")
+    assert (bad["origin"], bad["reason"]) == (f"{path}:152", "invalid-utf8")
+    assert bad["detail"] == "line 152: byte 0xe9 is not UTF-8"
     assert bad["sample"] == "caf\ufffd"
 
 
