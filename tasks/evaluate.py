@@ -467,11 +467,13 @@ def _write_tables(out: Path, results: dict[str, ModelResults], base: Ref, tuned:
 
 def evaluate_fingerprint(base: Ref, tuned: Ref, config: EvaluateConfig, instructions: InstructionConfig,
                          val: Validation) -> str:
+    # the files by name only: their content is the tokenize stage's, which the models' fingerprints
+    # already hold, and a workspace moved to another path should not evaluate again
     settings = {
         "evaluate": config.model_dump(exclude={"device"}),
         "instructions": instructions.model_dump(mode="json"),
         "user_data": tasks.instructions.user_data_state(instructions),
-        "validation": {"files": [str(f) for f in val.files], "dtype": val.dtype,
+        "validation": {"files": [f.name for f in val.files], "dtype": val.dtype,
                        "bytes_per_token": val.bytes_per_token},
     }
     code = code_version(sys.modules[__name__], model.generate, tasks.chat, tasks.instructions)

@@ -282,6 +282,11 @@ def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer, monkeypatch):
     on_any_device = config.model_copy(update={"device": "auto"})
     again = evaluate(base, tuned, on_any_device, INSTRUCTIONS, val, "uint16", 1.5, root=ws)
     assert again.cached and again.path == ref.path
+    moved = ws / "moved"
+    moved.mkdir()
+    moved_val = [moved / val[0].name]
+    moved_val[0].write_bytes(val[0].read_bytes())
+    assert evaluate(base, tuned, config, INSTRUCTIONS, moved_val, "uint16", 1.5, root=ws).cached  # same data elsewhere
     changed = evaluate(base, tuned, config.model_copy(update={"top_k_tokens": 2}), INSTRUCTIONS, val, "uint16", 1.5,
                        root=ws)
     assert not changed.cached and changed.path != ref.path
