@@ -198,7 +198,7 @@ PORT = checked(int, lambda n: 1 <= n <= 65535, "a port number from 1 to 65535")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=COUNT, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--temperature", type=checked(float, lambda t: 0 <= t < math.inf, "a finite number >= 0"),
                         default=0.0, help="0 = greedy (default: 0)")
     parser.add_argument("--top-p", type=checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,

@@ -116,7 +116,7 @@ def test_decode_options_take_the_names_generation_knows(command, capsys):
 
 @pytest.mark.parametrize(
     "option, value, says",
-    [("--max-new-tokens", "-1", "a whole number >= 0"), ("--max-new-tokens", "many", "a whole number >= 0"),
+    [("--max-new-tokens", "0", "a whole number >= 1"), ("--max-new-tokens", "many", "a whole number >= 1"),
      ("--temperature", "-0.5", "a finite number >= 0"), ("--temperature", "inf", "a finite number >= 0"),
      ("--top-p", "0", "in (0, 1]"), ("--top-k", "-3", ">= 0")],
 )
