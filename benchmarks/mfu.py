@@ -15,6 +15,7 @@ computes exactly the FLOPs it is credited with.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -45,6 +46,7 @@ def synchronize(device: torch.device) -> None:
 
 def print_profile(step, device: torch.device, rows: int) -> None:
     """The kernels (CUDA) or operators (CPU) of one more step that take the most time."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no profiler_start/stop lines from kineto's "USDT" level
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
