@@ -40,7 +40,7 @@ from tasks.clean import clean, drop_reasons
 from tasks.collect import collect
 from tasks.config import PipelineConfig, switched_preset
 from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of, resolve
-from tasks.finetune import finetune
+from tasks.finetune import EXAMPLE_FILES, finetune
 from tasks.inference import DEFAULT_REF, resolve_model
 from tasks.instructions import eval_texts
 from tasks.pretrain import pretrain
@@ -243,6 +243,21 @@ def _stage(stage: str, run: PipelineRun, work: StageWork, params: dict[str, Any]
     return task_fn(stage, work, run, params, inputs, return_state=True).result()
 
 
+def _params(config: PipelineConfig, *sections: str) -> dict[str, Any]:
+    """The config sections a stage reads, keyed as in the config and the parent run's params
+    (`clean.min_chars`), so one name means one setting across the runs of a pipeline."""
+    return {section: getattr(config, section).model_dump(mode="json") for section in sections}
+
+
+def _log_examples(run: PipelineRun, stage: str, tuned: Ref, split: str, context: str) -> None:
+    """The instruction examples of `split`, as the fine-tuning stage wrote them, as a dataset of
+    the stage's run; its digest is the file's content, the same for the same examples."""
+    path = tuned.dir / EXAMPLE_FILES[split]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    run.tracker.log_dataset(run.child_runs[stage], f"instructions-{split}", str(path), path, context=context,
+                            digest=digest)
+
+
 def log_table(run: PipelineRun, stage: str, table: pd.DataFrame, name: str) -> None:
     """A table for people: in the stage's MLflow run (`<stage>/<name>.json`) and as a Prefect
     table artifact, keyed by stage and name so the UI keeps each table's history across runs."""
@@ -253,12 +268,12 @@ def log_table(run: PipelineRun, stage: str, table: pd.DataFrame, name: str) -> N
 
 def data_steps(run: PipelineRun) -> dict[str, Ref]:
     cfg, root = run.config, run.root
-    collected = _stage("collect", run, lambda cb: collect(cfg.collect, root), cfg.collect.model_dump(mode="json"))
+    collected = _stage("collect", run, lambda cb: collect(cfg.collect, root), _params(cfg, "collect"))
     cleaned = _stage("clean", run, lambda cb: clean(collected, cfg.clean, root, eval_texts(cfg.instructions)),
-                     cfg.clean.model_dump(mode="json"), corpus=collected)
+                     _params(cfg, "clean", "instructions"), corpus=collected)
     log_table(run, "clean", drop_reasons(cleaned), "drop_reasons")
-    tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root),
-                    cfg.tokenize.model_dump(mode="json"), clean_corpus=cleaned)
+    tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root), _params(cfg, "tokenize"),
+                    clean_corpus=cleaned)
     # the data stages ran before it was known: every run of the pipeline names the same data
     for run_id in (run.parent_id, *(run.child_runs[stage] for stage in ("collect", "clean", "tokenize"))):
         run.tracker.set_tags(run_id, {"data_fingerprint": tokens.fingerprint})
@@ -282,16 +297,17 @@ def pretrain_steps(run: PipelineRun) -> Ref:
     model = cfg.model_for(data.vocab_size, data.special_ids).to_dict()  # every field, the defaults too
     return _stage("pretrain", run,
                   lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb)),
-                  {"model": model, "pretrain": cfg.pretrain.model_dump(mode="json")}, tokens=tokens)
+                  {"model": model, **_params(cfg, "pretrain")}, tokens=tokens)
 
 
 def finetune_steps(run: PipelineRun) -> Ref:
     cfg = run.config
     base = pretrain_steps(run)
-    return _stage("finetune", run,
-                  lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb)),
-                  {"instructions": cfg.instructions.model_dump(mode="json"),
-                   "finetune": cfg.finetune.model_dump(mode="json")}, pretrained=base)
+    tuned = _stage("finetune", run,
+                   lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb)),
+                   _params(cfg, "instructions", "finetune"), pretrained=base)
+    _log_examples(run, "finetune", tuned, "train", "training")
+    return tuned
 
 
 def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
@@ -301,7 +317,8 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     ref = _stage("evaluate", run,
                  lambda cb: evaluate(base, tuned, cfg.evaluate, cfg.instructions, data.files("validation"), data.dtype,
                                      data.bytes_per_token("validation") or 1.0, run.root),
-                 cfg.evaluate.model_dump(mode="json"), base=base, tuned=tuned)
+                 _params(cfg, "evaluate", "instructions"), base=base, tuned=tuned)
+    _log_examples(run, "evaluate", tuned, "test", "eval")
     child = run.child_runs["evaluate"]
     run.metrics = metrics_of(ref)
     run.tracker.log_metrics(child, run.metrics)

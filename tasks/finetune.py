@@ -2,11 +2,14 @@
 
 Training data are labeled instructions (the built-in verifiable tasks plus any user
 data), rendered in the chat format; only the assistant's tokens carry loss. The held-out
-test split is the validation set. Output is laid out like the pretrain stage's.
+test split is the validation set. Output is laid out like the pretrain stage's, plus the
+examples it trained and validated on (`train_examples.parquet`, `test_examples.parquet`: family,
+conversation, answer) and the user data rows it could not use (`quarantine.parquet`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +25,13 @@ from model.data import SFTBatches
 from model.trainer import Trainer
 from tasks.chat import render
 from tasks.config import PipelineConfig
-from tasks.instructions import build_examples, user_data_state
+from tasks.instructions import Example, build_examples, user_data_state
 from tasks.pretrain import MODEL_CODE
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.training import train_stage, work_dir
 
 QUARANTINE = "quarantine.parquet"
+EXAMPLE_FILES = {"train": "train_examples.parquet", "test": "test_examples.parquet"}
 
 
 def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
@@ -45,17 +49,24 @@ def tokenizer_dir(pretrained: Ref) -> Path:
     return pretrained.dir
 
 
-def rendered_examples(config: PipelineConfig, tokenizer: Tokenizer, quarantine: list | None = None):
-    """Train and test examples as (ids, loss mask) pairs in the chat format."""
-    examples = build_examples(config.instructions, quarantine=quarantine)
-    return {split: [render(ex.messages, tokenizer) for ex in items] for split, items in examples.items()}
+def examples_table(examples: list[Example]) -> pd.DataFrame:
+    """Examples as a table for people and MLflow: family, the conversation as JSON, the answer."""
+    return pd.DataFrame({
+        "family": [ex.family for ex in examples],
+        "messages": [json.dumps(ex.messages, ensure_ascii=False) for ex in examples],
+        "answer": [ex.answer for ex in examples],
+    })
 
 
 def build_trainer(pretrained: Ref, config: PipelineConfig, checkpoints: Path, rank: int = 0, world: int = 1,
-                  quarantine: list | None = None) -> Trainer:
+                  examples: dict[str, list[Example]] | None = None) -> Trainer:
+    """The fine-tuning trainer; `examples` are the instruction splits when already built (each
+    torchrun rank builds its own: they are the same for a given config)."""
     cfg = config.finetune
     tokenizer = Tokenizer.from_file(str(pretrained.dir / "tokenizer.json"))
-    data = rendered_examples(config, tokenizer, quarantine)
+    splits = examples or build_examples(config.instructions)
+    # (ids, loss mask) pairs in the chat format
+    data = {split: [render(ex.messages, tokenizer) for ex in items] for split, items in splits.items()}
     model = load_model(pretrained.dir, cfg.torch_device()).train()
     limit = model.config.max_position_embeddings
     if cfg.seq_len > limit:
@@ -85,9 +96,12 @@ def finetune(
 
     def build(out: Path) -> dict:
         quarantine: list[dict] = []
-        fields = train_stage("finetune", {"pretrained": pretrained}, config, out, work_dir(root, "finetune", fp),
-                             build_trainer, tokenizer_dir(pretrained), callback, log, quarantine=quarantine)
+        examples = build_examples(config.instructions, quarantine=quarantine)
         pd.DataFrame(quarantine, columns=["source", "line", "reason"]).to_parquet(out / QUARANTINE)
+        for split, name in EXAMPLE_FILES.items():
+            examples_table(examples[split]).to_parquet(out / name, index=False)
+        fields = train_stage("finetune", {"pretrained": pretrained}, config, out, work_dir(root, "finetune", fp),
+                             build_trainer, tokenizer_dir(pretrained), callback, log, examples=examples)
         fields["counts"]["quarantined_rows"] = len(quarantine)
         return fields
 

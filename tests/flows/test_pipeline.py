@@ -49,6 +49,14 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     assert "exact_match_mean_tuned" in by_name["evaluate"].data.metrics
     assert any(m.startswith("system/") for m in by_name["pretrain"].data.metrics)
     assert c.get_run(by_name["pretrain"].info.run_id).inputs.dataset_inputs  # the token shards, as a dataset
+    for stage, dataset, context in (("finetune", "instructions-train", "training"),
+                                    ("evaluate", "instructions-test", "eval")):
+        inputs = c.get_run(by_name[stage].info.run_id).inputs.dataset_inputs
+        assert (dataset, context) in {(i.dataset.name, i.tags[0].value) for i in inputs}, stage
+    # one name for one setting in every run: the config's, as the parent logs it
+    for stage, key in (("collect", "collect.sources"), ("clean", "clean.min_chars"),
+                       ("tokenize", "tokenize.vocab_size"), ("evaluate", "evaluate.max_new_tokens")):
+        assert by_name[stage].data.params[key] == parent.data.params[key], stage
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.md" in artifacts
     version = c.get_model_version_by_alias("tinyseek", "challenger")

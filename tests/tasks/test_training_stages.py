@@ -3,17 +3,18 @@
 import json
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import load_model
-from tasks import training
+from tasks import distributed, training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
 from tasks.finetune import build_trainer as finetune_trainer, finetune
-from tasks.instructions import eval_texts
+from tasks.instructions import UserDataSource, build_examples, eval_texts
 from tasks.pretrain import build_trainer, pretrain
 from tasks.stage import StageError
 from tasks.tokenize import tokenize
@@ -48,6 +49,11 @@ def test_pretrain_then_finetune_write_models_histories_and_checkpoints(tokens):
 
     tuned = finetune(base, config, root, log=lambda m: None)
     assert tuned.counts["steps"] == 4
+    examples = build_examples(config.instructions)
+    for split in ("train", "test"):  # what it trained and validated on, for people and MLflow
+        table = pd.read_parquet(tuned.dir / f"{split}_examples.parquet")
+        assert table["answer"].tolist() == [ex.answer for ex in examples[split]]
+        assert [json.loads(m) for m in table["messages"]] == [ex.messages for ex in examples[split]]
     before, after = load_file(str(base.dir / "model.safetensors")), load_file(str(tuned.dir / "model.safetensors"))
     assert any(not before[name].equal(after[name]) for name in before)
 
@@ -57,6 +63,21 @@ def test_pretrain_then_finetune_write_models_histories_and_checkpoints(tokens):
     regrouped = finetune(base, config, root, log=lambda m: None)
     assert not regrouped.cached and regrouped.dir != tuned.dir
     assert finetune_trainer(base, config, root / "scratch").train._order.length_window == 2
+
+
+def test_bad_user_rows_are_quarantined_however_many_devices_train(tokens, tmp_path, monkeypatch):
+    """torchrun's ranks build their own trainers: the quarantine is the stage's, not the trainer's."""
+    root, toks = tokens
+    rows = [{"instruction": "Name a color.", "output": "Blue"}, {"instruction": "Say hi."}]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = quick("finetune.devices=2")
+    config.instructions.user_data = [UserDataSource(path=str(tmp_path / "mine.jsonl"))]
+    base = pretrain(toks, quick(), root, log=lambda m: None)
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda *args: launched.append(args) or {"counts": {}})
+    ref = finetune(base, config, tmp_path / "ws", log=lambda m: None)
+    assert launched and ref.counts["quarantined_rows"] == 1
+    assert pd.read_parquet(ref.dir / "quarantine.parquet")["reason"].tolist() == ["missing 'output'"]
 
 
 def test_sequence_longer_than_the_model_is_a_clear_error(tokens):
