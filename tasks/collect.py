@@ -48,6 +48,8 @@ import pyarrow.parquet as pq
 import zstandard
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+import tasks.files
+from tasks.files import file_states, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
@@ -271,36 +273,15 @@ def _format(path: Path) -> tuple[str, str] | None:
     return fmt, compression
 
 
-def _walk(top: Path) -> list[Path]:
-    """Files under `top` in sorted order, hidden files and folders skipped. Linked folders
-    are followed, each real folder once, so a link back up the tree cannot loop."""
-    if not top.is_dir():
-        return [top]
-    found, seen = [], {top.resolve()}
-    for folder, dirnames, filenames in os.walk(top, followlinks=True):
-        visible = sorted(name for name in dirnames if not name.startswith("."))
-        dirnames[:] = [name for name in visible if _first_visit(Path(folder) / name, seen)]
-        found += [Path(folder) / name for name in sorted(filenames) if not name.startswith(".")]
-    return found
-
-
-def _first_visit(folder: Path, seen: set[Path]) -> bool:
-    real = folder.resolve()
-    if real in seen:
-        return False
-    seen.add(real)
-    return True
-
-
 def _expand(entry: str) -> list[Path]:
     if any(char in entry for char in "*?["):
         matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
         if not matches:
             raise StageError(f"no files match {entry!r}")
-        return [path for match in matches for path in _walk(Path(match))]
+        return [path for match in matches for path in walk(Path(match))]
     path = Path(entry).expanduser()
     if path.is_dir():
-        return _walk(path)
+        return walk(path)
     if not path.is_file():
         raise StageError(f"input path does not exist: {entry}")
     if _format(path) is None:
@@ -623,29 +604,15 @@ def _read_source(source: Source, files: list[Path], scratch: Path, max_doc_chars
             return _read_urls(source, scratch, max_doc_chars)
 
 
-def _file_states(paths: list[Path]) -> list[list[Any]]:
-    """Path, size and modification time of each file; one that cannot be read (a broken
-    link) has none, and reading it quarantines it."""
-    states = []
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            states.append([str(path), None, None])
-        else:
-            states.append([str(path), stat.st_size, stat.st_mtime_ns])
-    return states
-
-
 def _identity(source: Source, files: list[Path]) -> dict[str, Any]:
     """What, besides the config, decides this source's documents: a change re-collects."""
     match source:
         case StdlibSource():
             return {"python": platform.python_version(), "implementation": sys.implementation.name}
         case FilesSource():
-            return {"files": _file_states(files)}
+            return {"files": file_states(files)}
         case HFSource() if Path(source.path).is_dir():
-            return {"files": _file_states(_walk(Path(source.path)))}
+            return {"files": file_states(walk(Path(source.path)))}
     return {}  # remote: named by the config; `refresh` fetches again
 
 
@@ -787,7 +754,7 @@ def collect(config: CollectConfig | None = None, root: str | os.PathLike | None 
     files = {source.name: _match(source) for source in config.sources if isinstance(source, FilesSource)}
     identities = {source.name: _identity(source, files.get(source.name, [])) for source in config.sources}
     settings = config.model_dump(mode="json")
-    fp = fingerprint("collect", settings, [_digest(identities)], code_version(sys.modules[__name__]))
+    fp = fingerprint("collect", settings, [_digest(identities)], code_version(sys.modules[__name__], tasks.files))
     inputs = {
         source.name: {"kind": source.kind, "files": len(identities[source.name].get("files", [])),
                       "identity": _digest(identities[source.name])}

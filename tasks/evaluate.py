@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 import model.generate
 import tasks.chat
+import tasks.files
 import tasks.instructions
 from model.checkpoint import load_model
 from model.data import eval_batches
@@ -476,7 +477,7 @@ def evaluate_fingerprint(base: Ref, tuned: Ref, config: EvaluateConfig, instruct
         "validation": {"files": [f.name for f in val.files], "dtype": val.dtype,
                        "bytes_per_token": val.bytes_per_token},
     }
-    code = code_version(sys.modules[__name__], model.generate, tasks.chat, tasks.instructions)
+    code = code_version(sys.modules[__name__], model.generate, tasks.chat, tasks.instructions, tasks.files)
     return fingerprint("evaluate", settings, [base.fingerprint, tuned.fingerprint], code)
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from tokenizers import Tokenizer
 
 import tasks.chat
+import tasks.files
 import tasks.instructions
 
 from model.checkpoint import load_model
@@ -41,7 +42,7 @@ def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
         "train": config.finetune.model_dump(exclude={"devices", "threads"}),
     }
     # the examples are generated and rendered by instructions' and chat's code
-    code = code_version(sys.modules[__name__], tasks.instructions, tasks.chat, *MODEL_CODE)
+    code = code_version(sys.modules[__name__], tasks.instructions, tasks.files, tasks.chat, *MODEL_CODE)
     return fingerprint("finetune", settings, [pretrained.fingerprint], code)
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.chat import ROLES
+from tasks.files import file_states, walk
 from tasks.stage import StageError
 
 Family = Literal[
@@ -585,12 +586,9 @@ def _rows(source: UserDataSource) -> Iterator[tuple[int, Any]]:
 def user_data_state(config: InstructionConfig) -> list[list[Any]]:
     """Path, size and modification time of every local file of the user's data (a hub dataset
     is named by its config alone): with the config, what decides the examples, so that the
-    stages built from them (fine-tuning, evaluation) are built again when a file changes.
-    Collect's own file states, as it tracks its local inputs."""
-    from tasks.collect import _file_states, _walk
-
+    stages built from them (fine-tuning, evaluation) are built again when a file changes."""
     paths = [Path(source.path).expanduser() for source in config.user_data]
-    return _file_states([file for path in paths if path.exists() for file in _walk(path)])
+    return file_states([file for path in paths if path.exists() for file in walk(path)])
 
 
 def load_user_data(source: UserDataSource) -> tuple[list[Example], list[dict[str, Any]]]:
