@@ -49,7 +49,7 @@ import zstandard
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 import tasks.files
-from tasks.files import file_states, walk
+from tasks.files import file_states, starts_json_array, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
@@ -361,7 +361,7 @@ def _parse_line(line: bytes, number: int, origin: str) -> tuple[str, Any] | _Bad
 
 def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     """A JSON array of records (parsed whole); anything else is read as JSON Lines, as `datasets` does."""
-    if not stream.peek(BINARY_PROBE).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+    if not starts_json_array(stream.peek(BINARY_PROBE)):
         yield from _read_jsonl(stream, label, text_field, max_doc_chars)
         return
     data = stream.read()

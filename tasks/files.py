@@ -45,3 +45,9 @@ def file_states(paths: list[Path]) -> list[list[Any]]:
         else:
             states.append([str(path), stat.st_size, stat.st_mtime_ns])
     return states
+
+
+def starts_json_array(head: bytes) -> bool:
+    """Whether a file's first bytes open a JSON array (a byte-order mark and white space
+    before it allowed), rather than JSON Lines."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.chat import ROLES
-from tasks.files import file_states, walk
+from tasks.files import file_states, starts_json_array, walk
 from tasks.stage import StageError
 
 Family = Literal[
@@ -517,7 +517,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept.
     A byte-order mark (as some Windows editors write) is skipped."""
     with open(path, "rb") as handle:
-        is_array = path.suffix.lower() == ".json" and handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        is_array = path.suffix.lower() == ".json" and starts_json_array(handle.read(4096))
         handle.seek(0)
         if is_array:
             try:
