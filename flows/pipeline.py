@@ -424,6 +424,13 @@ def _curves(run: PipelineRun) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "stage", "metric", "value"])
 
 
+def _instruction_counts(counts: dict[str, Any]) -> dict[str, Any]:
+    """What the fine-tuning stage made of the instruction data, as the report names it."""
+    names = {"examples_train": "instruction_examples_train", "examples_test": "instruction_examples_test",
+             "examples_cut": "instruction_examples_cut", "quarantined_rows": "instruction_rows_quarantined"}
+    return {name: counts.get(key, 0) for key, name in names.items()}
+
+
 def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
     """The human-readable report of this run, logged to MLflow and shown in Prefect."""
     refs, cfg = run.refs, run.config
@@ -437,7 +444,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
         run.root / "reports" / run.parent_id,
         title=f"tinyseek run ({cfg.preset} preset)",
         data_summary={**refs["collect"].counts, **refs["clean"].counts, **refs["tokenize"].counts,
-                      "instruction_rows_quarantined": refs["finetune"].counts.get("quarantined_rows", 0),
+                      **_instruction_counts(refs["finetune"].counts),
                       "drop_reasons": drop_reasons(refs["clean"])},
         model_summary={"parameters (total)": counts.get("params_total"),
                        "parameters (activated per token)": counts.get("params_activated"),

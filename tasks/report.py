@@ -194,7 +194,10 @@ def _data_section(data_summary: Mapping[str, Any]) -> str:
         "Documents collected, kept after cleaning (filters, deduplication, decontamination) and turned into "
         "tokens; the reasons table says why documents were dropped. `quarantined` counts the documents that "
         "could not be read, `instruction_rows_quarantined` the rows of your instruction data that could not be "
-        "used: each stage's quarantine.parquet lists them with the reason.",
+        "used: each stage's quarantine.parquet lists them with the reason. `instruction_examples_train` and "
+        "`_test` are the fine-tuning examples (the finetune stage's train_examples.parquet and "
+        "test_examples.parquet), `instruction_examples_cut` those longer than `finetune.seq_len`, whose ends "
+        "are not learned.",
         _key_values(data_summary),
         *(f"**{name.replace('_', ' ')}**\n\n{markdown_table(table)}" for name, table in tables.items()),
     )

@@ -140,7 +140,7 @@ def test_report_has_every_section(built):
     for heading in ("data", "model", "scor", "MoE", "generation", "next"):
         assert heading.lower() in text.lower(), heading
     assert text.count("**drop reasons**") == 1
-    assert "| instruction_rows_quarantined | 0 |" in text
+    assert "| instruction_rows_quarantined | 0 |" in text and "| instruction_examples_test | 88 |" in text
     assert "None/" not in text  # the temporary Prefect server has no UI to link to
     assert list(report.parent.glob("*.png"))
 

@@ -13,7 +13,7 @@ from tasks import distributed, training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
-from tasks.finetune import build_trainer as finetune_trainer, finetune
+from tasks.finetune import build_trainer as finetune_trainer, cut_examples, finetune
 from tasks.instructions import UserDataSource, build_examples, eval_texts
 from tasks.pretrain import build_trainer, pretrain
 from tasks.stage import StageError
@@ -78,6 +78,33 @@ def test_bad_user_rows_are_quarantined_however_many_devices_train(tokens, tmp_pa
     ref = finetune(base, config, tmp_path / "ws", log=lambda m: None)
     assert launched and ref.counts["quarantined_rows"] == 1
     assert pd.read_parquet(ref.dir / "quarantine.parquet")["reason"].tolist() == ["missing 'output'"]
+
+
+def test_fine_tuning_on_few_examples(tokens, tmp_path):
+    """Fewer held-out examples than a micro-batch validate in one narrower batch; too few
+    training examples for one batch are a stage error that says what to change."""
+    root, toks = tokens
+    base = pretrain(toks, quick(), root, log=lambda m: None)
+    few = quick("instructions.families=[add, reverse]", "instructions.test_per_family=2", "finetune.micro_batch=8",
+                "finetune.batch_tokens=512")
+    trainer = finetune_trainer(base, few, tmp_path / "ckpt")
+    assert [inputs.shape[0] for inputs, _ in trainer.validation()] == [4]
+    with pytest.raises(StageError, match=r"fine-tuning data: only 4 usable examples: .* lower finetune.micro_batch"):
+        finetune_trainer(base, quick("instructions.families=[add]", "instructions.train_per_family=4",
+                                     "finetune.micro_batch=8", "finetune.batch_tokens=512"), tmp_path / "ckpt2")
+    none_held_out = finetune_trainer(base, quick("instructions.test_per_family=0"), tmp_path / "ckpt3")
+    assert none_held_out.validation is None
+
+
+def test_examples_longer_than_a_window_are_counted_and_said(tokens, tmp_path):
+    root, toks = tokens
+    base = pretrain(toks, quick(), root, log=lambda m: None)
+    said = []
+    ref = finetune(base, quick("finetune.seq_len=32", "finetune.steps=1"), tmp_path, log=said.append)
+    assert ref.counts["examples_cut"] > 0 and ref.counts["examples_train"] > ref.counts["examples_cut"]
+    assert any(f"{ref.counts['examples_cut']} of {ref.counts['examples_train']} training examples are longer than "
+               "finetune.seq_len=32" in line for line in said)
+    assert cut_examples([([1] * 17, [1] * 17), ([1] * 18, [1] * 18)], 16) == 1  # 16 inputs and the 17th as target
 
 
 def test_sequence_longer_than_the_model_is_a_clear_error(tokens):
