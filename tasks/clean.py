@@ -429,12 +429,15 @@ def _judged(judge: _Judge, paths: list[Path], workers: int) -> Iterator[tuple[in
 
 
 class _Ledger:
-    """The cross-document state: exact and near-duplicate indexes, counters, quarantine."""
+    """The cross-document state: exact and near-duplicate indexes, counters, quarantine, and
+    the hash of what is kept (downstream stages key on it, so a change that keeps the same
+    documents, such as other evaluation texts that decontaminate nothing, rebuilds nothing)."""
 
     def __init__(self, config: CleanConfig):
         self.config = config
         self.near = NearDuplicates(config.near_dup_threshold, config.num_perm)
-        self.seen: set[bytes] = set()
+        self.seen: dict[bytes, str] = {}
+        self.content = hashlib.sha256()
         self.counts: Counter = Counter()
         self.reasons: Counter = Counter()
         self.pii: Counter = Counter()
@@ -444,8 +447,8 @@ class _Ledger:
         if verdict.drop:
             return verdict.drop
         if verdict.digest in self.seen:
-            return "exact_duplicate", "same normalised text as an earlier document"
-        self.seen.add(verdict.digest)
+            return "exact_duplicate", f"same normalised text as document {self.seen[verdict.digest]}"
+        self.seen[verdict.digest] = doc_id
         match = self.near.check(doc_id, verdict.signature)
         if match:
             return "near_duplicate", f"jaccard {match[1]:.2f} with {match[0]}"
@@ -463,9 +466,11 @@ class _Ledger:
                 self._quarantine(doc_id, source, verdict.text, *reason)
                 continue
             keep.append(row)
+            text = verdict.text.encode()
+            self.content.update(f"{doc_id}\0{verdict.split}\0{len(text)}\0".encode() + text)
             self.pii.update(verdict.pii)
             self.counts[verdict.split] += 1
-            self.counts[f"{verdict.split}_bytes"] += len(verdict.text.encode())
+            self.counts[f"{verdict.split}_bytes"] += len(text)
         table = pa.Table.from_batches([batch]).take(pa.array(keep, pa.int64()))
         column = table.schema.get_field_index("text")
         field = table.schema.field(column)
@@ -490,6 +495,7 @@ class _Ledger:
                 f"clean removed all {counts['docs_in']} documents ({removed}); loosen those filters in the clean config"
             )
         return {
+            "content_hash": self.content.hexdigest(),
             "counts": {
                 "docs_in": counts["docs_in"],
                 "docs_out": docs_out,

@@ -301,6 +301,7 @@ def test_stage_outputs_manifest_and_quarantine(ws, tmp_path, corpus):
     assert by_id.loc["near-copy", "reason"] == "near_duplicate"
     assert dup_id in by_id.loc["near-copy", "detail"]
     assert by_id.loc["junk", "reason"] == "duplicate_lines"
+    assert by_id.loc["exact-copy", "detail"] == f"same normalised text as document {dup_id}"
     reasons = drop_reasons(ref)
     assert dict(zip(reasons["reason"], reasons["documents"])) == manifest["drop_reasons"]
 
@@ -367,7 +368,11 @@ def test_rerun_is_cached_and_config_changes_fingerprint(ws, tmp_path, corpus):
     assert again.cached and not first.cached
     assert (again.fingerprint, again.path, again.manifest()) == (first.fingerprint, first.path, manifest)
     assert clean(upstream, CleanConfig(min_words=9), ws).fingerprint != first.fingerprint
-    assert clean(upstream, CleanConfig(), ws, eval_texts=["held out"]).fingerprint != first.fingerprint
+    other_eval = clean(upstream, CleanConfig(), ws, eval_texts=["held out"])
+    assert other_eval.fingerprint != first.fingerprint
+    # it drops nothing, so what follows keys on the same content; a text that decontaminates does not
+    assert other_eval.key == first.key == first.content_hash
+    assert clean(upstream, CleanConfig(), ws, eval_texts=[corpus[0][1]]).key != first.key
 
 
 def test_parallel_workers_give_the_same_output(ws, tmp_path, corpus, monkeypatch):
@@ -376,6 +381,6 @@ def test_parallel_workers_give_the_same_output(ws, tmp_path, corpus, monkeypatch
     monkeypatch.setattr(clean_module, "PARALLEL_MIN_BYTES", 0)
     parallel = clean(upstream, CleanConfig(workers=2), ws / "parallel")
     assert parallel.manifest()["workers"] == 2 and serial.manifest()["workers"] == 1
-    assert parallel.fingerprint == serial.fingerprint
+    assert parallel.fingerprint == serial.fingerprint and parallel.key == serial.key
     assert output(parallel).equals(output(serial))
     assert parallel.manifest()["drop_reasons"] == serial.manifest()["drop_reasons"]

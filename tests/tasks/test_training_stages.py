@@ -29,6 +29,17 @@ def tokens(tmp_path_factory):
     return root, tokenize(cleaned, config.tokenize, root)
 
 
+def test_other_held_out_examples_that_decontaminate_nothing_reuse_the_tokens(tokens):
+    """Clean runs again with other evaluation texts, but keeps the same documents: tokenize,
+    and so pretraining, key on that content and are reused."""
+    root, toks = tokens
+    config = load_config("tiny", None, ["instructions.seed=7"])
+    cleaned = clean(collect(config.collect, root), config.clean, root, eval_texts(config.instructions))
+    assert not cleaned.cached
+    again = tokenize(cleaned, config.tokenize, root)
+    assert again.cached and again.fingerprint == toks.fingerprint
+
+
 def quick(*overrides):
     return load_config("tiny", None, ["pretrain.steps=6", "pretrain.checkpoint_every=3", "finetune.steps=4",
                                       *overrides])
