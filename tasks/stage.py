@@ -5,7 +5,9 @@ The fingerprint hashes the upstream fingerprints, the stage's own config and the
 stage's code version, so an unchanged stage is found on disk and skipped. Outputs
 are built in a temporary sibling directory, fsynced and renamed into place, so a
 crash never leaves a directory that looks complete; a per-fingerprint lock makes
-two runs racing on the same output wait for each other instead of colliding.
+two runs racing on the same output wait for each other instead of colliding. The
+manifest records each file's size: an output damaged since (a truncated or deleted file,
+an unreadable manifest) is not reused but built again.
 """
 
 from __future__ import annotations
@@ -173,10 +175,33 @@ def file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def file_sizes(out: Path) -> dict[str, int]:
+    """Every file of an output but its manifest, by path relative to it, with its size."""
+    return {path.relative_to(out).as_posix(): path.stat().st_size
+            for path in sorted(out.rglob("*")) if path.is_file() and path != out / MANIFEST}
+
+
+def damage(out: Path) -> str | None:
+    """Why a finished output cannot be trusted, or None: its manifest cannot be read, or a file
+    it lists is missing or of another size. (Content is not hashed: a size check costs a stat
+    a file, where hashing would read every token shard and model again at each run.)"""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST} cannot be read ({exc})"
+    for name, size in manifest.get("files", {}).items():
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not the {size} it was written with"
+    return None
+
+
 def find(stage: str, fp: str, root: Path) -> Ref | None:
-    """The finished output of `stage` with fingerprint `fp`, or None."""
+    """The finished, undamaged output of `stage` with fingerprint `fp`, or None."""
     out = root / stage / fp
-    if not (out / MANIFEST).is_file():
+    if not (out / MANIFEST).is_file() or damage(out):
         return None
     manifest = json.loads((out / MANIFEST).read_text())
     return Ref(stage=stage, path=str(out), fingerprint=fp, counts=manifest.get("counts", {}),
@@ -206,6 +231,9 @@ def run_stage(
             return done.model_copy(update={"cached": True})
         for leftover in (root / stage).glob(f".{fp}.tmp-*"):  # from a killed run: we hold the lock now
             shutil.rmtree(leftover, ignore_errors=True)
+        damaged = damage(root / stage / fp) if (root / stage / fp).exists() else None
+        if damaged:  # a cache entry gone bad: built again, and the new manifest says why
+            shutil.rmtree(root / stage / fp)
         tmp = root / stage / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -219,7 +247,9 @@ def run_stage(
                 "started": started,
                 "seconds": round(time.time() - started, 3),
                 "tools": tool_versions(),
+                **({"rebuilt_because": f"the earlier output was damaged: {damaged}"} if damaged else {}),
                 **extra,
+                "files": file_sizes(tmp),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
             _fsync_tree(tmp)
