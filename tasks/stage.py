@@ -189,7 +189,7 @@ def damage(out: Path) -> str | None:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         return f"its {MANIFEST} cannot be read ({exc})"
-    for name, size in manifest.get("files", {}).items():
+    for name, size in manifest.get("file_sizes", {}).items():
         path = out / name
         if not path.is_file():
             return f"{name} is missing"
@@ -249,7 +249,7 @@ def run_stage(
                 "tools": tool_versions(),
                 **({"rebuilt_because": f"the earlier output was damaged: {damaged}"} if damaged else {}),
                 **extra,
-                "files": file_sizes(tmp),
+                "file_sizes": file_sizes(tmp),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
             _fsync_tree(tmp)

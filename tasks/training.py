@@ -57,6 +57,7 @@ def train_into(
         log(f"resuming from step {trainer.step} of {trainer.config.steps}")
     trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history = trainer.checkpoint_dir / HISTORY
+    _cut_torn_line(history)
     report = trainer.callback
 
     def record(step: int, metrics: dict[str, float]) -> None:
@@ -119,13 +120,27 @@ def diverged_as_stage_error(stage: str) -> Iterator[None]:
         raise StageError(f"{stage}: {exc}") from None
 
 
+def _cut_torn_line(history: Path) -> None:
+    """Drop a last record that a killed run left half-written (power cut, full disk), so the
+    resumed run's records start on a line of their own."""
+    if not history.exists():
+        return
+    data = history.read_bytes()
+    if data and not data.endswith(b"\n"):
+        history.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def read_history(ref_dir: Path) -> list[dict[str, float]]:
-    """The per-step metrics of a finished training stage (the last record wins per step)."""
+    """The per-step metrics of a finished training stage (the last record wins per step; a line
+    that is not a whole record, as a killed run could leave, is skipped)."""
     path = Path(ref_dir) / HISTORY
     if not path.exists():
         return []
     by_step: dict[int, dict[str, float]] = {}
     for line in path.read_text().splitlines():
-        record = json.loads(line)
-        by_step[int(record["step"])] = record
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
     return [by_step[step] for step in sorted(by_step)]

@@ -21,7 +21,7 @@ def test_a_whole_output_is_reused_and_its_files_recorded(tmp_path):
     first = run_stage("demo", "fp1", build_counting(builds), root=tmp_path)
     again = run_stage("demo", "fp1", build_counting(builds), root=tmp_path)
     assert len(builds) == 1 and not first.cached and again.cached and again.counts == {"rows": 3}
-    assert first.manifest()["files"] == {"data.bin": 100, "part/table.parquet": 10}
+    assert first.manifest()["file_sizes"] == {"data.bin": 100, "part/table.parquet": 10}
 
 
 def test_a_damaged_output_is_built_again_and_says_why(tmp_path):
@@ -44,6 +44,6 @@ def test_a_damaged_output_is_built_again_and_says_why(tmp_path):
 def test_an_output_from_before_file_sizes_were_recorded_is_trusted(tmp_path):
     ref = run_stage("demo", "fp1", build_counting([]), root=tmp_path)
     manifest = json.loads((ref.dir / MANIFEST).read_text())
-    del manifest["files"]
+    del manifest["file_sizes"]
     (ref.dir / MANIFEST).write_text(json.dumps(manifest))
     assert run_stage("demo", "fp1", build_counting([]), root=tmp_path).cached

@@ -85,7 +85,7 @@ def test_bad_user_rows_are_quarantined_however_many_devices_train(tokens, tmp_pa
     config.instructions.user_data = [UserDataSource(path=str(tmp_path / "mine.jsonl"))]
     base = pretrain(toks, quick(), root, log=lambda m: None)
     launched = []
-    monkeypatch.setattr(distributed, "launch", lambda *args: launched.append(args) or {"counts": {}})
+    monkeypatch.setattr(distributed, "launch", lambda *args: launched.append(args) or {"counts": {"steps": 0}})
     ref = finetune(base, config, tmp_path / "ws", log=lambda m: None)
     assert launched and ref.counts["quarantined_rows"] == 1
     assert pd.read_parquet(ref.dir / "quarantine.parquet")["reason"].tolist() == ["missing 'output'"]
@@ -138,6 +138,19 @@ def test_training_without_validation_data_says_so(tokens, tmp_path):
     (tmp_path / "out").mkdir()
     train_into(tmp_path / "out", trainer, toks.dir, log=said.append)
     assert said[0].startswith("no validation data: this run reports no validation loss")
+
+
+def test_a_half_written_history_record_is_dropped_on_resume_and_skipped_when_read(tokens, tmp_path):
+    root, toks = tokens
+    trainer = build_trainer(toks, quick("pretrain.steps=2"), tmp_path / "ckpt")
+    trainer.checkpoint_dir.mkdir(parents=True)
+    (trainer.checkpoint_dir / "history.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed
+    (tmp_path / "out").mkdir()
+    train_into(tmp_path / "out", trainer, toks.dir, log=lambda m: None)
+    lines = (tmp_path / "out" / "history.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and [r["step"] for r in read_history(tmp_path / "out")] == [1, 2]
+    (tmp_path / "out" / "history.jsonl").write_text('{"step": 1, "lo{"step": 1, "loss": 8.0}\n{"step": 2}\n')
+    assert read_history(tmp_path / "out") == [{"step": 2}]  # a finished output written before the fix
 
 
 def test_two_devices_train_under_torchrun(tokens):
