@@ -27,7 +27,7 @@ from model.trainer import Trainer
 from tasks.chat import render
 from tasks.config import PipelineConfig
 from tasks.instructions import Example, build_examples, user_data_state
-from tasks.pretrain import MODEL_CODE
+from tasks.pretrain import TRAINING_CODE
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.training import train_stage, work_dir
 from tasks.training_config import TrainingConfig
@@ -41,10 +41,10 @@ def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
     settings = {
         "instructions": config.instructions.model_dump(mode="json"),
         "user_data": user_data_state(config.instructions),
-        "train": config.finetune.model_dump(exclude={"devices", "threads"}),
+        "train": config.finetune.identity(),
     }
     # the examples are generated and rendered by instructions' and chat's code
-    code = code_version(sys.modules[__name__], tasks.instructions, tasks.files, tasks.chat, *MODEL_CODE)
+    code = code_version(sys.modules[__name__], tasks.instructions, tasks.files, tasks.chat, *TRAINING_CODE)
     return fingerprint("finetune", settings, [pretrained.fingerprint], code)
 
 

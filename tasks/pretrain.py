@@ -25,6 +25,8 @@ import model.rope
 import model.schedule
 import model.trainer
 import model.transformer
+import tasks.training
+import tasks.training_config
 from model.checkpoint import load_model
 from model.data import TokenWindows, eval_batches
 from model.trainer import Trainer
@@ -34,16 +36,17 @@ from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, w
 from tasks.tokenize import TokenData
 from tasks.training import train_stage, work_dir
 
-# every model module whose code decides what training computes: editing one retrains
-MODEL_CODE = (model.attention, model.config, model.data, model.linear, model.moe, model.muon, model.norm,
-              model.optim, model.rope, model.schedule, model.trainer, model.transformer)
+# every module whose code decides what training computes: editing one retrains
+TRAINING_CODE = (model.attention, model.config, model.data, model.linear, model.moe, model.muon, model.norm,
+              model.optim, model.rope, model.schedule, model.trainer, model.transformer,
+              tasks.training, tasks.training_config)
 
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
     # length_window regroups fine-tuning examples; pretraining windows are all one length
-    train = config.pretrain.model_dump(exclude={"devices", "threads", "length_window"})
+    train = config.pretrain.identity("length_window")
     settings = {"model": config.model, "train": train}
-    return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *MODEL_CODE))
+    return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *TRAINING_CODE))
 
 
 def tokenizer_dir(tokens: Ref) -> Path:

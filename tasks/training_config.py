@@ -4,7 +4,7 @@ hand the settings to the engine import it when called."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,17 @@ class TrainingConfig(BaseModel):
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device, "training.device", "'auto' or 'cpu'")
+
+    def identity(self, *ignored: str) -> dict[str, Any]:
+        """The settings that decide what a run computes, for its fingerprint. Left out: how it
+        runs (threads, how often it checkpoints and how many it keeps) and the process count, whose
+        ranks share each step's batch: it counts through the sequences of one optimizer step
+        (`global_batch`, which grows with it when batch_tokens is less than one pass of every
+        rank). The device counts as it resolves (`auto` on a machine without a GPU is `cpu`)."""
+        values = self.model_dump(exclude={"devices", "threads", "checkpoint_every", "keep_last", *ignored})
+        values["device"] = self.torch_device().type
+        values["global_batch"] = self.micro_batch * self.grad_accum(self.devices) * self.devices
+        return values
 
     def apply_threads(self) -> None:
         if self.threads:

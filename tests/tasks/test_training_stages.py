@@ -15,7 +15,7 @@ from tasks.collect import collect
 from tasks.config import load_config
 from tasks.finetune import build_trainer as finetune_trainer, cut_examples, finetune
 from tasks.instructions import UserDataSource, build_examples, eval_texts
-from tasks.pretrain import build_trainer, pretrain
+from tasks.pretrain import build_trainer, pretrain, pretrain_fingerprint
 from tasks.stage import StageError
 from tasks.tokenize import tokenize
 from tasks.training import read_history, train_into
@@ -204,7 +204,7 @@ def test_every_model_module_training_runs_is_in_the_training_fingerprint():
     import subprocess
     import sys
 
-    from tasks.pretrain import MODEL_CODE
+    from tasks.pretrain import TRAINING_CODE
 
     # the model modules a training step loads, in a fresh interpreter
     listing = "import sys, model.trainer; print(' '.join(n for n in sys.modules if n.startswith('model.')))"
@@ -213,4 +213,17 @@ def test_every_model_module_training_runs_is_in_the_training_fingerprint():
     # modules that cannot change what training computes: checkpoint files, peak FLOP/s for the mfu metric
     outside = {"model.checkpoint", "model.perf"}
     assert "model.transformer" in loaded
-    assert loaded - outside <= {module.__name__ for module in MODEL_CODE}
+    # and the stages' own training settings and loop (grad_accum, the warm-up clamp, resuming)
+    assert loaded - outside | {"tasks.training", "tasks.training_config"} <= {m.__name__ for m in TRAINING_CODE}
+
+
+def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
+    """Checkpoint cadence, threads and a device choice that resolves the same build the same
+    model: the output is reused. The process count counts, at least where it changes the batch."""
+    _, toks = tokens
+    base = pretrain_fingerprint(toks, quick())
+    for same in (["pretrain.checkpoint_every=2", "pretrain.keep_last=5"], ["pretrain.threads=1"],
+                 ["pretrain.device=cpu"] if not torch.cuda.is_available() else []):
+        assert pretrain_fingerprint(toks, quick(*same)) == base, same
+    for other in (["pretrain.eval_every=5"], ["pretrain.devices=2"]):  # 2 x 4 x 64 tokens: twice the batch
+        assert pretrain_fingerprint(toks, quick(*other)) != base, other
