@@ -121,6 +121,9 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
     (root / "prefect").mkdir(parents=True, exist_ok=True)
     prefect_database.seed(root / "prefect" / "prefect.db")
+    from tasks.tracking import relocate_store  # (MLflow's import is slow: only here)
+
+    relocate_store(f"sqlite:///{root / 'mlflow.db'}")  # the server reads the store's locations as they are
     prefect = subprocess.Popen([_executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
                                env=env, start_new_session=True)
     mlflow = subprocess.Popen(

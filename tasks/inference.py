@@ -45,7 +45,7 @@ from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
 from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import byte_of_char
-from tasks.tracking import tracking_uri
+from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri
 
 DEFAULT_REF = "models:/tinyseek@champion"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)
@@ -128,7 +128,18 @@ class _Registry:
         raise StageError(f"{ref} holds no model directory (looked in {', '.join(loc for loc, _ in candidates)})")
 
     def _candidates(self, ref: str) -> list[tuple[str, int]]:
-        """Artifact locations that may hold the model, each with how deep to look below it."""
+        """Artifact locations that may hold the model, each with how deep to look below it; in
+        a workspace moved since (and only read here, so its store still names the old place),
+        where they are now."""
+        candidates = self._recorded_candidates(ref)
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            return candidates
+        recorded = experiment.artifact_location
+        now = moved_root(recorded, self.uri)
+        return [(moved(location, recorded, now), depth) for location, depth in candidates]
+
+    def _recorded_candidates(self, ref: str) -> list[tuple[str, int]]:
         if match := REGISTERED.match(ref):
             version = self._version(match["name"], match["alias"], match["version"])
             return [(self.client.get_model_version_download_uri(match["name"], version), 0)]

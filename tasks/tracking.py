@@ -14,12 +14,13 @@ import functools
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from tasks.stage import REPO_ROOT, file_lock
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+EXPERIMENT = "tinyseek"
 DATASET_SAMPLE_ROWS = 1000
 
 # Environment defaults MLflow 3.17 reads: usage telemetry (checked at `import mlflow` and
@@ -92,6 +94,55 @@ def artifact_location(uri: str) -> str | None:
         return None
     database = make_url(uri).database
     return (Path(database).resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
+# the columns of MLflow's SQL store that hold artifact locations
+ARTIFACT_COLUMNS = {"experiments": ["artifact_location"], "runs": ["artifact_uri"],
+                    "logged_models": ["artifact_location"], "model_versions": ["source", "storage_location"]}
+
+
+def moved_root(recorded: str, uri: str) -> str | None:
+    """Where the artifacts of a SQLite store are now, when the experiment recorded them under
+    `recorded` in a workspace since moved or copied (SQLite keeps absolute locations); None
+    when nothing moved, or the location is not the one beside the database this tool chose."""
+    current = artifact_location(uri)
+    if current and recorded != current and recorded.endswith(f"/{ARTIFACTS_DIR}"):
+        return current
+    return None
+
+
+def moved(location: str, recorded: str, current: str | None) -> str:
+    """`location`, recorded under `recorded`, as it is under `current` (unchanged without one)."""
+    if current and (location == recorded or location.startswith(recorded + "/")):
+        return current + location[len(recorded):]
+    return location
+
+
+def relocate_store(uri: str) -> int:
+    """In a SQLite store of a workspace moved or copied since it was made, rewrite the artifact
+    locations to where they are now: otherwise its models are looked for where it was, and its
+    new runs write their artifacts into the old place. Returns the rows changed."""
+    database = Path(make_url(uri).database)
+    if not database.is_file():
+        return 0
+    with closing(sqlite3.connect(database)) as db, db:
+        row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+        current = moved_root(row[0], uri) if row else None
+        return _rewrite(db, row[0], current) if current else 0
+
+
+def _rewrite(db: sqlite3.Connection, recorded: str, current: str) -> int:
+    changed = 0
+    for table, columns in ARTIFACT_COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column in present:
+                changed += db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, length(?) + 1) "
+                    f"WHERE {column} = ? OR substr({column}, 1, length(?) + 1) = ? || '/'",
+                    (current, recorded, recorded, recorded, recorded),
+                ).rowcount
+    return changed
 
 
 @functools.cache
@@ -232,7 +283,7 @@ class _Uninterrupted:
 class Tracker:
     """The pipeline's view of one MLflow experiment, every call naming its run explicitly."""
 
-    def __init__(self, root: Path, experiment: str = "tinyseek") -> None:
+    def __init__(self, root: Path, experiment: str = EXPERIMENT) -> None:
         quiet_mlflow()
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
@@ -241,6 +292,8 @@ class Tracker:
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             self.client = _Uninterrupted(client) if self.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)
+            if self.uri.startswith("sqlite:"):
+                relocate_store(self.uri)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -37,6 +37,7 @@ from tasks.inference import (
     trim_history,
 )
 from tasks.stage import StageError
+from tasks.tracking import Tracker
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -81,8 +82,11 @@ class Echo(mlflow.pyfunc.PythonModel):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, model_dir):
+    return registered(tmp_path_factory.mktemp("ws"), model_dir)
+
+
+def registered(root: Path, model_dir: Path) -> tuple[Path, str]:
     """A workspace whose SQLite store holds the model as registered version 1 of `tinyseek`, alias champion."""
-    root = tmp_path_factory.mktemp("ws")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -158,6 +162,26 @@ def test_resolves_registered_versions_and_runs_into_one_cache_entry(registry, mo
     for ref in (run_id, f"runs:/{run_id}/tinyseek"):
         same_files(resolve_model(ref, root), model_dir)
     assert [p.name for p in (root / "models-cache").iterdir()] == [champion.name]
+
+
+def test_a_moved_workspace_finds_its_models_and_keeps_its_artifacts_there(tmp_path, model_dir, monkeypatch):
+    """SQLite keeps absolute artifact locations: reading maps them to where the workspace is
+    now, and opening it for writing rewrites them, so new runs do not write into the old place."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registered(tmp_path / "before", model_dir)
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    root = tmp_path / "after"
+    same_files(resolve_model("models:/tinyseek@champion", root), model_dir)  # read only: nothing rewritten
+    tracker = Tracker(root)
+    client = tracker.client
+    now = (root / "mlartifacts").as_uri()
+    assert client.get_experiment(tracker.experiment_id).artifact_location == now
+    assert client.get_model_version_download_uri("tinyseek", "1").startswith(now + "/")
+    [logged] = client.search_logged_models(experiment_ids=[tracker.experiment_id])
+    assert logged.artifact_location.startswith(now + "/")
+    run = tracker.start_run("later")
+    assert client.get_run(run).info.artifact_uri.startswith(now + "/")
+    assert not (tmp_path / "before").exists()
 
 
 def test_a_pipeline_run_id_names_the_model_its_child_run_logged(registry, model_dir, monkeypatch):
