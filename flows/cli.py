@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+DEFAULT_PRESET = "tiny"  # without --preset or a preset: in the --config file
+
 QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -104,7 +106,8 @@ def check_servers(variables: tuple[str, ...] = ("PREFECT_API_URL", "MLFLOW_TRACK
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="preset from configs/ (tiny, demo, gpu-small); default: tiny")
+    parser.add_argument("--preset", help="preset from configs/ (tiny, demo, gpu-small); default: the --config "
+                        "file's preset:, else tiny")
     parser.add_argument("--config", help="YAML file with sections to override (collect:, model:, pretrain:, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one value, e.g. --set pretrain.steps=100 (repeatable)")
@@ -144,7 +147,8 @@ def run_flow(name: str) -> Callable[[argparse.Namespace], None]:
     def command(args: argparse.Namespace) -> None:
         from tasks.config import load_config
 
-        config = load_config(args.preset, args.config, args.overrides)  # first: a mistake leaves no trace
+        # first: a mistake leaves no trace
+        config = load_config(args.preset, args.config, args.overrides, fallback=DEFAULT_PRESET)
         prepare_environment(args.workspace)
         check_servers()
         if not os.environ.get("PREFECT_API_URL"):
@@ -269,7 +273,7 @@ def export_hf_command(args: argparse.Namespace) -> None:
 def serve_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
-    config = load_config(args.preset, args.config, args.overrides)
+    config = load_config(args.preset, args.config, args.overrides, fallback=DEFAULT_PRESET)
     root = prepare_environment(args.workspace)
     check_servers()
     from flows.deploy import check_cron, serve
@@ -281,12 +285,13 @@ def serve_command(args: argparse.Namespace) -> None:
 def up_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
-    load_config(args.preset, args.config, args.overrides)  # fail here, before starting servers
+    load_config(args.preset, args.config, args.overrides, fallback=DEFAULT_PRESET)  # fails before any server starts
     root = prepare_environment(args.workspace)
     from flows.deploy import check_cron, up
 
     check_cron(args.cron)
-    serve_args = ["--preset", args.preset, "--workspace", str(root), "--cron", args.cron]
+    serve_args = ["--preset", args.preset] if args.preset else []
+    serve_args += ["--workspace", str(root), "--cron", args.cron]
     serve_args += ["--config", args.config] if args.config else []
     for assignment in args.overrides:
         serve_args += ["--set", assignment]

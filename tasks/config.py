@@ -230,16 +230,24 @@ def load_config(
     preset: str | None = "tiny",
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    fallback: str | None = None,
 ) -> PipelineConfig:
-    """Defaults <- preset <- YAML file <- --set overrides, validated."""
+    """Defaults <- preset <- YAML file <- --set overrides, validated. The preset is `preset`, else
+    the file's `preset:`, else `fallback`; a `preset` and a file's that differ are an error,
+    since either way one of them would be silently ignored."""
+    written = _read_yaml(Path(config_file)) if config_file else {}
+    named = written.get("preset")
+    if preset and named is not None and named != preset:
+        raise StageError(f"--preset {preset} but {config_file} says preset: {named}; keep one of them")
+    preset = preset or (None if named is not None else fallback)
     values: dict[str, Any] = {}
     if preset:
         available = presets()
         if preset not in available:
             raise StageError(f"unknown preset {preset!r}; {_suggest(preset, available)}")
         values["preset"] = preset
-    if config_file:
-        values = merge(values, _read_yaml(Path(config_file)))
+    values = merge(values, written)
     defaults = PipelineConfig()
     for assignment in overrides:
         values = apply_set(values, assignment, defaults)
@@ -250,10 +258,55 @@ def load_config(
 
 
 def config_error(exc: ValidationError) -> str:
-    """The first problem of a config, on one line: where, what, and how many problems in all."""
-    first = exc.errors()[0]
+    """The first problem of a config, on one line: where, what, and how many problems in all.
+    A misspelt name comes first, as the likely cause of the others (`path:` for `paths:` is an
+    unknown name and a missing one), with the closest valid names."""
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    first = errors[0]
     where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # a bad mapping key: name the key
     what = first["msg"].removeprefix("Value error, ")  # a validator's own message, which may name the field
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(first["loc"][:-1])
+        what = f"unknown name; {_suggest(str(first['loc'][-1]), valid)}" if valid else what
     if what.startswith(f"{where}."):
         where = ""
     return f"config{' ' + where if where else ''}: {what} ({exc.error_count()} problem(s) in all)"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at `loc` (list items and a tagged union's tag
+    followed through the types), or [] where that cannot be told."""
+    node: Any = PipelineConfig
+    for part in loc:
+        node = _inner(node, part)
+        if node is None:
+            return []
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _inner(node: Any, part: Any) -> Any:
+    if isinstance(part, int):  # a list item: the list's model was found already
+        return node
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(str(part))
+        return _model_in(field.annotation) if field else None
+    members = [m for m in _members(node) if getattr(m.model_fields.get("kind"), "default", None) == part]
+    return members[0] if members else None  # a tagged union, e.g. a collect source by its kind
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model a field holds, directly, in a list, or as a union of models (kept as is)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list and args:
+        return _model_in(args[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _model_in(args[0])
+    return annotation if _members(annotation) else (_model_in(args[0]) if len(args) == 1 else None)
+
+
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]

@@ -87,3 +87,27 @@ def test_a_preset_changed_in_a_prefilled_form_takes_that_presets_values():
     unchanged = PipelineConfig.model_validate(prefilled)
     assert switched_preset(unchanged, prefilled) is unchanged
     assert switched_preset(unchanged, None) is unchanged  # a run outside a deployment
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [("clean: {min_char: 5}\n", "config clean.min_char: unknown name; did you mean min_chars"),
+     ("collect:\n  sources:\n    - {kind: files, path: corpus}\n",
+      "config collect.sources.0.files.path: unknown name; did you mean paths?"),  # before 'paths' missing
+     ("instructions:\n  user_data:\n    - {path: x.jsonl, test_fractio: 0.1}\n",
+      "config instructions.user_data.0.test_fractio: unknown name; did you mean test_fraction?")],
+)
+def test_a_misspelt_name_in_a_config_file_gets_the_closest_names(tmp_path, text, says):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(StageError) as error:
+        load_config("tiny", tmp_path / "run.yaml")
+    assert str(error.value).startswith(says)
+
+
+def test_the_preset_comes_from_the_option_or_the_file_and_they_must_agree(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: demo\npretrain: {steps: 7}\n")
+    assert load_config(None, tmp_path / "run.yaml", fallback="tiny").preset == "demo"
+    assert load_config("demo", tmp_path / "run.yaml").pretrain.steps == 7
+    assert load_config(None, None, fallback="tiny").preset == "tiny"
+    with pytest.raises(StageError, match=r"--preset tiny but .*run.yaml says preset: demo; keep one of them"):
+        load_config("tiny", tmp_path / "run.yaml")
