@@ -254,7 +254,19 @@ def load_config(
     try:
         return PipelineConfig.model_validate(values)
     except ValidationError as exc:
-        raise StageError(config_error(exc)) from None
+        raise StageError(config_error(exc) + _yaml_hint(exc, overrides)) from None
+
+
+def _yaml_hint(exc: ValidationError, overrides: list[str] | tuple[str, ...]) -> str:
+    """How to pass text that YAML reads as something else ('a: b' is a mapping, 'yes' true),
+    when such a --set value is what a text field refused."""
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    for assignment in overrides:
+        key, _, raw = assignment.partition("=")
+        if key.strip() == path and first["type"] == "string_type" and not isinstance(yaml.safe_load(raw), str):
+            return f"; --set reads values as YAML: quote text, e.g. --set '{key.strip()}=\"{raw}\"'"
+    return ""
 
 
 def config_error(exc: ValidationError) -> str:

@@ -111,3 +111,11 @@ def test_the_preset_comes_from_the_option_or_the_file_and_they_must_agree(tmp_pa
     assert load_config(None, None, fallback="tiny").preset == "tiny"
     with pytest.raises(StageError, match=r"--preset tiny but .*run.yaml says preset: demo; keep one of them"):
         load_config("tiny", tmp_path / "run.yaml")
+
+
+def test_text_that_yaml_reads_as_something_else_gets_the_quoting_hint():
+    with pytest.raises(StageError, match=r"--set reads values as YAML: quote text, e.g. "
+                                         r"--set 'instructions.system_prompt=\"You are: helpful\"'"):
+        load_config("tiny", overrides=["instructions.system_prompt=You are: helpful"])
+    quoted = load_config("tiny", overrides=['instructions.system_prompt="You are: helpful"'])
+    assert quoted.instructions.system_prompt == "You are: helpful"
