@@ -32,7 +32,7 @@ from functools import partial
 from itertools import permutations
 from pathlib import Path
 from string import ascii_lowercase
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, BinaryIO, Literal, get_args
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -528,6 +528,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 raise StageError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
             yield from enumerate(rows, start=1)
             return
+        _refuse_one_object(path, handle)
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -537,6 +538,21 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, BadRow("invalid UTF-8")
             except json.JSONDecodeError:
                 yield number, BadRow("invalid JSON")
+
+
+def _refuse_one_object(path: Path, handle: BinaryIO) -> None:
+    """A file opening with a lone `{` line is one pretty-printed JSON object (rows wrapped in
+    `{"data": [...]}`, say), not JSON Lines: say so, instead of calling each line invalid."""
+    if handle.readline().strip(b"\xef\xbb\xbf \t\r\n") == b"{":
+        handle.seek(0)
+        try:
+            whole = json.loads(handle.read().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, dict):
+            raise StageError(f"{path}: one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), not rows: give "
+                             "a JSON array of rows, or JSON Lines (one row per line)")
+    handle.seek(0)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

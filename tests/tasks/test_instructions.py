@@ -562,3 +562,12 @@ def test_render_rejects_unknown_roles_and_missing_special_tokens(tokenizer):
     bare = Tokenizer(models.BPE())
     with pytest.raises(ValueError, match="no special token"):
         render(CONVERSATIONS[0], bare)
+
+
+def test_one_pretty_printed_json_object_is_named_as_such(tmp_path):
+    rows = [{"instruction": "Name a color.", "output": "Blue"}]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}, indent=2))
+    with pytest.raises(StageError, match=r"wrapped.json: one JSON object \(keys: data\), not rows: give a JSON array"):
+        load_user_data(UserDataSource(path=str(tmp_path / "wrapped.json")))
+    (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one row on one line is JSON Lines
+    assert len(load_user_data(UserDataSource(path=str(tmp_path / "one.jsonl")))[0]) == 1
