@@ -283,7 +283,8 @@ def _expand(entry: str) -> list[Path]:
     if path.is_dir():
         return walk(path)
     if not path.is_file():
-        raise StageError(f"input path does not exist: {entry}")
+        where = "" if path.is_absolute() else f" (relative to the current directory: {path.resolve()})"
+        raise StageError(f"input path does not exist: {entry}{where}")
     if _format(path) is None:
         raise StageError(f"unsupported file type: {entry}; supported: {SUPPORTED}")
     return [path]
@@ -342,7 +343,8 @@ def _json_lines(stream: io.BufferedIOBase, label: str, max_doc_chars: int) -> It
     for number, line in _lines(stream, 4 * max_doc_chars):
         origin = f"{label}:{number}"
         if line is None:
-            yield _Bad(origin, "too-long", f"line {number} is over {4 * max_doc_chars} bytes")
+            yield _Bad(origin, "too-long", f"line {number} is over {4 * max_doc_chars} bytes (4 x max_doc_chars, "
+                       "the most its characters can take in UTF-8)")
         elif b"\0" in line:
             yield _Bad(origin, "binary", f"line {number} contains NUL bytes")
         elif line.strip():
@@ -720,7 +722,9 @@ class _Corpus:
         """Close both tables; the manifest fields describing them."""
         docs = sum(tally["docs"] for tally in self.sources.values())
         if not docs:
-            raise StageError(f"no documents collected; quarantined by reason: {dict(self.reasons) or 'none'}")
+            if not self.reasons:
+                raise StageError("no documents collected: the sources hold no files or records")
+            raise StageError(f"no documents collected; quarantined by reason: {dict(self.reasons)}")
         shards = self.shards.close()
         self.quarantine.close()
         return {

@@ -580,7 +580,8 @@ def _dataset_rows(source: UserDataSource, path: Path) -> Iterator[tuple[int, Any
         raise
     except Exception as exc:  # any loader failure is a user-fixable source problem
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageError(f"cannot load user data {source.path!r}: {reason}") from None
+        local = "" if path.is_dir() else f" (read as a hub dataset name: there is no file or folder {path.resolve()})"
+        raise StageError(f"cannot load user data {source.path!r}: {reason}{local}") from None
     yield from enumerate(data, start=1)
 
 

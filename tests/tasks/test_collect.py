@@ -331,7 +331,7 @@ def test_missing_text_field_names_the_fields_that_exist(ws, tmp_path, fmt):
         run(ws, source)
 
 
-def test_user_errors_are_one_clear_line(ws, tmp_path):
+def test_user_errors_are_one_clear_line(ws, tmp_path, monkeypatch):
     missing = tmp_path / "nowhere" / "corpus.txt"
     with pytest.raises(StageError, match=f"input path does not exist: {missing}"):
         run(ws, FilesSource(paths=[str(missing)]))
@@ -341,6 +341,13 @@ def test_user_errors_are_one_clear_line(ws, tmp_path):
         run(ws, FilesSource(paths=[str(tmp_path / "*.nothing")]))
     with pytest.raises(StageError, match=r"no documents collected; quarantined by reason: \{'empty': 1\}"):
         run(ws, FilesSource(paths=[str(write(tmp_path / "empty.txt", ""))]))
+    (tmp_path / "no-files").mkdir()
+    with pytest.raises(StageError, match=r"no documents collected: the sources hold no files or records$"):
+        run(ws, FilesSource(paths=[str(tmp_path / "no-files")]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match=rf"input path does not exist: corpus \(relative to the current directory: "
+                                         rf"{tmp_path / 'corpus'}\)"):
+        run(ws, FilesSource(paths=["corpus"]))
     assert not list((ws / "collect").glob("*/manifest.json"))
 
 

@@ -450,7 +450,8 @@ def test_a_file_with_no_usable_row_is_a_one_line_error(tmp_path):
 def test_unreadable_sources_are_clear_errors(tmp_path):
     with pytest.raises(StageError, match="no such file"):
         load_user_data(UserDataSource(path=str(tmp_path / "missing.jsonl")))
-    with pytest.raises(StageError, match="cannot load user data 'nobody/no-such-dataset'"):
+    with pytest.raises(StageError, match=r"cannot load user data 'nobody/no-such-dataset': .* \(read as a hub "
+                                         r"dataset name: there is no file or folder .*nobody/no-such-dataset\)"):
         load_user_data(UserDataSource(path="nobody/no-such-dataset"))  # the hub is offline in tests
     (tmp_path / "rows.csv").write_text("a,b\n")
     with pytest.raises(StageError, match="unsupported file type"):
