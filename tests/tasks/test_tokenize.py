@@ -176,12 +176,16 @@ def test_train_max_bytes_samples_the_train_split(ws, cleaned):
     assert full["documents"] == len(train_ids)
 
 
-def test_rerun_is_cached_and_clean_config_reaches_the_fingerprint(ws, collected, cleaned):
+def test_rerun_is_cached_and_clean_config_reaches_the_fingerprint(ws, collected, cleaned, texts):
     first = tokenize(cleaned, SMALL, ws)
     again = tokenize(cleaned, SMALL, ws)
     assert again.cached and (again.fingerprint, again.manifest()) == (first.fingerprint, first.manifest())
-    stricter = clean(collected, CleanConfig(val_fraction=0.2, min_words=20), ws)
-    assert stricter.fingerprint != cleaned.fingerprint
+    # tokenize keys on what clean kept: a stricter filter that drops nothing more changes nothing here
+    same = clean(collected, CleanConfig(val_fraction=0.2, min_words=20), ws)
+    assert same.fingerprint != cleaned.fingerprint and same.counts["docs_out"] == cleaned.counts["docs_out"]
+    assert tokenize(same, SMALL, ws).fingerprint == first.fingerprint
+    stricter = clean(collected, CleanConfig(val_fraction=0.2), ws, eval_texts=[texts[0]])  # drops doc-0
+    assert stricter.counts["docs_out"] < cleaned.counts["docs_out"]
     assert tokenize(stricter, SMALL, ws).fingerprint != first.fingerprint
     assert tokenize(cleaned, TokenizeConfig(vocab_size=401), ws).fingerprint != first.fingerprint
 
