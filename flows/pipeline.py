@@ -103,6 +103,9 @@ class PipelineRun:
     def start(cls, name: str, config: PipelineConfig, workspace_dir: str | None) -> PipelineRun:
         root = workspace(workspace_dir)
         tracker = Tracker(root)
+        orphans = tracker.end_orphaned_runs()
+        if orphans:
+            get_run_logger().info(f"{len(orphans)} MLflow run(s) left RUNNING by a killed process ended as KILLED")
         # the whole config as params, so that runs compare in the MLflow UI by any setting
         parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params=config)
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -68,6 +69,7 @@ TAG_PRESET = "preset"
 TAG_DATA_FINGERPRINT = "data_fingerprint"
 TAG_FLOW_RUN_ID = "prefect.flow_run_id"
 TAG_FLOW_RUN_URL = "prefect.flow_run_url"
+TAG_PROCESS = "tinyseek.process"  # host:pid of the process that runs it, to tell a run left RUNNING by a kill
 
 
 def quiet_mlflow() -> None:
@@ -170,8 +172,19 @@ def run_tags(
         TAG_DATA_FINGERPRINT: data_fingerprint,
         TAG_FLOW_RUN_ID: flow_run_id,
         TAG_FLOW_RUN_URL: flow_run_url,
+        TAG_PROCESS: f"{socket.gethostname()}:{os.getpid()}",
     }
     return {key: value for key, value in tags.items() if value}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -331,6 +344,22 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status)
+
+    def end_orphaned_runs(self) -> list[str]:
+        """End as KILLED the runs left RUNNING by a process of this machine that is gone: one
+        killed outright (SIGKILL, the kernel's out-of-memory killer) cannot end its runs itself.
+        Runs of other machines, or without the tag, are left alone. Returns the runs ended."""
+        host = socket.gethostname()
+        running = self.client.search_runs(
+            [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_PROCESS}` LIKE '{host}:%'",
+            max_results=1000,
+        )
+        orphans = [run.info.run_id for run in running
+                   if run.data.tags[TAG_PROCESS].rpartition(":")[0] == host
+                   and not _alive(int(run.data.tags[TAG_PROCESS].rpartition(":")[2]))]
+        for run_id in orphans:
+            self.end_run(run_id, "KILLED")
+        return orphans
 
     @contextmanager
     def run(

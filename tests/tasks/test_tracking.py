@@ -7,6 +7,9 @@ import copy
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -98,6 +101,7 @@ def test_run_tags_carry_commit_preset_data_and_prefect_run():
         "data_fingerprint": "fp123",
         "prefect.flow_run_id": "abc",
         "prefect.flow_run_url": "http://prefect/runs/abc",
+        "tinyseek.process": f"{socket.gethostname()}:{os.getpid()}",
     }
     assert git_commit() == "unknown" or len(git_commit()) == 40
     assert "prefect.flow_run_id" not in run_tags("tiny", "fp123")
@@ -132,6 +136,20 @@ def test_parent_and_child_runs_with_tags_params_and_metrics(tracker):
     assert [(m.step, m.value) for m in client.get_metric_history(child, "loss")] == [(1, 2.5), (2, 2.0)]
     assert child_run.data.metrics["m1199"] == 1199.0
     assert (child_run.info.status, parent_run.info.status) == ("FINISHED", "FAILED")
+
+
+def test_runs_a_killed_process_left_running_end_as_killed(tmp_path):
+    """A process killed outright cannot end its runs: the next pipeline run ends those of
+    processes of this machine that are gone, and leaves live or other machines' runs alone."""
+    tracker = Tracker(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    runs = {name: tracker.start_run(name, tags={"tinyseek.process": process}) for name, process in
+            [("killed", f"{host}:{gone.stdout.strip()}"), ("live", f"{host}:{os.getpid()}"),
+             ("elsewhere", f"not-{host}:{gone.stdout.strip()}"), ("untagged", None)]}
+    assert tracker.end_orphaned_runs() == [runs["killed"]]
+    status = {name: tracker.client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"killed": "KILLED", "live": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
 
 
 def test_run_context_ends_finished_or_failed(tracker):
