@@ -1,8 +1,9 @@
 """The stage contract: fingerprinted, atomic, cached outputs.
 
 A stage writes into `<workspace>/<stage>/<fingerprint>/` and returns a small `Ref`.
-The fingerprint hashes the upstream fingerprints, the stage's own config and the
-stage's code version, so an unchanged stage is found on disk and skipped. Outputs
+The fingerprint hashes the upstream outputs (`Ref.key`: their content hash where the
+stage records one), the stage's own config and the stage's code version, so an
+unchanged stage is found on disk and skipped. Outputs
 are built in a temporary sibling directory, fsynced and renamed into place, so a
 crash never leaves a directory that looks complete; a per-fingerprint lock makes
 two runs racing on the same output wait for each other instead of colliding. The

@@ -351,12 +351,11 @@ class Tracker:
         Runs of other machines, or without the tag, are left alone. Returns the runs ended."""
         host = socket.gethostname()
         running = self.client.search_runs(
-            [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_PROCESS}` LIKE '{host}:%'",
-            max_results=1000,
+            [self.experiment_id], max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_PROCESS}` LIKE '{host}:%'",
         )
-        orphans = [run.info.run_id for run in running
-                   if run.data.tags[TAG_PROCESS].rpartition(":")[0] == host
-                   and not _alive(int(run.data.tags[TAG_PROCESS].rpartition(":")[2]))]
+        processes = {run.info.run_id: run.data.tags[TAG_PROCESS].rpartition(":") for run in running}
+        orphans = [run_id for run_id, (on, _, pid) in processes.items() if on == host and not _alive(int(pid))]
         for run_id in orphans:
             self.end_run(run_id, "KILLED")
         return orphans
