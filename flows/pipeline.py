@@ -193,7 +193,8 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_stage_tags(run))
     run.child_runs[stage] = child
     for name, upstream in inputs.items():
-        tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.fingerprint)
+        # the digest names the content where the stage hashes it (MLflow keeps 36 characters)
+        tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.key[:16])
     metrics = MetricsCallback(tracker, child, every=10)
     try:
         with system_metrics(tracker, child, interval=system_metrics_interval()):
@@ -283,6 +284,12 @@ def data_steps(run: PipelineRun) -> dict[str, Ref]:
     return run.refs
 
 
+def _stage_log(message: str) -> None:
+    """What a training stage says (resuming, compiling, examples cut): into the flow run's log,
+    which the CLI prints and the Prefect UI keeps."""
+    get_run_logger().info(message)
+
+
 def _with_progress(stage: str, total: int, callback):
     progress = TrainingProgress(stage, total)
 
@@ -299,7 +306,8 @@ def pretrain_steps(run: PipelineRun) -> Ref:
     data = TokenData(tokens)
     model = cfg.model_for(data.vocab_size, data.special_ids).to_dict()  # every field, the defaults too
     return _stage("pretrain", run,
-                  lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb)),
+                  lambda cb: pretrain(tokens, cfg, run.root, _with_progress("pretrain", cfg.pretrain.steps, cb),
+                                      _stage_log),
                   {"model": model, **_params(cfg, "pretrain")}, tokens=tokens)
 
 
@@ -307,7 +315,8 @@ def finetune_steps(run: PipelineRun) -> Ref:
     cfg = run.config
     base = pretrain_steps(run)
     tuned = _stage("finetune", run,
-                   lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb)),
+                   lambda cb: finetune(base, cfg, run.root, _with_progress("finetune", cfg.finetune.steps, cb),
+                                       _stage_log),
                    _params(cfg, "instructions", "finetune"), pretrained=base)
     _log_examples(run, "finetune", tuned, "train", "training")
     return tuned

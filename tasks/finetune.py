@@ -81,7 +81,10 @@ def build_trainer(pretrained: Ref, config: PipelineConfig, checkpoints: Path, ra
         train = SFTBatches(data["train"], cfg.seq_len, cfg.micro_batch, pad, seed=cfg.seed, rank=rank,
                            world_size=world, length_window=cfg.length_window)
     except ValueError as exc:
-        raise StageError(f"fine-tuning data: {exc}; add examples (instructions.train_per_family, your user data) "
+        unlearnable = sum(not any(mask[1 : cfg.seq_len + 1]) for _, mask in data["train"])
+        cut = (f"{unlearnable} of {len(data['train'])} are cut before their answer by finetune.seq_len={cfg.seq_len}: "
+               "raise it, or " if unlearnable else "")
+        raise StageError(f"fine-tuning data: {exc}; {cut}add examples (instructions.train_per_family, your user data) "
                          "or lower finetune.micro_batch") from None
     return Trainer(model, cfg.engine(world), train, checkpoints, validation=_validation(data["test"], cfg, pad))
 

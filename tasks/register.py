@@ -55,7 +55,7 @@ DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top
                                   "kv_cache_dtype": "auto", "compile": False}
 
 # the file MLflow runs to rebuild `TinyseekModel` where it is loaded ("models from code")
-SERVED_TRAINING_CODE = Path(__file__).with_name("served_model.py")
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 INPUT_EXAMPLE = pd.DataFrame({PROMPT_COLUMN: ["What is 2 + 2?"]})
 SIGNATURE = ModelSignature(
@@ -152,7 +152,7 @@ def log_model(tracker: Tracker, run_id: str, model_dir: str | Path, name: str = 
             save_model(
                 path=str(local),
                 mlflow_model=mlmodel,
-                python_model=str(SERVED_TRAINING_CODE),
+                python_model=str(SERVED_MODEL_CODE),
                 artifacts={"model": str(files)},
                 signature=SIGNATURE,
                 input_example=INPUT_EXAMPLE,

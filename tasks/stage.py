@@ -183,14 +183,19 @@ def file_sizes(out: Path) -> dict[str, int]:
 
 
 def damage(out: Path) -> str | None:
-    """Why a finished output cannot be trusted, or None: its manifest cannot be read, or a file
-    it lists is missing or of another size. (Content is not hashed: a size check costs a stat
-    a file, where hashing would read every token shard and model again at each run.)"""
+    """Why a finished output cannot be trusted, or None: its manifest cannot be read or is not
+    this output's, or a file it lists is missing or of another size. (Content is not hashed: a
+    size check costs a stat a file, where hashing would read every shard and model at each run.)"""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         return f"its {MANIFEST} cannot be read ({exc})"
-    for name, size in manifest.get("file_sizes", {}).items():
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != out.name:
+        return f"its {MANIFEST} is not the manifest of this output"
+    sizes = manifest.get("file_sizes", {})  # none in an output written before sizes were recorded
+    if not isinstance(sizes, dict):
+        return f"its {MANIFEST} lists no file sizes"
+    for name, size in sizes.items():
         path = out / name
         if not path.is_file():
             return f"{name} is missing"

@@ -31,13 +31,15 @@ def test_a_damaged_output_is_built_again_and_says_why(tmp_path):
         (lambda: (ref.dir / "data.bin").write_bytes(b"x" * 40), "data.bin has 40 bytes, not the 100"),
         (lambda: (ref.dir / "part" / "table.parquet").unlink(), "part/table.parquet is missing"),
         (lambda: (ref.dir / MANIFEST).write_text('{"stage": "de'), f"its {MANIFEST} cannot be read"),
+        (lambda: (ref.dir / MANIFEST).write_text("[]"), f"its {MANIFEST} is not the manifest of this output"),
+        (lambda: (ref.dir / MANIFEST).write_text("{}"), f"its {MANIFEST} is not the manifest of this output"),
     ]:
         damage()
         rebuilt = run_stage("demo", "fp1", build_counting(builds), root=tmp_path)
         assert not rebuilt.cached and rebuilt.path == ref.path
         assert says in json.loads((rebuilt.dir / MANIFEST).read_text())["rebuilt_because"]
         assert (rebuilt.dir / "data.bin").stat().st_size == 100
-    assert len(builds) == 4
+    assert len(builds) == 6
     assert run_stage("demo", "fp1", build_counting(builds), root=tmp_path).cached
 
 

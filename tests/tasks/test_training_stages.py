@@ -103,6 +103,9 @@ def test_fine_tuning_on_few_examples(tokens, tmp_path):
     with pytest.raises(StageError, match=r"fine-tuning data: only 4 usable examples: .* lower finetune.micro_batch"):
         finetune_trainer(base, quick("instructions.families=[add]", "instructions.train_per_family=4",
                                      "finetune.micro_batch=8", "finetune.batch_tokens=512"), tmp_path / "ckpt2")
+    with pytest.raises(StageError, match=r"only 0 usable examples: .*; 440 of 440 are cut before their answer by "
+                                         r"finetune.seq_len=8: raise it, or add examples"):
+        finetune_trainer(base, quick("finetune.seq_len=8"), tmp_path / "ckpt4")
     none_held_out = finetune_trainer(base, quick("instructions.test_per_family=0"), tmp_path / "ckpt3")
     assert none_held_out.validation is None
 
