@@ -99,10 +99,13 @@ class ModelConfig:
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must be between 0 and num_hidden_layers={self.num_hidden_layers}")
         need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0 (0 makes every layer dense)")
-        if self.n_routed_experts and self.first_k_dense_replace < self.num_hidden_layers:
+        # the MTP modules' layers count too: they are MoE when the experts are on
+        if self.n_routed_experts and self.first_k_dense_replace < self.num_hidden_layers + self.num_nextn_predict_layers:
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
                  f"top-k must be between 1 and n_routed_experts={self.n_routed_experts}")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be a positive integer")
+            for name in ("hidden_size", "moe_intermediate_size"):  # grouped matmuls need 16-byte aligned rows
+                need(getattr(self, name) % 8 == 0, name, "the experts' grouped matmuls need a multiple of 8")
             need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
             need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
                  f"must divide n_routed_experts={self.n_routed_experts}")

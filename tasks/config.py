@@ -74,6 +74,9 @@ class PipelineConfig(BaseModel):
         of training: the model's shape (with a placeholder vocabulary), the sequence lengths
         against its context, and the promotion metric against the metrics evaluate writes."""
         model = ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)})
+        if self.finetune.init_from is not None:
+            raise ValueError("finetune.init_from: fine-tuning starts from this run's pretrained model; to start from "
+                             "another model, set pretrain.init_from")
         for stage in ("pretrain", "finetune"):
             seq_len = getattr(self, stage).seq_len
             if seq_len > model.max_position_embeddings:

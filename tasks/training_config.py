@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import resolve_device
 
@@ -58,6 +58,13 @@ class TrainingConfig(BaseModel):
     init_from: str | None = Field(
         None, description="Model directory to continue from instead of random weights (pretraining only)."
     )
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainingConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}: the schedule decays from lr to min_lr, "
+                             "so lower min_lr (or raise lr)")
+        return self
 
     def grad_accum(self, world: int = 1) -> int:
         per_pass = self.micro_batch * self.seq_len * world

@@ -119,3 +119,14 @@ def test_text_that_yaml_reads_as_something_else_gets_the_quoting_hint():
         load_config("tiny", overrides=["instructions.system_prompt=You are: helpful"])
     quoted = load_config("tiny", overrides=['instructions.system_prompt="You are: helpful"'])
     assert quoted.instructions.system_prompt == "You are: helpful"
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [(["pretrain.lr=1e-4"], r"config pretrain: min_lr=0.0003 is above lr=0.0001: .* lower min_lr"),
+     (["finetune.init_from=/somewhere"], r"finetune.init_from: fine-tuning starts from this run's pretrained model"),
+     (["model.hidden_size=36"], r"model.hidden_size=36: the experts' grouped matmuls need a multiple of 8")],
+)
+def test_settings_that_would_fail_or_be_ignored_in_training_are_refused_first(overrides, says):
+    with pytest.raises(StageError, match=says):
+        load_config("tiny", overrides=overrides)
