@@ -107,7 +107,7 @@ class PipelineRun:
         if orphans:
             get_run_logger().info(f"{len(orphans)} MLflow run(s) left RUNNING by a killed process ended as KILLED")
         # the whole config as params, so that runs compare in the MLflow UI by any setting
-        parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params=config)
+        parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params=config.with_model_defaults())
         tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
 

@@ -101,6 +101,12 @@ class PipelineConfig(BaseModel):
             return merge(_read_yaml(PRESETS_DIR / f"{data['preset']}.yaml"), data)
         return data
 
+    def with_model_defaults(self) -> dict[str, Any]:
+        """The whole config as plain values, the model section with every setting, its defaults
+        too, but those the tokenizer decides later (vocabulary size, special token ids)."""
+        model = ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)}).to_dict()
+        return {**self.model_dump(mode="json"), "model": {k: v for k, v in model.items() if k not in FROM_TOKENIZER}}
+
     def model_for(self, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
         """The model config with the tokenizer's vocabulary and special token ids filled in."""
         values = {**self.model, "vocab_size": vocab_size, **special_ids}

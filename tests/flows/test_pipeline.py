@@ -44,6 +44,8 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     assert by_name["collect"].data.metrics["docs"] > 0
     assert by_name["pretrain"].data.params["pretrain.steps"] == "20"
     assert {"model.rope_theta", "model.n_group", "model.vocab_size"} <= set(by_name["pretrain"].data.params)
+    for default in ("model.rope_theta", "model.n_group"):  # not in the preset: the parent logs the defaults too
+        assert parent.data.params[default] == by_name["pretrain"].data.params[default], default
     history = c.get_metric_history(by_name["pretrain"].info.run_id, "loss")
     assert len(history) == 20 and history[-1].value < history[0].value
     assert "exact_match_mean_tuned" in by_name["evaluate"].data.metrics
