@@ -73,7 +73,7 @@ class PipelineConfig(BaseModel):
         """What can be checked before any stage runs, so that a run does not fail after hours
         of training: the model's shape (with a placeholder vocabulary), the sequence lengths
         against its context, and the promotion metric against the metrics evaluate writes."""
-        model = ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)})
+        model = self._placeholder_model()
         if self.finetune.init_from is not None:
             raise ValueError("finetune.init_from: fine-tuning starts from this run's pretrained model; to start from "
                              "another model, set pretrain.init_from")
@@ -104,8 +104,12 @@ class PipelineConfig(BaseModel):
     def with_model_defaults(self) -> dict[str, Any]:
         """The whole config as plain values, the model section with every setting, its defaults
         too, but those the tokenizer decides later (vocabulary size, special token ids)."""
-        model = ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)}).to_dict()
+        model = self._placeholder_model().to_dict()
         return {**self.model_dump(mode="json"), "model": {k: v for k, v in model.items() if k not in FROM_TOKENIZER}}
+
+    def _placeholder_model(self) -> ModelConfig:
+        """The model config before the tokenizer exists: its vocabulary size as configured."""
+        return ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)})
 
     def model_for(self, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
         """The model config with the tokenizer's vocabulary and special token ids filled in."""

@@ -186,30 +186,37 @@ def damage(out: Path) -> str | None:
     """Why a finished output cannot be trusted, or None: its manifest cannot be read or is not
     this output's, or a file it lists is missing or of another size. (Content is not hashed: a
     size check costs a stat a file, where hashing would read every shard and model at each run.)"""
+    return _inspect(out)[1]
+
+
+def _inspect(out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """An output's manifest, read once, and why the output cannot be trusted (None if it can)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
-        return f"its {MANIFEST} cannot be read ({exc})"
+        return None, f"its {MANIFEST} cannot be read ({exc})"
     if not isinstance(manifest, dict) or manifest.get("fingerprint") != out.name:
-        return f"its {MANIFEST} is not the manifest of this output"
+        return None, f"its {MANIFEST} is not the manifest of this output"
     sizes = manifest.get("file_sizes", {})  # none in an output written before sizes were recorded
     if not isinstance(sizes, dict):
-        return f"its {MANIFEST} lists no file sizes"
+        return None, f"its {MANIFEST} lists no file sizes"
     for name, size in sizes.items():
         path = out / name
         if not path.is_file():
-            return f"{name} is missing"
+            return None, f"{name} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, not the {size} it was written with"
-    return None
+            return None, f"{name} has {path.stat().st_size} bytes, not the {size} it was written with"
+    return manifest, None
 
 
 def find(stage: str, fp: str, root: Path) -> Ref | None:
     """The finished, undamaged output of `stage` with fingerprint `fp`, or None."""
     out = root / stage / fp
-    if not (out / MANIFEST).is_file() or damage(out):
+    if not (out / MANIFEST).is_file():
         return None
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest, damaged = _inspect(out)
+    if damaged:
+        return None
     return Ref(stage=stage, path=str(out), fingerprint=fp, counts=manifest.get("counts", {}),
                content_hash=manifest.get("content_hash"))
 
