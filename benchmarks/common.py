@@ -45,6 +45,12 @@ class Setup:
     model: ModelConfig
     seq_len: int
     micro_batch: int
+    batch_tokens: int
+
+    def grad_accum(self, micro_batch: int, seq_len: int) -> int:
+        """Micro-batches per optimizer step at this micro-batch shape, as the trainer counts
+        them (`TrainingConfig.grad_accum`, one device)."""
+        return max(1, round(self.batch_tokens / (micro_batch * seq_len)))
 
 
 def preset_setup(preset: str, **overrides: Any) -> Setup:
@@ -55,7 +61,8 @@ def preset_setup(preset: str, **overrides: Any) -> Setup:
 
     config = load_config(preset)
     values = {**config.model, "vocab_size": config.tokenize.vocab_size, **overrides, "num_nextn_predict_layers": 0}
-    return Setup(ModelConfig.from_dict(values), config.pretrain.seq_len, config.pretrain.micro_batch)
+    pretrain = config.pretrain
+    return Setup(ModelConfig.from_dict(values), pretrain.seq_len, pretrain.micro_batch, pretrain.batch_tokens)
 
 
 def named_setup(name: str) -> Setup:
@@ -96,14 +103,18 @@ def saved_bytes(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Ten
 
 
 def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
-                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """One full step as the trainer takes it: `forward_loss`, backward, clipping, optimizer
-    step, and for our model the router-bias update."""
+                  optimizer: torch.optim.Optimizer, grad_accum: int = 1) -> Callable[[], None]:
+    """One full step as the trainer takes it: `forward_loss` and backward of `grad_accum`
+    micro-batches (here the same one each time), clipping, optimizer step, and for our model
+    the router-bias update."""
     ours = is_ours(model)
 
     def step() -> None:
-        value = forward_loss(model, inputs, targets, precision)
-        value.backward()
+        for _ in range(grad_accum):
+            # a new step for CUDA graphs (compile mode reduce-overhead): the last replay's outputs
+            # may be overwritten; without the mark, a second micro-batch's replay is refused
+            torch.compiler.cudagraph_mark_step_begin()
+            (forward_loss(model, inputs, targets, precision) / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,9 @@ computes exactly the FLOPs it is credited with.
     python -m benchmarks.mfu --device cuda --preset gpu-small --precision bf16 --compile
     python -m benchmarks.mfu --device cpu --tiny                 # smoke test of the above
     python -m benchmarks.mfu --profile 20                        # and where one step's time goes
+
+A step is the preset's pretraining step: `pretrain.batch_tokens` in micro-batches of
+its shape (`--grad-accum 1`: one micro-batch per optimizer step).
 """
 
 from __future__ import annotations
@@ -64,10 +67,11 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
     model = Transformer(setup.model).to(device).train()
     batch = args.micro_batch or setup.micro_batch
     seq_len = args.seq_len or setup.seq_len
+    accum = args.grad_accum or setup.grad_accum(batch, seq_len)
     inputs, targets = random_batch(setup.model.vocab_size, batch, seq_len, device)
     net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    step = training_step(net, inputs, targets, precision, optimizer)
+    step = training_step(net, inputs, targets, precision, optimizer, accum)
     times = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -77,8 +81,9 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
     seconds = statistics.median(times[args.warmup:])
     if args.profile:
         print_profile(step, device, args.profile)
-    return {"tokens_per_s": inputs.numel() / seconds, "flops_per_token": flops_per_token(model, seq_len),
-            "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds, "batch": batch, "seq_len": seq_len}
+    return {"tokens_per_s": accum * inputs.numel() / seconds, "flops_per_token": flops_per_token(model, seq_len),
+            "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds, "batch": batch, "seq_len": seq_len,
+            "grad_accum": accum}
 
 
 def compiled(args: argparse.Namespace) -> str:
@@ -103,6 +108,9 @@ def main() -> None:
                         help="untimed steps first (compilation happens here: at least 2 with --compile)")
     parser.add_argument("--micro-batch", type=count(0), default=0, help="0: the preset's")
     parser.add_argument("--seq-len", type=count(0), default=0, help="0: the preset's")
+    parser.add_argument("--grad-accum", type=count(0), default=0,
+                        help="micro-batches per optimizer step; 0: as the preset's pretraining takes them "
+                             "(pretrain.batch_tokens over micro-batch x seq-len)")
     parser.add_argument("--threads", type=count(1), default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--profile", type=count(0), default=0, metavar="N",
                         help="also print the N kernels (CPU: operators) of one step that take the most time")
@@ -131,7 +139,8 @@ def main() -> None:
         peak = max(peak, matmul_peak_flops(device, dtype, size=size, seconds=1.0))
         achieved = result["flops_per_token"] * result["tokens_per_s"]
         line = (f"{args.preset} {precision}{compiled(args)}: batch {result['batch']} x "
-                f"{result['seq_len']}, {result['tokens_per_s']:,.0f} tokens/s, {achieved / 1e9:,.1f} GFLOP/s "
+                f"{result['seq_len']} ({result['grad_accum']} per optimizer step), "
+                f"{result['tokens_per_s']:,.0f} tokens/s, {achieved / 1e9:,.1f} GFLOP/s "
                 f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token, MTP off); measured {precision} matmul peak "
                 f"{peak / 1e9:,.1f} GFLOP/s -> MFU {achieved / peak:.1%}")
         sheet = datasheet_peak(device) if precision == "bf16" else None
