@@ -226,6 +226,32 @@ def test_fixed_size_expert_layout_compiles_into_one_graph(monkeypatch):
     assert model.layers[-1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
 
 
+def test_compiled_fixed_size_expert_layout_leaves_no_kernel_to_eager_torch(monkeypatch):
+    """Inductor compiles the whole layout, forward and backward: an int64 `index_add_`
+    (counting rows per expert) was left to aten's `index_put_`, a sorting kernel on a GPU."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(Experts, "fixed_layout", staticmethod(lambda x: x.dtype == torch.bfloat16))
+    torch.manual_seed(0)
+    experts = Experts(config("grouped"))
+    for weight in experts.parameters():
+        torch.nn.init.normal_(weight, std=0.1)
+    n, k = 24, 2
+    x = torch.randn(n, experts.gate_up_proj.shape[-1]).bfloat16().requires_grad_()
+    ids = torch.stack([torch.randperm(experts.gate_up_proj.shape[0])[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    compiled = torch.compile(experts, fullgraph=True)
+
+    def step() -> torch.Tensor:
+        out = compiled(x, ids, weights)
+        out.square().sum().backward()
+        return out
+
+    out, code = run_and_get_code(step)
+    torch.testing.assert_close(out, experts(x, ids, weights), atol=1e-2, rtol=1e-2)
+    assert "aten.index_put_(" not in "\n".join(code)  # a call of the uncompiled operator
+
+
 def test_routing_stays_fp32_under_autocast():
     torch.manual_seed(0)
     router = Router(config("grouped"))
