@@ -115,6 +115,7 @@ class Trainer:
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer
         )
         self.step = 0
+        self.saved_step = 0  # the step of the newest checkpoint written or resumed from (0: none)
         self.net = DistributedDataParallel(model) if self.world > 1 else model
         if config.compile:
             self.net = torch.compile(self.net)
@@ -131,10 +132,11 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.train.load_state_dict(checkpoint.extra["loader"])
         restore_rng(checkpoint.rng)
-        self.step = checkpoint.step
+        self.step = self.saved_step = checkpoint.step
         return True
 
     def save(self) -> None:
+        self.saved_step = self.step
         if self.rank != 0:
             return
         save_checkpoint(
@@ -163,6 +165,17 @@ class Trainer:
                 dist.all_reduce(moe.expert_load)
         return self.model.update_router_bias(self.use_mtp)
 
+    def _divergence(self, metrics: dict[str, float]) -> str:
+        """What stopped training: the losses that are not finite (all three shown), and the
+        checkpoint a resumed run would start from."""
+        names = {"loss": "loss", "mtp_loss": "MTP loss", "balance_loss": "balance loss"}
+        bad = [name for key, name in names.items() if not math.isfinite(metrics[key])]
+        values = ", ".join(f"{name} {metrics[key]:.4g}" for key, name in names.items())
+        kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step
+                else "no checkpoint was written before it")
+        return (f"training stopped at step {self.step + 1}: the {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                f"not finite ({values}); {kept}. Lower the learning rate or check the data.")
+
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         started = time.perf_counter()
@@ -184,10 +197,7 @@ class Trainer:
         metrics = {key: float(value) for key, value in sums.items()}
         if not all(math.isfinite(v) for v in metrics.values()):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(
-                f"training stopped at step {self.step + 1}: loss is {metrics['loss']} "
-                f"(MTP {metrics['mtp_loss']}); last good checkpoint kept. Lower the learning rate or check the data."
-            )
+            raise NonFiniteLoss(self._divergence(metrics))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

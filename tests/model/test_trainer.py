@@ -83,11 +83,22 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(tmp_path):
     trainer.config.steps = 12
     with torch.no_grad():
         trainer.model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLoss, match="step 6"):
+    with pytest.raises(NonFiniteLoss, match="step 6: the loss and MTP loss are not finite .*checkpoint of step 5 is kept"):
         trainer.fit()
     latest = load_latest(tmp_path / "ckpt")
     assert latest.step == 5
     assert all(torch.isfinite(t).all() for t in latest.model_state.values())
+
+
+def test_divergence_names_the_loss_that_is_not_finite_and_that_no_checkpoint_exists(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4)
+    trainer.model.config.seq_aux_loss_alpha = float("inf")  # the balance loss alone overflows
+    with pytest.raises(NonFiniteLoss) as raised:
+        trainer.fit()
+    message = str(raised.value)
+    assert message.startswith("training stopped at step 1: the balance loss is not finite (")
+    assert "balance loss inf" in message and "no checkpoint was written before it" in message
+    assert not list((tmp_path / "ckpt").glob("step-*"))
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous(tmp_path):
