@@ -66,6 +66,20 @@ class TrainingConfig(BaseModel):
                              "so lower min_lr (or raise lr)")
         return self
 
+    def schedule_notes(self) -> list[str]:
+        """Settings the schedule cannot follow as given, said before training: a warm-up longer
+        than the run takes all its steps; a wsd decay too short to lower the learning rate at any
+        step leaves lr as it is (the decay reaches min_lr at `steps`, after the last step, as
+        `model.schedule` says, so its first step is still at lr: it needs two)."""
+        notes = []
+        if self.warmup_steps > self.steps:
+            notes.append(f"warmup_steps={self.warmup_steps} is more than steps={self.steps}: "
+                         "the learning rate warms up over the whole run")
+        elif self.schedule == "wsd" and round(self.decay_fraction * self.steps) < 2:
+            notes.append(f"decay_fraction={self.decay_fraction:g} of {self.steps} steps leaves no step to decay: "
+                         f"the learning rate stays at lr; raise decay_fraction to {2 / self.steps:.3g} or more")
+        return notes
+
     def grad_accum(self, world: int = 1) -> int:
         per_pass = self.micro_batch * self.seq_len * world
         return max(1, round(self.batch_tokens / per_pass))

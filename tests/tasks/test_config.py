@@ -4,6 +4,7 @@ and the fix, not defaults silently taken or a failure after hours of training.""
 import pytest
 from pydantic import ValidationError
 
+from model.schedule import lr_at
 from tasks.config import PipelineConfig, load_config
 from tasks.stage import StageError
 
@@ -130,3 +131,21 @@ def test_text_that_yaml_reads_as_something_else_gets_the_quoting_hint():
 def test_settings_that_would_fail_or_be_ignored_in_training_are_refused_first(overrides, says):
     with pytest.raises(StageError, match=says):
         load_config("tiny", overrides=overrides)
+
+
+def test_schedule_settings_the_run_cannot_follow_are_said():
+    assert load_config("demo").pretrain.schedule_notes() == []
+    assert load_config("gpu-small").pretrain.schedule_notes() == []
+    short = load_config("tiny", None, ["pretrain.steps=3", "pretrain.warmup_steps=5"]).pretrain
+    assert short.schedule_notes() == ["warmup_steps=5 is more than steps=3: the learning rate warms up over the whole run"]
+    wsd = load_config("tiny", None, ["pretrain.schedule=wsd", "pretrain.steps=40", "pretrain.decay_fraction=0.01",
+                                     "pretrain.warmup_steps=0"]).pretrain
+    assert wsd.schedule_notes() == ["decay_fraction=0.01 of 40 steps leaves no step to decay: the learning rate "
+                                    "stays at lr; raise decay_fraction to 0.05 or more"]
+    decaying = load_config("tiny", None, ["pretrain.schedule=wsd", "pretrain.steps=40", "pretrain.decay_fraction=0.05",
+                                          "pretrain.warmup_steps=0"]).pretrain
+    assert decaying.schedule_notes() == []
+    assert lr_at(39, max_lr=decaying.lr, min_lr=decaying.min_lr, warmup_steps=0, total_steps=40, kind="wsd",
+                 decay_fraction=0.05) < decaying.lr
+    assert lr_at(39, max_lr=wsd.lr, min_lr=wsd.min_lr, warmup_steps=0, total_steps=40, kind="wsd",
+                 decay_fraction=0.01) == wsd.lr
