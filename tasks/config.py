@@ -205,6 +205,8 @@ def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig)
         raise StageError(f"--set {assignment!r}: expected key.path=value, e.g. pretrain.steps=100")
     path, raw = assignment.split("=", 1)
     keys = path.strip().split(".")
+    if keys == ["preset"]:  # --preset (or a file's preset:) chooses it; here it would silently replace theirs
+        raise StageError(f"--set {assignment.strip()}: choose the preset with --preset {raw.strip()}")
     node: Any = defaults
     model_section = keys[0] == "model"
     for depth, key in enumerate(keys):

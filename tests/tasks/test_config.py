@@ -15,7 +15,7 @@ def test_a_misspelt_preset_is_refused_wherever_it_is_written(tmp_path):
     with pytest.raises(StageError, match="unknown preset 'demoo'; did you mean demo"):
         load_config(None, config_file)
     with pytest.raises(StageError, match="unknown preset 'tny'; did you mean tiny"):
-        load_config("tiny", overrides=["preset=tny"])
+        load_config("tny")
     with pytest.raises(ValidationError, match="unknown preset 'demoo'"):  # a deployment's form
         PipelineConfig.model_validate({"preset": "demoo", "pretrain": {"steps": 5}})
     assert PipelineConfig.model_validate({"preset": "demo"}).model["hidden_size"] == 256
@@ -64,6 +64,8 @@ def test_set_mistakes_say_what_to_write():
         load_config("tiny", overrides=["collect.sources.0.max_files=5"])
     with pytest.raises(StageError, match=r"--set pretrain.steps: '\[1' is not a valid YAML value"):
         load_config("tiny", overrides=["pretrain.steps=[1"])
+    with pytest.raises(StageError, match=r"^--set preset=demo: choose the preset with --preset demo$"):
+        load_config("tiny", overrides=["preset=demo"])
 
 
 def test_a_config_path_that_is_not_a_yaml_file(tmp_path):
