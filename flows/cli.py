@@ -4,6 +4,7 @@
     tinyseek data|pretrain|finetune|evaluate ...   one stage group, same options
     tinyseek serve | up                            Prefect deployments, local servers
     tinyseek generate|chat|next-token|export-hf    use a trained model
+    tinyseek prune [--dry-run]                     remove what interrupted runs left
 
 Every command takes `--workspace DIR` (else $TINYSEEK_WORKSPACE, else `data/`). Errors a
 user can fix are printed as one line, never as a traceback.
@@ -270,6 +271,26 @@ def export_hf_command(args: argparse.Namespace) -> None:
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def prune_command(args: argparse.Namespace) -> None:
+    from tasks.prune import prune
+    from tasks.stage import workspace
+
+    root = workspace(args.workspace, writable=False)
+    if not root.is_dir():
+        raise UserError(f"no workspace at {root}; pass --workspace DIR")
+    removed, running = prune(root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    if removed:
+        total = sum(leftover.bytes for leftover in removed)
+        print(f"{verb} {len(removed)} leftover(s) of interrupted runs in {root}, {total / 1e6:,.1f} MB:")
+        for leftover in removed:
+            print(f"  {leftover.path.relative_to(root)}  {leftover.what}, {leftover.bytes / 1e6:,.1f} MB")
+    else:
+        print(f"nothing to remove in {root}")
+    for path in running:
+        print(f"kept {path.relative_to(root)}: a run in progress holds it")
+
+
 def serve_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
@@ -359,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--chat", action="store_true", help="render the prompt as a chat message first")
     add_workspace(sub)
     sub.set_defaults(handler=next_token_command)
+
+    text = ("remove what interrupted runs left in the workspace: checkpoints of training runs never finished "
+            "(a run of the same config would have resumed them) and half-built outputs; finished outputs stay")
+    sub = commands.add_parser("prune", help=text, description=text)
+    sub.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    add_workspace(sub)
+    sub.set_defaults(handler=prune_command)
 
     text = "write a directory that HF transformers loads"
     sub = commands.add_parser("export-hf", help=text, description=text)

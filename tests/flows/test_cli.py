@@ -21,7 +21,7 @@ def test_help_lists_the_commands():
     result = tinyseek("--help")
     assert result.returncode == 0
     for command in ("run", "data", "pretrain", "finetune", "evaluate", "serve", "up", "generate", "chat",
-                    "next-token", "export-hf"):
+                    "next-token", "export-hf", "prune"):
         assert command in result.stdout
 
 
@@ -230,3 +230,20 @@ def test_the_summary_says_which_model_serves(decision, says, capsys):
     print_summary(result, as_json=False)
     lines = capsys.readouterr().out.splitlines()
     assert says in lines[-2] and lines[-1] == "report: ws/reports/abc/report.md", lines
+
+
+def test_prune_lists_then_removes_what_an_interrupted_run_left(tmp_path):
+    work = tmp_path / "finetune" / ".5e1f.work"
+    (work / "step-000250").mkdir(parents=True)
+    (work / "step-000250" / "model.safetensors").write_bytes(b"x" * 2_500_000)
+    (tmp_path / "finetune" / ".5e1f.lock").touch()
+    listed = tinyseek("prune", "--dry-run", "--workspace", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        f"would remove 1 leftover(s) of interrupted runs in {tmp_path}, 2.5 MB:",
+        "  finetune/.5e1f.work  checkpoints of an unfinished training run, 2.5 MB"]
+    assert work.exists()
+    removed = tinyseek("prune", "--workspace", str(tmp_path))
+    assert removed.stdout.startswith("removed 1 leftover(s)") and not work.exists()
+    assert tinyseek("prune", "--workspace", str(tmp_path)).stdout == f"nothing to remove in {tmp_path}\n"
+    assert_one_line_error(tinyseek("prune", "--workspace", str(tmp_path / "none")), "no workspace at")

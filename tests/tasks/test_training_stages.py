@@ -16,7 +16,8 @@ from tasks.config import load_config
 from tasks.finetune import build_trainer as finetune_trainer, cut_examples, finetune
 from tasks.instructions import UserDataSource, build_examples, eval_texts
 from tasks.pretrain import build_trainer, pretrain, pretrain_fingerprint
-from tasks.stage import StageError
+from tasks.prune import prune
+from tasks.stage import StageError, file_lock
 from tasks.tokenize import tokenize
 from tasks.training import read_history, train_into
 
@@ -231,3 +232,42 @@ def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
         assert pretrain_fingerprint(toks, quick(*same)) == base, same
     for other in (["pretrain.eval_every=5"], ["pretrain.devices=2"]):  # 2 x 4 x 64 tokens: twice the batch
         assert pretrain_fingerprint(toks, quick(*other)) != base, other
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_running(tokens, tmp_path):
+    """A run stopped after its step-3 checkpoint leaves them in `.<fp>.work` for a resume;
+    prune keeps them while a process holds the fingerprint's lock, lists them with
+    `dry_run`, then removes them with a half-built output, and nothing else."""
+    root, toks = tokens
+    config = quick("pretrain.seed=11")
+
+    def stop_at_4(step, metrics):
+        if step == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        pretrain(toks, config, root, callback=stop_at_4, log=lambda m: None)
+    fp = pretrain_fingerprint(toks, config)
+    work = training.work_dir(root, "pretrain", fp)
+    assert (work / "step-000003" / "model.safetensors").is_file()
+    half_built = root / "clean" / ".0123abcd.tmp-999-feedbeef"
+    (half_built / "shards").mkdir(parents=True)
+    (half_built / "shards" / "part-0.parquet").write_bytes(b"x" * 1000)
+    (root / "clean" / ".0123abcd.lock").touch()  # taken before the build, as every stage does
+    leftovers = {work, half_built}
+    before = {p for p in root.rglob("*") if p not in leftovers and not leftovers & set(p.parents)}
+
+    with file_lock(root / "pretrain" / f".{fp}.lock"):  # a run of that config in progress
+        removed, running = prune(root)
+    assert running == [work] and [r.path for r in removed] == [half_built] and not half_built.exists()
+    removed, running = prune(root, dry_run=True)
+    assert [(r.path, r.what) for r in removed] == [(work, "checkpoints of an unfinished training run")]
+    assert removed[0].bytes == sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) > 0
+    assert work.exists() and not running
+    prune(root)
+    assert not work.exists()
+    assert set(root.rglob("*")) == before  # finished outputs and lock files stay
