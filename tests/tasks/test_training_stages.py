@@ -242,7 +242,7 @@ def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_runnin
     """A run stopped after its step-3 checkpoint leaves them in `.<fp>.work` for a resume;
     prune keeps them while a process holds the fingerprint's lock, lists them with
     `dry_run`, then removes them with a half-built output, and nothing else."""
-    root, toks = tokens
+    root, toks = tmp_path, tokens[1]  # a workspace of its own: other tests leave interrupted runs
     config = quick("pretrain.seed=11")
 
     def stop_at_4(step, metrics):
