@@ -328,7 +328,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     base, data = run.refs["pretrain"], TokenData(run.refs["tokenize"])
     ref = _stage("evaluate", run,
                  lambda cb: evaluate(base, tuned, cfg.evaluate, cfg.instructions, data.files("validation"), data.dtype,
-                                     data.bytes_per_token("validation") or 1.0, run.root),
+                                     data.bytes_per_token("validation") or 1.0, run.root, log=_stage_log),
                  _params(cfg, "evaluate", "instructions"), base=base, tuned=tuned)
     _log_examples(run, "evaluate", tuned, "test", "eval")
     child = run.child_runs["evaluate"]

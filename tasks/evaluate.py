@@ -37,7 +37,7 @@ import model.generate
 import tasks.chat
 import tasks.files
 import tasks.instructions
-from model.checkpoint import load_model
+from model.checkpoint import MODEL_CONFIG_FILE, load_model
 from model.data import eval_batches
 from model.generate import CACHE_DTYPES, generate
 from model.transformer import Transformer
@@ -219,6 +219,24 @@ def _first_per_family(examples: Sequence[Example], limit: int | None) -> list[Ex
             taken[example.family] = taken.get(example.family, 0) + 1
             chosen.append(example)
     return chosen
+
+
+def limit_notes(examples: Sequence[Example], tokenizer: Tokenizer, max_new_tokens: int, context: int) -> list[str]:
+    """What the scoring cannot get right as configured, said before it runs: an expected answer
+    of more than `max_new_tokens` tokens is cut before its end and cannot match exactly, and a
+    prompt longer than the context leaves beside them loses its first tokens (`completions`)."""
+    room = context - max_new_tokens
+    answers = sum(len(tokenizer.encode(e.answer, add_special_tokens=False).ids) > max_new_tokens for e in examples)
+    prompts = sum(len(render_prompt(e.messages[:-1], tokenizer)) > room for e in examples)
+    notes = []
+    if answers:
+        notes.append(f"evaluate: {answers} of {len(examples)} expected answers are longer than "
+                     f"evaluate.max_new_tokens={max_new_tokens} tokens and cannot match exactly: raise it")
+    if prompts:
+        notes.append(f"evaluate: {prompts} of {len(examples)} prompts are longer than the {room} tokens the model's "
+                     f"context of {context} leaves beside evaluate.max_new_tokens={max_new_tokens}: their first "
+                     "tokens are dropped")
+    return notes
 
 
 def exact_match_by_family(
@@ -490,11 +508,13 @@ def evaluate(
     dtype: str,
     bytes_per_token: float,
     root: Path | str | None = None,
+    log: Callable[[str], None] = print,
 ) -> Ref:
     """Measure the pretrained (`base`) and fine-tuned (`tuned`) models and return the stage's Ref.
 
     `val_files`, `dtype` and `bytes_per_token` describe the validation token files of the
     tokenize stage. The models are evaluated one after the other, so only one is in memory.
+    `log` hears what the scoring cannot get right as configured (`limit_notes`).
     """
     root = workspace(root)
     val = Validation([Path(f) for f in val_files], dtype, bytes_per_token)
@@ -502,6 +522,11 @@ def evaluate(
 
     def build(out: Path) -> dict[str, Any]:
         examples = build_examples(instructions)["test"]
+        context = json.loads((tuned.dir / MODEL_CONFIG_FILE).read_text())["max_position_embeddings"]
+        scored = _first_per_family(examples, config.max_examples_per_family)
+        for note in limit_notes(scored, Tokenizer.from_file(str(tuned.dir / "tokenizer.json")),
+                                config.max_new_tokens, context):
+            log(note)
         results = {name: evaluate_model(ref.dir, config, examples, val) for name, ref in zip(MODELS, (base, tuned))}
         metrics = {f"{key}_{name}": value for name, r in results.items() for key, value in r.metrics.items()}
         final_vio = tuned.manifest().get("final_metrics", {}).get("max_vio")

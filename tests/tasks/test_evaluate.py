@@ -14,7 +14,7 @@ from model.checkpoint import save_model
 from model.data import eval_batches
 from model.generate import CACHE_DTYPES
 from model.transformer import Transformer
-from tasks.chat import BOS, END, SPECIAL_TOKENS
+from tasks.chat import BOS, END, SPECIAL_TOKENS, render_prompt
 from tasks.evaluate import (
     bits_per_byte,
     chat_completer,
@@ -25,6 +25,7 @@ from tasks.evaluate import (
     exact_match_by_family,
     expert_load_table,
     generations_table,
+    limit_notes,
     max_vio_table,
     metrics_of,
     next_token_table,
@@ -254,7 +255,11 @@ def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer, monkeypatch):
         prompts=["def "], chat_prompts=["What is 1 + 1?"], next_token_prompts=["def", "x"], top_k_tokens=3,
         device="cpu",
     )
-    ref = evaluate(base, tuned, config, INSTRUCTIONS, val, "uint16", 1.5, root=ws)
+    said = []
+    ref = evaluate(base, tuned, config, INSTRUCTIONS, val, "uint16", 1.5, root=ws, log=said.append)
+    examples = build_examples(INSTRUCTIONS)["test"]
+    scored = [e for family in INSTRUCTIONS.families for e in [e for e in examples if e.family == family][:2]]
+    assert said == limit_notes(scored, tokenizer, 4, 128) and said  # the tuned model's context; answers of 5+ tokens
 
     metrics = metrics_of(ref)
     for name in ("base", "tuned"):
@@ -308,3 +313,20 @@ def test_evaluate_config_rejects_unknown_fields():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EvaluateConfig(kv_cache_dtype="fp4")
     assert typing.get_args(EvaluateConfig.model_fields["kv_cache_dtype"].annotation) == tuple(CACHE_DTYPES)
+
+
+def test_answers_and_prompts_the_scoring_cannot_get_right_are_said(tokenizer):
+    examples = build_examples(INSTRUCTIONS)["test"]
+    answer_tokens = [len(tokenizer.encode(e.answer, add_special_tokens=False).ids) for e in examples]
+    prompt_tokens = [len(render_prompt(e.messages[:-1], tokenizer)) for e in examples]
+    longest = max(answer_tokens)
+    assert limit_notes(examples, tokenizer, longest, max(prompt_tokens) + longest) == []
+    cut = sum(n == longest for n in answer_tokens)
+    assert limit_notes(examples, tokenizer, longest - 1, 4096) == [
+        f"evaluate: {cut} of {len(examples)} expected answers are longer than evaluate.max_new_tokens={longest - 1} "
+        "tokens and cannot match exactly: raise it"]
+    context = max(prompt_tokens) + longest - 1
+    clipped = sum(n == max(prompt_tokens) for n in prompt_tokens)
+    assert limit_notes(examples, tokenizer, longest, context) == [
+        f"evaluate: {clipped} of {len(examples)} prompts are longer than the {context - longest} tokens the model's "
+        f"context of {context} leaves beside evaluate.max_new_tokens={longest}: their first tokens are dropped"]
