@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import torch
 
 MANIFEST = "manifest.json"
+# the stages' folders in a workspace, in pipeline order
+STAGES = ("collect", "clean", "tokenize", "pretrain", "finetune", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("torch", "tokenizers", "tiktoken", "datasets", "pyarrow", "numpy", "rensa", "prefect", "mlflow")
 

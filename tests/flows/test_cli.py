@@ -233,17 +233,20 @@ def test_the_summary_says_which_model_serves(decision, says, capsys):
 
 
 def test_prune_lists_then_removes_what_an_interrupted_run_left(tmp_path):
-    work = tmp_path / "finetune" / ".5e1f.work"
+    work = tmp_path / "finetune" / ".5e1f5e1f5e1f5e1f.work"
     (work / "step-000250").mkdir(parents=True)
     (work / "step-000250" / "model.safetensors").write_bytes(b"x" * 2_500_000)
-    (tmp_path / "finetune" / ".5e1f.lock").touch()
+    (tmp_path / "finetune" / ".5e1f5e1f5e1f5e1f.lock").touch()
+    download = tmp_path / "models-cache" / ".0123456789abcdef.tmp-7-ab12"  # a model download, not a stage's
+    download.mkdir(parents=True)
     listed = tinyseek("prune", "--dry-run", "--workspace", str(tmp_path))
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [
         f"would remove 1 leftover(s) of interrupted runs in {tmp_path}, 2.5 MB:",
-        "  finetune/.5e1f.work  checkpoints of an unfinished training run, 2.5 MB"]
+        "  finetune/.5e1f5e1f5e1f5e1f.work  checkpoints of an unfinished training run, 2.5 MB"]
     assert work.exists()
     removed = tinyseek("prune", "--workspace", str(tmp_path))
     assert removed.stdout.startswith("removed 1 leftover(s)") and not work.exists()
     assert tinyseek("prune", "--workspace", str(tmp_path)).stdout == f"nothing to remove in {tmp_path}\n"
     assert_one_line_error(tinyseek("prune", "--workspace", str(tmp_path / "none")), "no workspace at")
+    assert download.exists() and not list(download.parent.glob("*.lock"))

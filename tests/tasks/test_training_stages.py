@@ -254,10 +254,9 @@ def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_runnin
     fp = pretrain_fingerprint(toks, config)
     work = training.work_dir(root, "pretrain", fp)
     assert (work / "step-000003" / "model.safetensors").is_file()
-    half_built = root / "clean" / ".0123abcd.tmp-999-feedbeef"
+    half_built = root / "clean" / ".0123456789abcdef.tmp-999-feedbeef"
     (half_built / "shards").mkdir(parents=True)
     (half_built / "shards" / "part-0.parquet").write_bytes(b"x" * 1000)
-    (root / "clean" / ".0123abcd.lock").touch()  # taken before the build, as every stage does
     leftovers = {work, half_built}
     before = {p for p in root.rglob("*") if p not in leftovers and not leftovers & set(p.parents)}
 
@@ -270,4 +269,4 @@ def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_runnin
     assert work.exists() and not running
     prune(root)
     assert not work.exists()
-    assert set(root.rglob("*")) == before  # finished outputs and lock files stay
+    assert set(root.rglob("*")) == before  # finished outputs and lock files stay, and none is made
