@@ -67,18 +67,24 @@ class TrainingConfig(BaseModel):
         return self
 
     def schedule_notes(self) -> list[str]:
-        """Settings the schedule cannot follow as given, said before training: a warm-up longer
-        than the run takes all its steps; a wsd decay too short to lower the learning rate at any
-        step leaves lr as it is (the decay reaches min_lr at `steps`, after the last step, as
-        `model.schedule` says, so its first step is still at lr: it needs two)."""
-        notes = []
-        if self.warmup_steps > self.steps:
-            notes.append(f"warmup_steps={self.warmup_steps} is more than steps={self.steps}: "
-                         "the learning rate warms up over the whole run")
-        elif self.schedule == "wsd" and round(self.decay_fraction * self.steps) < 2:
-            notes.append(f"decay_fraction={self.decay_fraction:g} of {self.steps} steps leaves no step to decay: "
-                         f"the learning rate stays at lr; raise decay_fraction to {2 / self.steps:.3g} or more")
-        return notes
+        """Settings the schedule cannot follow as given, said before training: a warm-up as long
+        as the run takes all its steps; a wsd decay too short to lower the learning rate at any
+        step leaves lr as it is (`model.schedule`: the decay starts after the warm-up, and
+        reaches min_lr at `steps`, after the last step, so its first step is still at lr)."""
+        if self.warmup_steps >= self.steps:
+            return [f"warmup_steps={self.warmup_steps} is not less than steps={self.steps}: "
+                    "the learning rate warms up over the whole run"]
+        decay_steps = round(self.decay_fraction * self.steps)
+        if self.schedule != "wsd" or self.steps - max(self.steps - decay_steps, self.warmup_steps) >= 2:
+            return []
+        if decay_steps >= 2:
+            fix = f"lower warmup_steps to {self.steps - decay_steps} or less"
+        elif self.steps >= 2:
+            fix = f"raise decay_fraction to {2 / self.steps:.3g} or more"
+        else:
+            fix = "a run of one step has none to decay"
+        return [f"decay_fraction={self.decay_fraction:g} of {self.steps} steps after warmup_steps={self.warmup_steps} "
+                f"leaves no step to decay: the learning rate stays at lr; {fix}"]
 
     def grad_accum(self, world: int = 1) -> int:
         per_pass = self.micro_batch * self.seq_len * world

@@ -136,18 +136,25 @@ def test_settings_that_would_fail_or_be_ignored_in_training_are_refused_first(ov
 
 
 def test_schedule_settings_the_run_cannot_follow_are_said():
+    def notes(*overrides):
+        return load_config("tiny", None, ["pretrain.schedule=wsd", *overrides]).pretrain.schedule_notes()
+
     assert load_config("demo").pretrain.schedule_notes() == []
     assert load_config("gpu-small").pretrain.schedule_notes() == []
-    short = load_config("tiny", None, ["pretrain.steps=3", "pretrain.warmup_steps=5"]).pretrain
-    assert short.schedule_notes() == ["warmup_steps=5 is more than steps=3: the learning rate warms up over the whole run"]
-    wsd = load_config("tiny", None, ["pretrain.schedule=wsd", "pretrain.steps=40", "pretrain.decay_fraction=0.01",
-                                     "pretrain.warmup_steps=0"]).pretrain
-    assert wsd.schedule_notes() == ["decay_fraction=0.01 of 40 steps leaves no step to decay: the learning rate "
-                                    "stays at lr; raise decay_fraction to 0.05 or more"]
-    decaying = load_config("tiny", None, ["pretrain.schedule=wsd", "pretrain.steps=40", "pretrain.decay_fraction=0.05",
-                                          "pretrain.warmup_steps=0"]).pretrain
-    assert decaying.schedule_notes() == []
-    assert lr_at(39, max_lr=decaying.lr, min_lr=decaying.min_lr, warmup_steps=0, total_steps=40, kind="wsd",
-                 decay_fraction=0.05) < decaying.lr
-    assert lr_at(39, max_lr=wsd.lr, min_lr=wsd.min_lr, warmup_steps=0, total_steps=40, kind="wsd",
-                 decay_fraction=0.01) == wsd.lr
+    assert load_config("tiny", None, ["pretrain.steps=3", "pretrain.warmup_steps=3"]).pretrain.schedule_notes() == [
+        "warmup_steps=3 is not less than steps=3: the learning rate warms up over the whole run"]
+    assert notes("pretrain.steps=40", "pretrain.decay_fraction=0.01", "pretrain.warmup_steps=0") == [
+        "decay_fraction=0.01 of 40 steps after warmup_steps=0 leaves no step to decay: the learning rate stays at lr; "
+        "raise decay_fraction to 0.05 or more"]
+    assert notes("pretrain.steps=40", "pretrain.decay_fraction=0.2", "pretrain.warmup_steps=39") == [
+        "decay_fraction=0.2 of 40 steps after warmup_steps=39 leaves no step to decay: the learning rate stays at lr; "
+        "lower warmup_steps to 32 or less"]
+    assert notes("pretrain.steps=1", "pretrain.warmup_steps=0")[0].endswith("a run of one step has none to decay")
+    for overrides, decays in ((["pretrain.decay_fraction=0.05", "pretrain.warmup_steps=0"], True),
+                              (["pretrain.decay_fraction=0.01", "pretrain.warmup_steps=0"], False),
+                              (["pretrain.decay_fraction=0.2", "pretrain.warmup_steps=38"], True),
+                              (["pretrain.decay_fraction=0.2", "pretrain.warmup_steps=39"], False)):
+        settings = load_config("tiny", None, ["pretrain.schedule=wsd", "pretrain.steps=40", *overrides]).pretrain
+        last = lr_at(39, max_lr=settings.lr, min_lr=settings.min_lr, warmup_steps=settings.warmup_steps,
+                     total_steps=40, kind="wsd", decay_fraction=settings.decay_fraction)
+        assert (last < settings.lr) == decays and (settings.schedule_notes() == []) == decays, overrides

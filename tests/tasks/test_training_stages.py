@@ -119,7 +119,7 @@ def test_examples_longer_than_a_window_are_counted_and_said(tokens, tmp_path):
     assert ref.counts["examples_cut"] > 0 and ref.counts["examples_train"] > ref.counts["examples_cut"]
     assert any(f"{ref.counts['examples_cut']} of {ref.counts['examples_train']} training examples are longer than "
                "finetune.seq_len=32" in line for line in said)
-    assert "finetune: warmup_steps=2 is more than steps=1: the learning rate warms up over the whole run" in said
+    assert "finetune: warmup_steps=2 is not less than steps=1: the learning rate warms up over the whole run" in said
     assert cut_examples([([1] * 17, [1] * 17), ([1] * 18, [1] * 18)], 16) == 1  # 16 inputs and the 17th as target
 
 
