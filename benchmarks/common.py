@@ -108,12 +108,14 @@ def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
     micro-batches (here the same one each time), clipping, optimizer step, and for our model
     the router-bias update."""
     ours = is_ours(model)
+    compiled = hasattr(model, "_orig_mod")
 
     def step() -> None:
         for _ in range(grad_accum):
-            # a new step for CUDA graphs (compile mode reduce-overhead): the last replay's outputs
-            # may be overwritten; without the mark, a second micro-batch's replay is refused
-            torch.compiler.cudagraph_mark_step_begin()
+            if compiled:  # (an eager model would import inductor for it: seconds and ~125 MiB)
+                # a new step for CUDA graphs (compile mode reduce-overhead): the last replay's outputs
+                # may be overwritten; without the mark, a second micro-batch's replay is refused
+                torch.compiler.cudagraph_mark_step_begin()
             (forward_loss(model, inputs, targets, precision) / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
