@@ -107,6 +107,10 @@ class PipelineConfig(BaseModel):
         model = self._placeholder_model().to_dict()
         return {**self.model_dump(mode="json"), "model": {k: v for k, v in model.items() if k not in FROM_TOKENIZER}}
 
+    def mtp_depths(self) -> int:
+        """The model's MTP modules: without any, `mtp_lambda` weighs nothing and changes no run."""
+        return self._placeholder_model().num_nextn_predict_layers
+
     def _placeholder_model(self) -> ModelConfig:
         """The model config before the tokenizer exists: its vocabulary size as configured."""
         return ModelConfig.from_dict({**self.model, "vocab_size": max(self.tokenize.vocab_size, 8)})

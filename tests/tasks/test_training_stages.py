@@ -13,11 +13,11 @@ from tasks import distributed, training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
-from tasks.finetune import build_trainer as finetune_trainer, cut_examples, finetune
+from tasks.finetune import build_trainer as finetune_trainer, cut_examples, finetune, finetune_fingerprint
 from tasks.instructions import UserDataSource, build_examples, eval_texts
 from tasks.pretrain import build_trainer, pretrain, pretrain_fingerprint
 from tasks.prune import prune
-from tasks.stage import StageError, file_lock
+from tasks.stage import Ref, StageError, file_lock
 from tasks.tokenize import tokenize
 from tasks.training import read_history, train_into
 
@@ -232,6 +232,14 @@ def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
         assert pretrain_fingerprint(toks, quick(*same)) == base, same
     for other in (["pretrain.eval_every=5"], ["pretrain.devices=2"]):  # 2 x 4 x 64 tokens: twice the batch
         assert pretrain_fingerprint(toks, quick(*other)) != base, other
+    assert pretrain_fingerprint(toks, quick("pretrain.mtp_lambda=0.5")) != base  # the tiny model has MTP
+    # without MTP modules the MTP loss weight changes nothing, in pretraining and fine-tuning
+    no_mtp = quick("model.num_nextn_predict_layers=0")
+    weighed = quick("model.num_nextn_predict_layers=0", "pretrain.mtp_lambda=0.5", "finetune.mtp_lambda=0.5")
+    assert pretrain_fingerprint(toks, weighed) == pretrain_fingerprint(toks, no_mtp)
+    base_ref = Ref(stage="pretrain", path="/nowhere", fingerprint="0" * 16)
+    assert finetune_fingerprint(base_ref, weighed) == finetune_fingerprint(base_ref, no_mtp)
+    assert finetune_fingerprint(base_ref, quick("finetune.mtp_lambda=0.5")) != finetune_fingerprint(base_ref, quick())
 
 
 class Interrupted(Exception):
