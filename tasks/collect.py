@@ -8,7 +8,8 @@ dataset, or URLs. Each document keeps `id`, `text`, `source` (the source's name)
 
 Bad input never holds back the good documents beside it: a binary or non-UTF-8 file,
 an empty or over-long document, a malformed JSON line is written to `quarantine.parquet`
-with its reason. Mistakes only the user can fix (a missing path, a wrong text field, an
+with its reason. (A .txt or .md file in UTF-16 with its byte-order mark, as Windows
+editors save "Unicode" text, is read; other formats in UTF-16 are quarantined as such.) Mistakes only the user can fix (a missing path, a wrong text field, an
 unreachable URL) stop the stage with a one-line `StageError`.
 
 Everything streams: sources are generators, shards are written one row group at a
@@ -58,6 +59,7 @@ SUPPORTED = f"{', '.join(FORMATS)} (all but .parquet also as .gz or .zst)"
 QUARANTINE = "quarantine.parquet"
 SAMPLE_CHARS = 500
 BINARY_PROBE = 8192
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 ROW_GROUP_BYTES = 64 << 20
 BATCH_ROWS = 1024
 FIELD_PROBE = 1000  # records without text_field at a file's start that show the setting, not the data, is wrong
@@ -335,6 +337,19 @@ def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
     yield _Doc(text, label)
 
 
+def _read_utf16_text(stream: io.BufferedIOBase, label: str, max_doc_chars: int) -> Iterator[_Item]:
+    """A .txt or .md file in UTF-16, as Windows editors save "Unicode" text: one document."""
+    limit = 4 * max_doc_chars  # UTF-16 takes at most 4 bytes a character too
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        yield _Bad(label, "too-long", f"more than {limit} bytes")
+        return
+    try:
+        yield _Doc(data.decode("utf-16"), label)  # the byte-order mark says which byte comes first
+    except UnicodeDecodeError as exc:
+        yield _Bad(label, "invalid-utf16", f"byte {exc.start}: {exc.reason}")
+
+
 def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     yield from _records(_json_lines(stream, label, max_doc_chars), text_field, label)
 
@@ -427,7 +442,14 @@ def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> I
             yield from _read_parquet(path, label, text_field)
             return
         with _open(path, compression) as stream:
-            if b"\0" in stream.peek(BINARY_PROBE)[:BINARY_PROBE]:
+            head = stream.peek(BINARY_PROBE)[:BINARY_PROBE]
+            if head.startswith(UTF16_BOMS):  # Windows' "Unicode" text: its NUL bytes are not binary
+                if READERS[fmt] is _read_text:
+                    yield from _read_utf16_text(stream, label, max_doc_chars)
+                else:
+                    yield _Bad(label, "utf-16", "UTF-16 text (it starts with a byte-order mark): save it as UTF-8")
+                return
+            if b"\0" in head:
                 yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes")
                 return
             yield from READERS[fmt](stream, label, text_field, max_doc_chars)

@@ -215,6 +215,9 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     write(root / "good.txt", "a good document")
     write(root / "binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     write(root / "latin1.txt", "café".encode("latin-1"))
+    write(root / "windows.txt", "Grüße aus Windows\n".encode("utf-16"))  # byte-order mark first
+    write(root / "windows-be.md", "\ufeff# big-endian".encode("utf-16-be"))
+    write(root / "windows.jsonl", jsonl({"text": "in UTF-16"}).encode("utf-16"))
     write(root / "empty.txt", "")
     write(root / "blank.md", "  \n\t\n")
     write(root / "notes.pdf", "%PDF-1.7")
@@ -229,12 +232,15 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
 
     assert texts(ref) == {
         f"{root}/good.txt": "a good document",
+        f"{root}/windows.txt": "Grüße aus Windows\n",
+        f"{root}/windows-be.md": "# big-endian",
         f"{root}/lines.jsonl:1": "good line",
         f"{root}/lines.jsonl:8": "last good line",
     }
     assert quarantined(ref) == {
         f"{root}/binary.txt": "binary",
         f"{root}/latin1.txt": "invalid-utf8",
+        f"{root}/windows.jsonl": "utf-16",
         f"{root}/empty.txt": "empty",
         f"{root}/blank.md": "empty",
         f"{root}/notes.pdf": "unsupported-extension",
@@ -252,8 +258,8 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert rows[f"{root}/lines.jsonl:2"]["sample"].startswith('{"text": "unterminated')
     assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 1,
                                             "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 2,
-                                            "not-text": 1}  # fmt: skip
-    assert ref.counts["quarantined"] == 13
+                                            "not-text": 1, "utf-16": 1}  # fmt: skip
+    assert ref.counts["quarantined"] == 14
 
 
 def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):
