@@ -27,6 +27,7 @@ import torch
 from model.config import ModelConfig
 from model.hf import hf_config
 from model.transformer import Transformer
+from tasks.training_config import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,12 +46,11 @@ class Setup:
     model: ModelConfig
     seq_len: int
     micro_batch: int
-    batch_tokens: int
+    pretrain: TrainingConfig
 
     def grad_accum(self, micro_batch: int, seq_len: int) -> int:
-        """Micro-batches per optimizer step at this micro-batch shape, as the trainer counts
-        them (`TrainingConfig.grad_accum`, one device)."""
-        return max(1, round(self.batch_tokens / (micro_batch * seq_len)))
+        """Micro-batches per optimizer step at this micro-batch shape, as the trainer counts them."""
+        return self.pretrain.model_copy(update={"micro_batch": micro_batch, "seq_len": seq_len}).grad_accum()
 
 
 def preset_setup(preset: str, **overrides: Any) -> Setup:
@@ -62,7 +62,7 @@ def preset_setup(preset: str, **overrides: Any) -> Setup:
     config = load_config(preset)
     values = {**config.model, "vocab_size": config.tokenize.vocab_size, **overrides, "num_nextn_predict_layers": 0}
     pretrain = config.pretrain
-    return Setup(ModelConfig.from_dict(values), pretrain.seq_len, pretrain.micro_batch, pretrain.batch_tokens)
+    return Setup(ModelConfig.from_dict(values), pretrain.seq_len, pretrain.micro_batch, pretrain)
 
 
 def named_setup(name: str) -> Setup:
