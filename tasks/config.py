@@ -107,9 +107,12 @@ class PipelineConfig(BaseModel):
         model = self._placeholder_model().to_dict()
         return {**self.model_dump(mode="json"), "model": {k: v for k, v in model.items() if k not in FROM_TOKENIZER}}
 
-    def mtp_depths(self) -> int:
-        """The model's MTP modules: without any, `mtp_lambda` weighs nothing and changes no run."""
-        return self._placeholder_model().num_nextn_predict_layers
+    def training_identity(self, stage: str, *ignored: str) -> dict[str, Any]:
+        """`TrainingConfig.identity` of the pretrain or finetune section, for its fingerprint;
+        without MTP modules in the model `mtp_lambda` weighs nothing and is left out too."""
+        if not self._placeholder_model().num_nextn_predict_layers:
+            ignored = (*ignored, "mtp_lambda")
+        return getattr(self, stage).identity(*ignored)
 
     def _placeholder_model(self) -> ModelConfig:
         """The model config before the tokenizer exists: its vocabulary size as configured."""

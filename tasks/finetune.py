@@ -41,7 +41,7 @@ def finetune_fingerprint(pretrained: Ref, config: PipelineConfig) -> str:
     settings = {
         "instructions": config.instructions.model_dump(mode="json"),
         "user_data": user_data_state(config.instructions),
-        "train": config.finetune.identity(*([] if config.mtp_depths() else ["mtp_lambda"])),
+        "train": config.training_identity("finetune"),
     }
     # the examples are generated and rendered by instructions' and chat's code
     code = code_version(sys.modules[__name__], tasks.instructions, tasks.files, tasks.chat, *TRAINING_CODE)

@@ -44,7 +44,7 @@ TRAINING_CODE = (model.attention, model.config, model.data, model.linear, model.
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
     # length_window regroups fine-tuning examples; pretraining windows are all one length
-    train = config.pretrain.identity("length_window", *([] if config.mtp_depths() else ["mtp_lambda"]))
+    train = config.training_identity("pretrain", "length_window")
     settings = {"model": config.model, "train": train}
     return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *TRAINING_CODE))
 
