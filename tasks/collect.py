@@ -9,8 +9,9 @@ dataset, or URLs. Each document keeps `id`, `text`, `source` (the source's name)
 Bad input never holds back the good documents beside it: a binary or non-UTF-8 file,
 an empty or over-long document, a malformed JSON line is written to `quarantine.parquet`
 with its reason. (A .txt or .md file in UTF-16 with its byte-order mark, as Windows
-editors save "Unicode" text, is read; other formats in UTF-16 are quarantined as such.) Mistakes only the user can fix (a missing path, a wrong text field, an
-unreachable URL) stop the stage with a one-line `StageError`.
+editors save "Unicode" text, is read; other formats in UTF-16 are quarantined as such.)
+Mistakes only the user can fix (a missing path, a wrong text field, an unreachable URL)
+stop the stage with a one-line `StageError`.
 
 Everything streams: sources are generators, shards are written one row group at a
 time, so memory stays flat however large the corpus grows.
@@ -320,34 +321,23 @@ def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[tuple[int, bytes |
 
 
 def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
-    limit = 4 * max_doc_chars  # UTF-8 takes at most 4 bytes a character
+    limit = 4 * max_doc_chars  # UTF-8 and UTF-16 take at most 4 bytes a character
     data = stream.read(limit + 1)
     if len(data) > limit:
         yield _Bad(label, "too-long", f"more than {limit} bytes", _sample(data))
         return
-    if b"\0" in data:
+    utf16 = data.startswith(UTF16_BOMS)  # Windows' "Unicode" text: its NUL bytes are not binary
+    if b"\0" in data and not utf16:
         yield _Bad(label, "binary", "contains NUL bytes")
         return
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")  # the byte-order mark says which byte is first
     except UnicodeDecodeError as exc:
-        yield _Bad(label, "invalid-utf8", f"byte {exc.start}: {exc.reason}", _sample(data))
+        yield _Bad(label, "invalid-utf16" if utf16 else "invalid-utf8", f"byte {exc.start}: {exc.reason}",
+                   _sample(data))
         return
     del data
     yield _Doc(text, label)
-
-
-def _read_utf16_text(stream: io.BufferedIOBase, label: str, max_doc_chars: int) -> Iterator[_Item]:
-    """A .txt or .md file in UTF-16, as Windows editors save "Unicode" text: one document."""
-    limit = 4 * max_doc_chars  # UTF-16 takes at most 4 bytes a character too
-    data = stream.read(limit + 1)
-    if len(data) > limit:
-        yield _Bad(label, "too-long", f"more than {limit} bytes")
-        return
-    try:
-        yield _Doc(data.decode("utf-16"), label)  # the byte-order mark says which byte comes first
-    except UnicodeDecodeError as exc:
-        yield _Bad(label, "invalid-utf16", f"byte {exc.start}: {exc.reason}")
 
 
 def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -443,13 +433,10 @@ def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> I
             return
         with _open(path, compression) as stream:
             head = stream.peek(BINARY_PROBE)[:BINARY_PROBE]
-            if head.startswith(UTF16_BOMS):  # Windows' "Unicode" text: its NUL bytes are not binary
-                if READERS[fmt] is _read_text:
-                    yield from _read_utf16_text(stream, label, max_doc_chars)
-                else:
-                    yield _Bad(label, "utf-16", "UTF-16 text (it starts with a byte-order mark): save it as UTF-8")
+            if head.startswith(UTF16_BOMS) and READERS[fmt] is not _read_text:  # .txt and .md read it
+                yield _Bad(label, "utf-16", "UTF-16 text (it starts with a byte-order mark): save it as UTF-8")
                 return
-            if b"\0" in head:
+            if b"\0" in head and not head.startswith(UTF16_BOMS):
                 yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes")
                 return
             yield from READERS[fmt](stream, label, text_field, max_doc_chars)
