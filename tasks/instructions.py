@@ -10,8 +10,8 @@ Two sources feed the finetune and evaluate stages:
   training, so no test problem (under any phrasing) is ever trained on;
 - the user's own data: JSONL/JSON/Parquet files, a `datasets.save_to_disk`
   directory or a hub dataset, in Alpaca (`instruction`/`input`/`output`) or chat
-  `messages` form. Bad rows are quarantined with their line number and reason
-  instead of failing the run.
+  `messages` form. Bad rows, and rows repeating an earlier row's conversation, are
+  quarantined with their line number and reason instead of failing the run.
 
 Both become `Example`s: a chat conversation ending with the assistant's answer,
 which `tasks.chat.render` turns into token ids and a loss mask.
@@ -399,6 +399,11 @@ class UserDataSource(BaseModel):
         le=1.0,
         description="Share of the rows held out for evaluation, chosen by a stable hash of each prompt.",
     )
+    keep_duplicates: bool = Field(
+        default=False,
+        description="Keep a row whose conversation repeats an earlier row's (of this or an earlier source) "
+        "instead of quarantining it: for rows repeated on purpose, to weight them.",
+    )
 
 
 class InstructionConfig(BaseModel):
@@ -608,20 +613,47 @@ def user_data_state(config: InstructionConfig) -> list[list[Any]]:
     return file_states([file for path in paths if path.exists() for file in walk(path)])
 
 
-def load_user_data(source: UserDataSource) -> tuple[list[Example], list[dict[str, Any]]]:
+DUPLICATE = "duplicate of"
+
+
+def _kind(reason: str) -> str:
+    """A quarantine reason without the row it names, to count reasons by kind."""
+    return "duplicates of earlier rows (set keep_duplicates to keep them)" if reason.startswith(DUPLICATE) else reason
+
+
+def load_user_data(
+    source: UserDataSource, seen: dict[str, tuple[str, int]] | None = None
+) -> tuple[list[Example], list[dict[str, Any]]]:
     """The usable examples of a source, and the quarantined rows as {line, reason}.
+
+    A row whose conversation, turn for turn, is one already read (from this source, or from
+    an earlier one that `seen` maps as conversation -> (path, line)) is quarantined as a
+    duplicate unless the source keeps duplicates: a repeated example weighs double in
+    training and counts twice in evaluation. Conversations read are added to `seen`.
 
     Raises StageError when no row is usable, naming the most common reasons.
     """
+    seen = {} if seen is None else seen
+    read_here: set[str] = set()
     examples: list[Example] = []
     quarantine: list[dict[str, Any]] = []
     for line, row in _rows(source):
         try:
-            examples.append(_to_example(row, source.format))
+            example = _to_example(row, source.format)
         except BadRow as bad:
             quarantine.append({"line": line, "reason": str(bad)})
+            continue
+        conversation = json.dumps(example.messages, ensure_ascii=False)
+        if conversation in seen and not source.keep_duplicates:
+            path, first = seen[conversation]
+            where = f"line {first}" if conversation in read_here else f"{path} line {first}"
+            quarantine.append({"line": line, "reason": f"{DUPLICATE} {where}"})
+            continue
+        seen.setdefault(conversation, (source.path, line))
+        read_here.add(conversation)
+        examples.append(example)
     if not examples:
-        reasons = Counter(entry["reason"] for entry in quarantine).most_common(3)
+        reasons = Counter(_kind(entry["reason"]) for entry in quarantine).most_common(3)
         detail = ", ".join(f"{reason} ({count} rows)" for reason, count in reasons) or "it has no rows"
         raise StageError(f"{source.path}: no usable rows: {detail}")
     return examples, quarantine
@@ -650,17 +682,18 @@ def build_examples(
 ) -> dict[str, list[Example]]:
     """Training and held-out test examples: generated families first, then user data.
 
-    User rows go to training except a `test_fraction` of each source. When a list
-    is passed as `quarantine`, the bad user rows are appended to it as
-    {source, line, reason}.
+    User rows go to training except a `test_fraction` of each source; a row repeating an
+    earlier one of any source is dropped (see `load_user_data`). When a list is passed as
+    `quarantine`, the bad and repeated user rows are appended to it as {source, line, reason}.
     """
     splits: dict[str, list[Example]] = {"train": [], "test": []}
     for family in FAMILIES:
         if family in config.families:
             for split, problems in _generate(family, config).items():
                 splits[split] += [_example(p.prompt, p.answer, family) for p in problems]
+    seen: dict[str, tuple[str, int]] = {}
     for source in config.user_data:
-        examples, bad = load_user_data(source)
+        examples, bad = load_user_data(source, seen)
         if quarantine is not None:
             quarantine += [{"source": source.path, **entry} for entry in bad]
         for example in examples:

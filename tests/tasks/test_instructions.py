@@ -349,8 +349,8 @@ def test_alpaca_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
 
 def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    good = json.dumps({"instruction": "Name a color.", "output": "Blue"}).encode()
-    path.write_bytes(good + b"\n" + '{"instruction": "Caf\u00e9?", "output": "yes"}'.encode("latin-1") + b"\n" + good + b"\n")
+    before, after = (json.dumps({"instruction": "Name a color.", "output": answer}).encode() for answer in ("Blue", "Red"))
+    path.write_bytes(before + b"\n" + '{"instruction": "Caf\u00e9?", "output": "yes"}'.encode("latin-1") + b"\n" + after + b"\n")
     examples, quarantine = load_user_data(UserDataSource(path=str(path)))
     assert len(examples) == 2 and quarantine == [{"line": 2, "reason": "invalid UTF-8"}]
     array = tmp_path / "rows.json"
@@ -410,6 +410,37 @@ def test_messages_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
         {"line": 9, "reason": "system message not first"},
         {"line": 10, "reason": "a message has no 'role'"},
     ]
+
+
+def test_a_repeated_conversation_is_quarantined_unless_duplicates_are_kept(tmp_path):
+    rows = [{"instruction": "Name a color.", "output": "Blue"}, {"instruction": "2 + 3?", "output": "5"},
+            {"instruction": "Name a color.", "output": "Blue"}, {"instruction": "Name a color.", "output": "Red"},
+            MESSAGES_LINES[0], {"instruction": "Capital of France?", "output": "Paris"}]  # fmt: skip
+    path = str(_write_jsonl(tmp_path / "d.jsonl", rows))
+    examples, quarantine = load_user_data(UserDataSource(path=path))
+    assert [e.answer for e in examples] == ["Blue", "5", "Red", "Paris"]  # another answer is another example
+    assert quarantine == [{"line": 3, "reason": "duplicate of line 1"}, {"line": 6, "reason": "duplicate of line 5"}]
+    examples, quarantine = load_user_data(UserDataSource(path=path, keep_duplicates=True))
+    assert [e.answer for e in examples] == ["Blue", "5", "Blue", "Red", "Paris", "Paris"] and quarantine == []
+
+
+def test_rows_repeating_an_earlier_source_are_quarantined(tmp_path):
+    first = str(_write_jsonl(tmp_path / "a.jsonl", ALPACA_LINES[:2]))
+    second = str(_write_jsonl(tmp_path / "b.jsonl", [ALPACA_LINES[1], {"instruction": "Name a shape.", "output": "Circle"}]))
+
+    def user_rows(*sources):
+        quarantine = []
+        data = build_examples(InstructionConfig(families=[], user_data=list(sources)), quarantine=quarantine)
+        return [e.answer for e in data["train"]], quarantine
+
+    answers, quarantine = user_rows(UserDataSource(path=first), UserDataSource(path=second))
+    assert answers == ["Blue", "5", "Circle"]
+    assert quarantine == [{"source": second, "line": 1, "reason": f"duplicate of {first} line 2"}]
+    answers, quarantine = user_rows(UserDataSource(path=first), UserDataSource(path=second, keep_duplicates=True))
+    assert answers == ["Blue", "5", "5", "Circle"] and quarantine == []
+    with pytest.raises(StageError, match=r"a.jsonl: no usable rows: duplicates of earlier rows \(set keep_duplicates "
+                                         r"to keep them\) \(2 rows\)$"):
+        user_rows(UserDataSource(path=first), UserDataSource(path=first))  # one file listed twice
 
 
 def test_forced_format_checks_that_format(tmp_path):
