@@ -8,8 +8,8 @@ dataset, or URLs. Each document keeps `id`, `text`, `source` (the source's name)
 
 Bad input never holds back the good documents beside it: a binary or non-UTF-8 file,
 an empty or over-long document, a malformed JSON line is written to `quarantine.parquet`
-with its reason. (A .txt or .md file in UTF-16 with its byte-order mark, as Windows
-editors save "Unicode" text, is read; other formats in UTF-16 are quarantined as such.)
+with its reason. (A file in UTF-16 with its byte-order mark, as Windows editors save
+"Unicode" text, is read as such: its NUL bytes do not make it binary.)
 Mistakes only the user can fix (a missing path, a wrong text field, an unreachable URL)
 stop the stage with a one-line `StageError`.
 
@@ -20,6 +20,7 @@ time, so memory stays flat however large the corpus grows.
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import glob
 import gzip
@@ -39,7 +40,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.util import decode_source
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -54,7 +55,7 @@ import tasks.files
 from tasks.files import file_states, starts_json_array, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
-FORMATS = (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet")
+FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
 COMPRESSIONS = (".gz", ".zst")
 SUPPORTED = f"{', '.join(FORMATS)} (all but .parquet also as .gz or .zst)"
 QUARANTINE = "quarantine.parquet"
@@ -98,7 +99,7 @@ class StdlibSource(_Source):
 
 
 class FilesSource(_Source):
-    """Local files: one document per .txt/.md file, per JSON record, per CSV or Parquet row."""
+    """Local files: one document per .txt/.md/.py file, per JSON record, per CSV or Parquet row."""
 
     kind: Literal["files"] = "files"
     name: str = _name("files")
@@ -145,7 +146,7 @@ class UrlSource(_Source):
     urls: list[Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_fetchable)]] = Field(
         min_length=1, description="http(s) URLs of plain-text, JSONL, JSON, CSV or Parquet files."
     )
-    format: Literal["auto", "txt", "md", "jsonl", "json", "csv", "parquet"] = Field(
+    format: Literal["auto", "txt", "md", "py", "jsonl", "json", "csv", "parquet"] = Field(
         "auto",
         description="File format; auto takes it from the URL's extension, else plain text. "
         "A .gz or .zst ending is decompressed either way.",
@@ -321,20 +322,35 @@ def _lines(stream: io.BufferedIOBase, limit: int) -> Iterator[tuple[int, bytes |
 
 
 def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
-    limit = 4 * max_doc_chars  # UTF-8 and UTF-16 take at most 4 bytes a character
+    yield from _read_whole(stream, label, max_doc_chars, lambda data: data.decode("utf-8-sig"), "invalid-utf8")
+
+
+def _read_python(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    """A Python module, decoded as Python reads it: by its coding line (PEP 263), else as UTF-8.
+    Bytes that its encoding cannot decode, or a coding line naming no codec, quarantine it as
+    `bad-encoding`."""
+    yield from _read_whole(stream, label, max_doc_chars, decode_source, "bad-encoding")
+
+
+def _read_whole(
+    stream: io.BufferedIOBase, label: str, max_doc_chars: int, decode: Callable[[bytes], str], undecodable: str
+) -> Iterator[_Item]:
+    """A whole file as one document; quarantined as `undecodable` where `decode` fails."""
+    limit = 4 * max_doc_chars  # UTF-8 takes at most 4 bytes a character
     data = stream.read(limit + 1)
     if len(data) > limit:
         yield _Bad(label, "too-long", f"more than {limit} bytes", _sample(data))
         return
-    utf16 = data.startswith(UTF16_BOMS)  # Windows' "Unicode" text: its NUL bytes are not binary
-    if b"\0" in data and not utf16:
+    if b"\0" in data:
         yield _Bad(label, "binary", "contains NUL bytes")
         return
     try:
-        text = data.decode("utf-16" if utf16 else "utf-8-sig")  # the byte-order mark says which byte is first
+        text = decode(data)
     except UnicodeDecodeError as exc:
-        yield _Bad(label, "invalid-utf16" if utf16 else "invalid-utf8", f"byte {exc.start}: {exc.reason}",
-                   _sample(data))
+        yield _Bad(label, undecodable, f"byte {exc.start}: {exc.reason}", _sample(data))
+        return
+    except SyntaxError as exc:  # Python's word for a coding line it cannot follow
+        yield _Bad(label, undecodable, str(exc), _sample(data))
         return
     del data
     yield _Doc(text, label)
@@ -417,7 +433,53 @@ def _read_parquet(path: Path, label: str, text_field: str) -> Iterator[_Item]:
     yield from _column(values, text_field, label)
 
 
-READERS = {".txt": _read_text, ".md": _read_text, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+READERS = {".txt": _read_text, ".md": _read_text, ".py": _read_python, ".jsonl": _read_jsonl, ".json": _read_json,
+           ".csv": _read_csv}
+
+
+class _Utf16AsUtf8(io.RawIOBase):
+    """A UTF-16 stream, starting with its byte-order mark, read as UTF-8 bytes, so that every
+    reader takes Windows' "Unicode" files as it takes UTF-8 ones. Where the bytes stop being
+    UTF-16, the text before them is read, then reading raises UnicodeDecodeError."""
+
+    def __init__(self, stream: io.BufferedIOBase) -> None:
+        self._stream = stream
+        self._codec = "utf-16-le" if stream.read(2) == b"\xff\xfe" else "utf-16-be"
+        self._decoder = codecs.getincrementaldecoder(self._codec)()
+        self._pending = b""
+        self._error: UnicodeDecodeError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            if self._error:
+                raise self._error
+            raw = self._stream.read(1 << 16)
+            try:
+                text = self._decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                self._error = exc
+                text = exc.object[: exc.start].decode(self._codec)
+            if not (raw or text or self._error):
+                return 0
+            self._pending = text.encode()
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def _read_utf16(
+    stream: io.BufferedIOBase, fmt: str, label: str, text_field: str, max_doc_chars: int
+) -> Iterator[_Item]:
+    """A file of any text format in UTF-16: the documents up to a byte that is not UTF-16,
+    then the rest of the file quarantined."""
+    try:
+        yield from READERS[fmt](io.BufferedReader(_Utf16AsUtf8(stream)), label, text_field, max_doc_chars)
+    except UnicodeDecodeError as exc:
+        yield _Bad(label, "invalid-utf16", f"{exc.reason}; the rest of the file is skipped")
 
 
 def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -433,10 +495,10 @@ def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> I
             return
         with _open(path, compression) as stream:
             head = stream.peek(BINARY_PROBE)[:BINARY_PROBE]
-            if head.startswith(UTF16_BOMS) and READERS[fmt] is not _read_text:  # .txt and .md read it
-                yield _Bad(label, "utf-16", "UTF-16 text (it starts with a byte-order mark): save it as UTF-8")
+            if head.startswith(UTF16_BOMS):  # Windows' "Unicode" text: its NUL bytes are not binary
+                yield from _read_utf16(stream, fmt, label, text_field, max_doc_chars)
                 return
-            if b"\0" in head and not head.startswith(UTF16_BOMS):
+            if b"\0" in head:
                 yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes")
                 return
             yield from READERS[fmt](stream, label, text_field, max_doc_chars)

@@ -195,6 +195,27 @@ def test_files_reads_every_format_recursively(ws, tmp_path):
     assert ref.counts["quarantined"] == 0
 
 
+def test_python_files_are_read_as_python_decodes_them(ws, tmp_path):
+    root = tmp_path / "code"
+    write(root / "plain.py", 'def greet():\n    return "h\u00e9llo"\n')
+    write(root / "latin.py", '# -*- coding: latin-1 -*-\nname = "caf\u00e9"\n'.encode("latin-1"))
+    write(root / "windows.py", "x = 1\r\n".encode("utf-16"))
+    write(root / "odd.py", b"# coding: no-such-codec\nx = 1\n")
+    write(root / "broken.py", b'name = "caf\xe9"\n')  # Latin-1 without a coding line
+
+    ref = run(ws, FilesSource(paths=[str(root)]))
+
+    assert texts(ref) == {
+        f"{root}/plain.py": 'def greet():\n    return "h\u00e9llo"\n',
+        f"{root}/latin.py": '# -*- coding: latin-1 -*-\nname = "caf\u00e9"\n',
+        f"{root}/windows.py": "x = 1\n",  # newlines as Python reads them
+    }
+    assert quarantined(ref) == {f"{root}/odd.py": "bad-encoding", f"{root}/broken.py": "bad-encoding"}
+    details = {row["origin"]: row["detail"] for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
+    assert details == {f"{root}/odd.py": "unknown encoding: no-such-codec",
+                       f"{root}/broken.py": "invalid or missing encoding declaration"}  # fmt: skip
+
+
 def test_files_globs_and_text_field(ws, tmp_path):
     write(tmp_path / "x" / "one.jsonl", jsonl({"content": "first"}))
     write(tmp_path / "y" / "two.jsonl", jsonl({"content": "second"}))
@@ -217,7 +238,10 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     write(root / "latin1.txt", "café".encode("latin-1"))
     write(root / "windows.txt", "Grüße aus Windows\n".encode("utf-16"))  # byte-order mark first
     write(root / "windows-be.md", "\ufeff# big-endian".encode("utf-16-be"))
-    write(root / "windows.jsonl", jsonl({"text": "in UTF-16"}).encode("utf-16"))
+    write(root / "windows.jsonl", jsonl({"text": "in UTF-16"}, {"text": "\u00e9t\u00e9 \U0001f600"}).encode("utf-16"))
+    write(root / "windows.csv", b"\xfe\xff" + 'text,n\r\nrow one,1\r\n"two, quoted",2\r\n'.encode("utf-16-be"))
+    write(root / "half.jsonl", jsonl({"text": "before the bad bytes"}).encode("utf-16") + b"\x00\xd8A\x00\n\x00")
+    write(root / "odd.txt", "an odd byte at the end".encode("utf-16") + b"!")
     write(root / "empty.txt", "")
     write(root / "blank.md", "  \n\t\n")
     write(root / "notes.pdf", "%PDF-1.7")
@@ -234,13 +258,19 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
         f"{root}/good.txt": "a good document",
         f"{root}/windows.txt": "Grüße aus Windows\n",
         f"{root}/windows-be.md": "# big-endian",
+        f"{root}/windows.jsonl:1": "in UTF-16",
+        f"{root}/windows.jsonl:2": "\u00e9t\u00e9 \U0001f600",
+        f"{root}/windows.csv:2": "row one",
+        f"{root}/windows.csv:3": "two, quoted",
+        f"{root}/half.jsonl:1": "before the bad bytes",
         f"{root}/lines.jsonl:1": "good line",
         f"{root}/lines.jsonl:8": "last good line",
     }
     assert quarantined(ref) == {
         f"{root}/binary.txt": "binary",
         f"{root}/latin1.txt": "invalid-utf8",
-        f"{root}/windows.jsonl": "utf-16",
+        f"{root}/half.jsonl": "invalid-utf16",
+        f"{root}/odd.txt": "invalid-utf16",
         f"{root}/empty.txt": "empty",
         f"{root}/blank.md": "empty",
         f"{root}/notes.pdf": "unsupported-extension",
@@ -258,8 +288,8 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert rows[f"{root}/lines.jsonl:2"]["sample"].startswith('{"text": "unterminated')
     assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 1,
                                             "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 2,
-                                            "not-text": 1, "utf-16": 1}  # fmt: skip
-    assert ref.counts["quarantined"] == 14
+                                            "not-text": 1, "invalid-utf16": 2}  # fmt: skip
+    assert ref.counts["quarantined"] == 15
 
 
 def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):
