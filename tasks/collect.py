@@ -52,7 +52,7 @@ import zstandard
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 import tasks.files
-from tasks.files import file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, file_states, starts_json_array, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
@@ -61,7 +61,6 @@ SUPPORTED = f"{', '.join(FORMATS)} (all but .parquet also as .gz or .zst)"
 QUARANTINE = "quarantine.parquet"
 SAMPLE_CHARS = 500
 BINARY_PROBE = 8192
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 ROW_GROUP_BYTES = 64 << 20
 BATCH_ROWS = 1024
 FIELD_PROBE = 1000  # records without text_field at a file's start that show the setting, not the data, is wrong
@@ -144,7 +143,7 @@ class UrlSource(_Source):
     kind: Literal["url"] = "url"
     name: str = _name("url")
     urls: list[Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_fetchable)]] = Field(
-        min_length=1, description="http(s) URLs of plain-text, JSONL, JSON, CSV or Parquet files."
+        min_length=1, description="http(s) URLs of plain-text, Markdown, Python, JSONL, JSON, CSV or Parquet files."
     )
     format: Literal["auto", "txt", "md", "py", "jsonl", "json", "csv", "parquet"] = Field(
         "auto",

@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+# how a UTF-16 file starts (little- or big-endian), as Windows editors save "Unicode" text
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
 
 def walk(top: Path) -> list[Path]:
     """Files under `top` in sorted order (`top` itself when it is not a folder), hidden files

@@ -20,6 +20,7 @@ which `tasks.chat.render` turns into token ids and a loss mask.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import re
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.chat import ROLES
-from tasks.files import file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, file_states, starts_json_array, walk
 from tasks.stage import StageError
 
 Family = Literal[
@@ -520,8 +521,8 @@ def _to_example(row: Any, fmt: str) -> Example:
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1. A line
     that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept.
-    A byte-order mark (as some Windows editors write) is skipped."""
-    with open(path, "rb") as handle:
+    A byte-order mark (as some Windows editors write) is skipped, and a UTF-16 file read."""
+    with open(path, "rb") as file, _as_utf8(file, path) as handle:
         is_array = path.suffix.lower() == ".json" and starts_json_array(handle.read(4096))
         handle.seek(0)
         if is_array:
@@ -543,6 +544,20 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, BadRow("invalid UTF-8")
             except json.JSONDecodeError:
                 yield number, BadRow("invalid JSON")
+
+
+def _as_utf8(file: io.BufferedReader, path: Path) -> BinaryIO:
+    """`file`, or for a UTF-16 file (Windows' "Unicode" text, which starts with a byte-order
+    mark) its text as UTF-8 bytes in memory: instruction data is read whole or line by line
+    either way."""
+    if not file.peek(2).startswith(UTF16_BOMS):
+        return file
+    data = file.read()
+    try:
+        return io.BytesIO(data.decode("utf-16").encode())
+    except UnicodeDecodeError as exc:
+        raise StageError(f"{path}: not UTF-16 text after its byte-order mark (byte {exc.start}: {exc.reason}); "
+                         "save it as UTF-8") from None
 
 
 def _refuse_one_object(path: Path, handle: BinaryIO) -> None:

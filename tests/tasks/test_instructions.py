@@ -359,14 +359,21 @@ def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_
         load_user_data(UserDataSource(path=str(array)))
 
 
-def test_a_byte_order_mark_and_an_upper_case_ending_are_read(tmp_path):
+def test_a_byte_order_mark_utf16_and_an_upper_case_ending_are_read(tmp_path):
     rows = [{"instruction": "Name a color.", "output": "Blue"}, {"instruction": "2 + 3?", "output": "5"}]
     bom = b"\xef\xbb\xbf"
     (tmp_path / "LINES.JSONL").write_bytes(bom + _write_jsonl(tmp_path / "x", rows).read_bytes())
     (tmp_path / "ARRAY.Json").write_bytes(bom + json.dumps(rows, indent=2).encode())
-    for name in ("LINES.JSONL", "ARRAY.Json"):
+    lines = _write_jsonl(tmp_path / "x", rows).read_text()
+    (tmp_path / "utf16.jsonl").write_bytes(lines.encode("utf-16"))  # Windows' "Unicode": a byte-order mark first
+    (tmp_path / "utf16-be.json").write_bytes(b"\xfe\xff" + json.dumps(rows).encode("utf-16-be"))
+    for name in ("LINES.JSONL", "ARRAY.Json", "utf16.jsonl", "utf16-be.json"):
         examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / name)))
         assert [e.answer for e in examples] == ["Blue", "5"] and quarantine == [], name
+    (tmp_path / "broken.jsonl").write_bytes(lines.encode("utf-16") + b"\x00\xd8A\x00")
+    with pytest.raises(StageError, match=r"broken.jsonl: not UTF-16 text after its byte-order mark \(byte \d+: "
+                                         r"illegal UTF-16 surrogate\); save it as UTF-8"):
+        load_user_data(UserDataSource(path=str(tmp_path / "broken.jsonl")))
 
 
 def test_an_edited_user_data_file_makes_new_fine_tuning_and_evaluation(tmp_path):
