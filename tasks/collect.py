@@ -326,8 +326,8 @@ def _read_text(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
 
 def _read_python(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     """A Python module, decoded as Python reads it: by its coding line (PEP 263), else as UTF-8.
-    Bytes that its encoding cannot decode, or a coding line naming no codec, quarantine it as
-    `bad-encoding`."""
+    Bytes that its encoding cannot decode, or a coding line naming no text codec, quarantine it
+    as `bad-encoding`."""
     yield from _read_whole(stream, label, max_doc_chars, decode_source, "bad-encoding")
 
 
@@ -338,7 +338,7 @@ def _read_whole(
     limit = 4 * max_doc_chars  # UTF-8 takes at most 4 bytes a character
     data = stream.read(limit + 1)
     if len(data) > limit:
-        yield _Bad(label, "too-long", f"more than {limit} bytes", _sample(data))
+        yield _Bad(label, "too-long", f"more than {limit} bytes as UTF-8", _sample(data))
         return
     if b"\0" in data:
         yield _Bad(label, "binary", "contains NUL bytes")
@@ -348,7 +348,9 @@ def _read_whole(
     except UnicodeDecodeError as exc:
         yield _Bad(label, undecodable, f"byte {exc.start}: {exc.reason}", _sample(data))
         return
-    except SyntaxError as exc:  # Python's word for a coding line it cannot follow
+    # a coding line Python cannot follow (SyntaxError), or naming a codec that is not a text
+    # encoding (rot13: LookupError) or that fails otherwise (punycode: UnicodeError)
+    except (SyntaxError, LookupError, UnicodeError) as exc:
         yield _Bad(label, undecodable, str(exc), _sample(data))
         return
     del data
@@ -439,14 +441,17 @@ READERS = {".txt": _read_text, ".md": _read_text, ".py": _read_python, ".jsonl":
 class _Utf16AsUtf8(io.RawIOBase):
     """A UTF-16 stream, starting with its byte-order mark, read as UTF-8 bytes, so that every
     reader takes Windows' "Unicode" files as it takes UTF-8 ones. Where the bytes stop being
-    UTF-16, the text before them is read, then reading raises UnicodeDecodeError."""
+    UTF-16, the text before them is read, then reading raises UnicodeDecodeError; `error_at`
+    is the (uncompressed) file's byte where they start."""
 
     def __init__(self, stream: io.BufferedIOBase) -> None:
         self._stream = stream
         self._codec = "utf-16-le" if stream.read(2) == b"\xff\xfe" else "utf-16-be"
         self._decoder = codecs.getincrementaldecoder(self._codec)()
         self._pending = b""
+        self._read = 2
         self._error: UnicodeDecodeError | None = None
+        self.error_at = 0
 
     def readable(self) -> bool:
         return True
@@ -456,10 +461,11 @@ class _Utf16AsUtf8(io.RawIOBase):
             if self._error:
                 raise self._error
             raw = self._stream.read(1 << 16)
+            self._read += len(raw)
             try:
                 text = self._decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as exc:
-                self._error = exc
+            except UnicodeDecodeError as exc:  # exc.object: the bytes held back from before, then raw
+                self._error, self.error_at = exc, self._read - len(exc.object) + exc.start
                 text = exc.object[: exc.start].decode(self._codec)
             if not (raw or text or self._error):
                 return 0
@@ -473,12 +479,18 @@ class _Utf16AsUtf8(io.RawIOBase):
 def _read_utf16(
     stream: io.BufferedIOBase, fmt: str, label: str, text_field: str, max_doc_chars: int
 ) -> Iterator[_Item]:
-    """A file of any text format in UTF-16: the documents up to a byte that is not UTF-16,
-    then the rest of the file quarantined."""
+    """A file of a text format in UTF-16. Where its bytes stop being UTF-16, a JSON Lines or
+    CSV file keeps its complete lines before them; the rest, or a whole-file format whole, is
+    quarantined. Python source is not read: Python does not read UTF-16 source either."""
+    if fmt == ".py":
+        yield _Bad(label, "bad-encoding", "UTF-16, which Python does not read as source: save it as UTF-8")
+        return
+    utf8 = _Utf16AsUtf8(stream)
     try:
-        yield from READERS[fmt](io.BufferedReader(_Utf16AsUtf8(stream)), label, text_field, max_doc_chars)
+        yield from READERS[fmt](io.BufferedReader(utf8), label, text_field, max_doc_chars)
     except UnicodeDecodeError as exc:
-        yield _Bad(label, "invalid-utf16", f"{exc.reason}; the rest of the file is skipped")
+        yield _Bad(label, "invalid-utf16", f"byte {utf8.error_at}: {exc.reason}; lines from the one holding it on "
+                   "are skipped (a .txt, .md or JSON array file: the whole file)")
 
 
 def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:

@@ -521,7 +521,8 @@ def _to_example(row: Any, fmt: str) -> Example:
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON Lines file (or a .json file holding one array), numbered from 1. A line
     that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept.
-    A byte-order mark (as some Windows editors write) is skipped, and a UTF-16 file read."""
+    A byte-order mark (as some Windows editors write) is skipped, and a UTF-16 file read
+    (see `_as_utf8`)."""
     with open(path, "rb") as file, _as_utf8(file, path) as handle:
         is_array = path.suffix.lower() == ".json" and starts_json_array(handle.read(4096))
         handle.seek(0)
@@ -548,8 +549,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _as_utf8(file: io.BufferedReader, path: Path) -> BinaryIO:
     """`file`, or for a UTF-16 file (Windows' "Unicode" text, which starts with a byte-order
-    mark) its text as UTF-8 bytes in memory: instruction data is read whole or line by line
-    either way."""
+    mark) its text as UTF-8 bytes, decoded whole into memory. Bytes that are not UTF-16 are
+    an error for the whole file: one stray byte shifts every character after it."""
     if not file.peek(2).startswith(UTF16_BOMS):
         return file
     data = file.read()
@@ -628,14 +629,6 @@ def user_data_state(config: InstructionConfig) -> list[list[Any]]:
     return file_states([file for path in paths if path.exists() for file in walk(path)])
 
 
-DUPLICATE = "duplicate of"
-
-
-def _kind(reason: str) -> str:
-    """A quarantine reason without the row it names, to count reasons by kind."""
-    return "duplicates of earlier rows (set keep_duplicates to keep them)" if reason.startswith(DUPLICATE) else reason
-
-
 def load_user_data(
     source: UserDataSource, seen: dict[str, tuple[str, int]] | None = None
 ) -> tuple[list[Example], list[dict[str, Any]]]:
@@ -646,11 +639,13 @@ def load_user_data(
     duplicate unless the source keeps duplicates: a repeated example weighs double in
     training and counts twice in evaluation. Conversations read are added to `seen`.
 
-    Raises StageError when no row is usable, naming the most common reasons.
+    Raises StageError when no row is usable, naming the most common reasons (a source whose
+    rows all repeat earlier ones is not an error: its rows are all quarantined).
     """
     seen = {} if seen is None else seen
     read_here: set[str] = set()
     examples: list[Example] = []
+    repeated = 0
     quarantine: list[dict[str, Any]] = []
     for line, row in _rows(source):
         try:
@@ -661,14 +656,15 @@ def load_user_data(
         conversation = json.dumps(example.messages, ensure_ascii=False)
         if conversation in seen and not source.keep_duplicates:
             path, first = seen[conversation]
-            where = f"line {first}" if conversation in read_here else f"{path} line {first}"
-            quarantine.append({"line": line, "reason": f"{DUPLICATE} {where}"})
+            where = f"line {first}" if conversation in read_here else f"{path} line {first} (an earlier source)"
+            quarantine.append({"line": line, "reason": f"duplicate of {where}"})
+            repeated += 1
             continue
         seen.setdefault(conversation, (source.path, line))
         read_here.add(conversation)
         examples.append(example)
-    if not examples:
-        reasons = Counter(_kind(entry["reason"]) for entry in quarantine).most_common(3)
+    if not (examples or repeated):
+        reasons = Counter(entry["reason"] for entry in quarantine).most_common(3)
         detail = ", ".join(f"{reason} ({count} rows)" for reason, count in reasons) or "it has no rows"
         raise StageError(f"{source.path}: no usable rows: {detail}")
     return examples, quarantine

@@ -199,8 +199,10 @@ def test_python_files_are_read_as_python_decodes_them(ws, tmp_path):
     root = tmp_path / "code"
     write(root / "plain.py", 'def greet():\n    return "h\u00e9llo"\n')
     write(root / "latin.py", '# -*- coding: latin-1 -*-\nname = "caf\u00e9"\n'.encode("latin-1"))
-    write(root / "windows.py", "x = 1\r\n".encode("utf-16"))
+    write(root / "crlf.py", b"x = 1\r\n")
+    write(root / "windows.py", "x = 1\n".encode("utf-16"))
     write(root / "odd.py", b"# coding: no-such-codec\nx = 1\n")
+    write(root / "rot.py", b"# coding: rot13\nx = 1\n")  # a codec, but not of text
     write(root / "broken.py", b'name = "caf\xe9"\n')  # Latin-1 without a coding line
 
     ref = run(ws, FilesSource(paths=[str(root)]))
@@ -208,12 +210,16 @@ def test_python_files_are_read_as_python_decodes_them(ws, tmp_path):
     assert texts(ref) == {
         f"{root}/plain.py": 'def greet():\n    return "h\u00e9llo"\n',
         f"{root}/latin.py": '# -*- coding: latin-1 -*-\nname = "caf\u00e9"\n',
-        f"{root}/windows.py": "x = 1\n",  # newlines as Python reads them
+        f"{root}/crlf.py": "x = 1\n",  # newlines as Python reads them
     }
-    assert quarantined(ref) == {f"{root}/odd.py": "bad-encoding", f"{root}/broken.py": "bad-encoding"}
-    details = {row["origin"]: row["detail"] for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
-    assert details == {f"{root}/odd.py": "unknown encoding: no-such-codec",
-                       f"{root}/broken.py": "invalid or missing encoding declaration"}  # fmt: skip
+    details = {row["origin"]: (row["reason"], row["detail"]) for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
+    assert details == {
+        f"{root}/odd.py": ("bad-encoding", "unknown encoding: no-such-codec"),
+        f"{root}/rot.py": ("bad-encoding", "'rot13' is not a text encoding; "
+                                           "use codecs.decode() to handle arbitrary codecs"),
+        f"{root}/broken.py": ("bad-encoding", "invalid or missing encoding declaration"),
+        f"{root}/windows.py": ("bad-encoding", "UTF-16, which Python does not read as source: save it as UTF-8"),
+    }
 
 
 def test_files_globs_and_text_field(ws, tmp_path):
@@ -240,8 +246,10 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     write(root / "windows-be.md", "\ufeff# big-endian".encode("utf-16-be"))
     write(root / "windows.jsonl", jsonl({"text": "in UTF-16"}, {"text": "\u00e9t\u00e9 \U0001f600"}).encode("utf-16"))
     write(root / "windows.csv", b"\xfe\xff" + 'text,n\r\nrow one,1\r\n"two, quoted",2\r\n'.encode("utf-16-be"))
-    write(root / "half.jsonl", jsonl({"text": "before the bad bytes"}).encode("utf-16") + b"\x00\xd8A\x00\n\x00")
-    write(root / "odd.txt", "an odd byte at the end".encode("utf-16") + b"!")
+    good16 = jsonl({"text": "before the bad bytes"}).encode("utf-16")
+    write(root / "half.jsonl", good16 + b"\x00\xd8A\x00\n\x00")
+    odd16 = "an odd byte at the end".encode("utf-16")
+    write(root / "odd.txt", odd16 + b"!")
     write(root / "empty.txt", "")
     write(root / "blank.md", "  \n\t\n")
     write(root / "notes.pdf", "%PDF-1.7")
@@ -286,6 +294,8 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     rows = {row["origin"]: row for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
     assert rows[f"{root}/lines.jsonl:2"]["detail"].startswith("line 2, column")
     assert rows[f"{root}/lines.jsonl:2"]["sample"].startswith('{"text": "unterminated')
+    assert rows[f"{root}/half.jsonl"]["detail"].startswith(f"byte {len(good16)}: illegal UTF-16 surrogate; lines from")
+    assert rows[f"{root}/odd.txt"]["detail"].startswith(f"byte {len(odd16)}: truncated data")
     assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 1,
                                             "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 2,
                                             "not-text": 1, "invalid-utf16": 2}  # fmt: skip

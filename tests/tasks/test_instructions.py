@@ -349,8 +349,10 @@ def test_alpaca_jsonl_quarantines_each_bad_row_with_its_line(tmp_path):
 
 def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    before, after = (json.dumps({"instruction": "Name a color.", "output": answer}).encode() for answer in ("Blue", "Red"))
-    path.write_bytes(before + b"\n" + '{"instruction": "Caf\u00e9?", "output": "yes"}'.encode("latin-1") + b"\n" + after + b"\n")
+    before, after = (json.dumps({"instruction": "Name a color.", "output": answer}).encode()
+                     for answer in ("Blue", "Red"))
+    latin1 = '{"instruction": "Caf\u00e9?", "output": "yes"}'.encode("latin-1")
+    path.write_bytes(before + b"\n" + latin1 + b"\n" + after + b"\n")
     examples, quarantine = load_user_data(UserDataSource(path=str(path)))
     assert len(examples) == 2 and quarantine == [{"line": 2, "reason": "invalid UTF-8"}]
     array = tmp_path / "rows.json"
@@ -433,7 +435,8 @@ def test_a_repeated_conversation_is_quarantined_unless_duplicates_are_kept(tmp_p
 
 def test_rows_repeating_an_earlier_source_are_quarantined(tmp_path):
     first = str(_write_jsonl(tmp_path / "a.jsonl", ALPACA_LINES[:2]))
-    second = str(_write_jsonl(tmp_path / "b.jsonl", [ALPACA_LINES[1], {"instruction": "Name a shape.", "output": "Circle"}]))
+    shape = {"instruction": "Name a shape.", "output": "Circle"}
+    second = str(_write_jsonl(tmp_path / "b.jsonl", [ALPACA_LINES[1], shape]))
 
     def user_rows(*sources):
         quarantine = []
@@ -442,12 +445,13 @@ def test_rows_repeating_an_earlier_source_are_quarantined(tmp_path):
 
     answers, quarantine = user_rows(UserDataSource(path=first), UserDataSource(path=second))
     assert answers == ["Blue", "5", "Circle"]
-    assert quarantine == [{"source": second, "line": 1, "reason": f"duplicate of {first} line 2"}]
+    assert quarantine == [{"source": second, "line": 1, "reason": f"duplicate of {first} line 2 (an earlier source)"}]
     answers, quarantine = user_rows(UserDataSource(path=first), UserDataSource(path=second, keep_duplicates=True))
     assert answers == ["Blue", "5", "5", "Circle"] and quarantine == []
-    with pytest.raises(StageError, match=r"a.jsonl: no usable rows: duplicates of earlier rows \(set keep_duplicates "
-                                         r"to keep them\) \(2 rows\)$"):
-        user_rows(UserDataSource(path=first), UserDataSource(path=first))  # one file listed twice
+    answers, quarantine = user_rows(UserDataSource(path=first), UserDataSource(path=first))  # one file listed twice
+    assert answers == ["Blue", "5"]
+    assert quarantine == [{"source": first, "line": line, "reason": f"duplicate of {first} line {line} (an earlier "
+                                                                     "source)"} for line in (1, 2)]  # fmt: skip
 
 
 def test_forced_format_checks_that_format(tmp_path):
