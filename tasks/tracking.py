@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,8 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -123,28 +126,52 @@ def moved(location: str, recorded: str, current: str | None) -> str:
 def relocate_store(uri: str) -> int:
     """In a SQLite store of a workspace moved or copied since it was made, rewrite the artifact
     locations to where they are now: otherwise its models are looked for where it was, and its
-    new runs write their artifacts into the old place. Returns the rows changed."""
+    new runs write their artifacts into the old place. The stage outputs that runs name (their
+    `output` tags and dataset sources) are rewritten too, so the UI shows where they are.
+    Returns the rows changed."""
     database = Path(make_url(uri).database)
     if not database.is_file():
         return 0
     with closing(sqlite3.connect(database)) as db, db:
         row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
         current = moved_root(row[0], uri) if row else None
-        return _rewrite(db, row[0], current) if current else 0
+        if not current:
+            return 0
+        changed = sum(_replace_prefix(db, table, column, row[0], current)
+                      for table, columns in ARTIFACT_COLUMNS.items() for column in columns)
+        return changed + _rewrite_paths(db, *(_local_path(location).parent for location in (row[0], current)))
 
 
-def _rewrite(db: sqlite3.Connection, recorded: str, current: str) -> int:
-    changed = 0
-    for table, columns in ARTIFACT_COLUMNS.items():
-        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for column in columns:
-            if column in present:
-                changed += db.execute(
-                    f"UPDATE {table} SET {column} = ? || substr({column}, length(?) + 1) "
-                    f"WHERE {column} = ? OR substr({column}, 1, length(?) + 1) = ? || '/'",
-                    (current, recorded, recorded, recorded, recorded),
-                ).rowcount
+def _replace_prefix(db: sqlite3.Connection, table: str, column: str, old: str, new: str) -> int:
+    """Values of `column` that are `old` or lie under `old`/, with `new` in its place."""
+    if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+        return 0
+    return db.execute(
+        f"UPDATE {table} SET {column} = ? || substr({column}, length(?) + 1) "
+        f"WHERE {column} = ? OR substr({column}, 1, length(?) + 1) = ? || '/'",
+        (new, old, old, old, old),
+    ).rowcount
+
+
+def _rewrite_paths(db: sqlite3.Connection, old: Path, new: Path) -> int:
+    """Paths under the workspace `old` in run tags and dataset sources, moved to `new`."""
+    changed = _replace_prefix(db, "tags", "value", str(old), str(new))
+    for dataset, text in db.execute("SELECT dataset_uuid, dataset_source FROM datasets").fetchall():
+        try:
+            source = json.loads(text)
+        except ValueError:  # a source some other client wrote: not ours to rewrite
+            continue
+        location = source.get("uri") if isinstance(source, dict) else None
+        if isinstance(location, str) and moved(location, str(old), str(new)) != location:
+            source["uri"] = moved(location, str(old), str(new))
+            db.execute("UPDATE datasets SET dataset_source = ? WHERE dataset_uuid = ?", (json.dumps(source), dataset))
+            changed += 1
     return changed
+
+
+def _local_path(uri: str) -> Path:
+    """The path of a file: URI."""
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path))
 
 
 @functools.cache

@@ -168,7 +168,11 @@ def test_a_moved_workspace_finds_its_models_and_keeps_its_artifacts_there(tmp_pa
     """SQLite keeps absolute artifact locations: reading maps them to where the workspace is
     now, and opening it for writing rewrites them, so new runs do not write into the old place."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    registered(tmp_path / "before", model_dir)
+    _, run_id = registered(tmp_path / "before", model_dir)
+    output = tmp_path / "before" / "tokenize" / "0123456789abcdef"
+    before = Tracker(tmp_path / "before")
+    before.set_tags(run_id, {"output": str(output), "elsewhere": str(tmp_path / "before-other")})
+    before.log_dataset(run_id, "tokens", str(output), output, "training")
     shutil.move(tmp_path / "before", tmp_path / "after")
     root = tmp_path / "after"
     same_files(resolve_model("models:/tinyseek@champion", root), model_dir)  # read only: nothing rewritten
@@ -181,6 +185,11 @@ def test_a_moved_workspace_finds_its_models_and_keeps_its_artifacts_there(tmp_pa
     assert logged.artifact_location.startswith(now + "/")
     run = tracker.start_run("later")
     assert client.get_run(run).info.artifact_uri.startswith(now + "/")
+    old_run = client.get_run(run_id)
+    assert old_run.data.tags["output"] == str(root / "tokenize" / "0123456789abcdef")  # what the UI shows
+    assert old_run.data.tags["elsewhere"] == str(tmp_path / "before-other")  # not inside the workspace
+    [dataset] = old_run.inputs.dataset_inputs
+    assert json.loads(dataset.dataset.source) == {"uri": str(root / "tokenize" / "0123456789abcdef")}
     assert not (tmp_path / "before").exists()
 
 
