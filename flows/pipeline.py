@@ -36,7 +36,7 @@ from prefect.states import Completed
 from prefect.settings import PREFECT_UI_URL
 from tqdm import tqdm
 
-from tasks.clean import clean, drop_reasons
+from tasks.clean import clean, drop_reasons, split_note
 from tasks.collect import collect
 from tasks.config import PipelineConfig, switched_preset
 from tasks.evaluate import compare_with_champion, decide_promotion, evaluate, metrics_of, resolve
@@ -278,6 +278,8 @@ def data_steps(run: PipelineRun) -> dict[str, Ref]:
     log_table(run, "clean", drop_reasons(cleaned), "drop_reasons")
     tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root), _params(cfg, "tokenize"),
                     clean_corpus=cleaned)
+    if note := split_note(cfg.clean.val_fraction, tokens.counts):
+        _stage_log(note)
     # the data stages ran before it was known: every run of the pipeline names the same data
     for run_id in (run.parent_id, *(run.child_runs[stage] for stage in ("collect", "clean", "tokenize"))):
         run.tracker.set_tags(run_id, {"data_fingerprint": tokens.fingerprint})
@@ -285,8 +287,8 @@ def data_steps(run: PipelineRun) -> dict[str, Ref]:
 
 
 def _stage_log(message: str) -> None:
-    """What a training stage says (resuming, compiling, examples cut): into the flow run's log,
-    which the CLI prints and the Prefect UI keeps."""
+    """What a stage says (resuming, compiling, examples cut, a lopsided validation split): into
+    the flow run's log, which the CLI prints and the Prefect UI keeps."""
     get_run_logger().info(message)
 
 

@@ -197,6 +197,22 @@ def split_of(doc_id: str, val_fraction: float) -> Literal["train", "validation"]
     return "validation" if bucket < val_fraction * 2**64 else "train"
 
 
+def split_note(val_fraction: float, counts: dict[str, int]) -> str | None:
+    """What to know when the validation split (tokenize's `counts`) holds a share of the
+    tokens far from `val_fraction` (three times more or less), or nothing: the split is by
+    whole documents, so few documents, or a few long ones, cannot be split finer."""
+    validation, documents = counts["validation_tokens"], counts["train_documents"] + counts["validation_documents"]
+    share = validation / max(1, counts["train_tokens"] + validation)
+    if not validation and val_fraction > 0:
+        return (f"clean: no document of {documents} fell into the validation split (val_fraction={val_fraction}): "
+                "training reports no validation loss; raise clean.val_fraction or add documents")
+    if validation and not val_fraction / 3 <= share <= 3 * val_fraction:
+        return (f"clean: the validation split holds {share:.0%} of the tokens ({counts['validation_documents']} of "
+                f"{documents} documents) for val_fraction={val_fraction}: documents are split whole, so a few long "
+                "ones decide it; add documents, or change clean.val_fraction to draw others")
+    return None
+
+
 def normalize(text: str) -> str:
     """NFC, no control characters but newline and tab, no trailing or repeated inner spaces,
     at most two consecutive blank lines. Leading indentation is kept (code examples need it)."""

@@ -23,6 +23,7 @@ from tasks.clean import (
     quality_failures,
     quarantine,
     scrub_pii,
+    split_note,
     split_of,
 )
 from tasks.dedup import NearDuplicates, Words, minhash
@@ -213,6 +214,23 @@ def test_split_is_stable_and_proportional():
     assert splits == [split_of(doc_id, 0.1) for doc_id in ids]
     assert 0.08 < splits.count("validation") / len(ids) < 0.12
     assert {split_of(doc_id, 0.0) for doc_id in ids} == {"train"}
+
+
+@pytest.mark.parametrize(
+    "train, validation, note",
+    [((95_000, 30), (5_000, 2), None),  # 5% of the tokens, as asked
+     ((98_000, 30), (2_000, 1), None),  # 2%: within three times less
+     ((48_000, 27), (43_000, 1), "the validation split holds 47% of the tokens (1 of 28 documents) for "
+                                 "val_fraction=0.05: documents are split whole"),
+     ((99_900, 30), (100, 1), "holds 0% of the tokens (1 of 31 documents)"),
+     ((90_000, 9), (0, 0), "no document of 9 fell into the validation split (val_fraction=0.05)")],
+)  # fmt: skip
+def test_a_validation_split_far_from_val_fraction_is_noted(train, validation, note):
+    counts = {"train_tokens": train[0], "train_documents": train[1], "validation_tokens": validation[0],
+              "validation_documents": validation[1]}
+    said = split_note(0.05, counts)
+    assert said is None if note is None else note in said
+    assert split_note(0.0, {**counts, "validation_tokens": 0, "validation_documents": 0}) is None  # none asked
 
 
 # --- near-duplicates --------------------------------------------------------------------
