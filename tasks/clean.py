@@ -374,15 +374,21 @@ class _Judge:
             self.eval_grams.add(Words(normalize(text)))
 
     def index_validation(self, paths: list[Path]) -> int:
-        """First pass: the n-grams of every validation document. Returns the input's size in bytes."""
+        """First pass: the n-grams of every validation document that this stage keeps, as far as
+        a document alone decides it (a quality filter or an evaluation text drops it: then it
+        is no reference, and training documents sharing its spans stay). Returns the input's
+        size in bytes."""
         size = 0
+        self.eval_grams.freeze()
         for path in paths:
             for batch in read_batches(path, ["id", "text"]):
                 for doc_id, raw in _documents(batch):
                     size += len(raw.encode())
                     if split_of(doc_id, self.config.val_fraction) == "validation":
-                        self.val_grams.add(Words(scrub_pii(normalize(raw))[0]))
-        self.eval_grams.freeze()
+                        text = scrub_pii(normalize(raw))[0]
+                        words = Words(text)
+                        if not (quality_failures(text, self.config, words) or self.eval_grams.contains(words)):
+                            self.val_grams.add(words)
         self.val_grams.freeze()
         return size
 

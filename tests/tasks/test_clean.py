@@ -349,6 +349,18 @@ def test_decontamination(ws, tmp_path, corpus):
     assert set(output(ref)["id"]) == {"has-12", "clean"}
 
 
+def test_a_validation_document_that_clean_drops_decontaminates_nothing(ws, tmp_path, corpus):
+    span = ("Quartz lanterns guided weary sailors past jagged cliffs while distant bells echoed across the silent "
+            "harbor every winter night again")  # 20 words found nowhere else
+    val = next(f"v{i}" for i in range(100) if split_of(f"v{i}", 0.3) == "validation")
+    train = next(f"t{i}" for i in range(100) if split_of(f"t{i}", 0.3) == "train")
+    docs = corpus + [(val, "\n".join([span] * 30)), (train, corpus[7][1][:300] + " " + span)]
+    ref = clean(write_collect(tmp_path / "collect", docs), CleanConfig(val_fraction=0.3), ws)
+    samples = quarantine(ref).set_index("id")
+    assert val in samples.index and samples.loc[val, "reason"] != "contaminated"  # a quality filter's
+    assert train in set(output(ref)["id"])  # no kept validation document holds its span
+
+
 def test_train_documents_overlapping_validation_are_dropped(ws, tmp_path, corpus):
     config = CleanConfig(val_fraction=0.3)
     val = next((doc_id, text) for doc_id, text in corpus if split_of(doc_id, 0.3) == "validation")
