@@ -630,14 +630,20 @@ def user_data_state(config: InstructionConfig) -> list[list[Any]]:
 
 
 def load_user_data(
-    source: UserDataSource, seen: dict[str, tuple[str, int]] | None = None
+    source: UserDataSource,
+    seen: dict[str, tuple[str, int]] | None = None,
+    generated: dict[str, tuple[str, str]] | None = None,
 ) -> tuple[list[Example], list[dict[str, Any]]]:
     """The usable examples of a source, and the quarantined rows as {line, reason}.
 
-    A row whose conversation, turn for turn, is one already read (from this source, or from
-    an earlier one that `seen` maps as conversation -> (path, line)) is quarantined as a
-    duplicate unless the source keeps duplicates: a repeated example weighs double in
-    training and counts twice in evaluation. Conversations read are added to `seen`.
+    Quarantined besides rows that cannot be used:
+    - a row whose prompt is that of a generated example (`generated` maps `_prompt_key` to
+      its split and family) held out for testing, or that of a generated training example
+      when the row itself is held out: either would score a model on what it trained on;
+    - a row whose conversation, turn for turn, is one already read (from this source, or
+      from an earlier one that `seen` maps as conversation -> (path, line)), unless the
+      source keeps duplicates: a repeated example weighs double in training and counts
+      twice in evaluation. Conversations read are added to `seen`.
 
     Raises StageError when no row is usable, naming the most common reasons (a source whose
     rows all repeat earlier ones is not an error: its rows are all quarantined).
@@ -652,6 +658,9 @@ def load_user_data(
             example = _to_example(row, source.format)
         except BadRow as bad:
             quarantine.append({"line": line, "reason": str(bad)})
+            continue
+        if leak := _leak(example, source.test_fraction, generated or {}):
+            quarantine.append({"line": line, "reason": leak})
             continue
         conversation = json.dumps(example.messages, ensure_ascii=False)
         if conversation in seen and not source.keep_duplicates:
@@ -668,6 +677,25 @@ def load_user_data(
         detail = ", ".join(f"{reason} ({count} rows)" for reason, count in reasons) or "it has no rows"
         raise StageError(f"{source.path}: no usable rows: {detail}")
     return examples, quarantine
+
+
+def _prompt_key(example: Example) -> str:
+    """What an example asks: its turns before the answer, system prompts left out (they are
+    shared instructions, not the question)."""
+    return json.dumps([[m["role"], m["content"]] for m in example.messages[:-1] if m["role"] != "system"],
+                      ensure_ascii=False)
+
+
+def _leak(example: Example, test_fraction: float, generated: dict[str, tuple[str, str]]) -> str | None:
+    """Why a user row would mix a generated example's test and training sides, if it would."""
+    if (match := generated.get(_prompt_key(example))) is None:
+        return None
+    split, family = match
+    if split == "test":
+        return f"same prompt as a held-out test example of {family}"
+    if _held_out(example, test_fraction):
+        return f"held out, but its prompt is that of a training example of {family}"
+    return None
 
 
 def _held_out(example: Example, fraction: float) -> bool:
@@ -694,17 +722,19 @@ def build_examples(
     """Training and held-out test examples: generated families first, then user data.
 
     User rows go to training except a `test_fraction` of each source; a row repeating an
-    earlier one of any source is dropped (see `load_user_data`). When a list is passed as
-    `quarantine`, the bad and repeated user rows are appended to it as {source, line, reason}.
+    earlier one of any source, or asking a generated example's prompt across the split, is
+    dropped (see `load_user_data`). When a list is passed as `quarantine`, the user rows
+    dropped are appended to it as {source, line, reason}.
     """
     splits: dict[str, list[Example]] = {"train": [], "test": []}
     for family in FAMILIES:
         if family in config.families:
             for split, problems in _generate(family, config).items():
                 splits[split] += [_example(p.prompt, p.answer, family) for p in problems]
+    generated = {_prompt_key(e): (split, e.family) for split in ("train", "test") for e in splits[split]}
     seen: dict[str, tuple[str, int]] = {}
     for source in config.user_data:
-        examples, bad = load_user_data(source, seen)
+        examples, bad = load_user_data(source, seen, generated)
         if quarantine is not None:
             quarantine += [{"source": source.path, **entry} for entry in bad]
         for example in examples:

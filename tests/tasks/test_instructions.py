@@ -454,6 +454,33 @@ def test_rows_repeating_an_earlier_source_are_quarantined(tmp_path):
                                                                      "source)"} for line in (1, 2)]  # fmt: skip
 
 
+def test_user_rows_asking_a_generated_prompt_across_the_split_are_quarantined(tmp_path):
+    """A generated test prompt in the user's data would be trained on (or tested twice); a
+    generated training prompt held out from it would be tested on what was trained."""
+    generated = build_examples(InstructionConfig(families=["upper"], train_per_family=10, test_per_family=5))
+    test, train = generated["test"][0], generated["train"][0]
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *test.messages[:-1],
+                          {"role": "assistant", "content": "another answer"}]},
+            {"messages": train.messages}, {"instruction": "Name a color.", "output": "Blue"}]  # fmt: skip
+    path = str(_write_jsonl(tmp_path / "u.jsonl", rows))
+
+    def user_rows(test_fraction):
+        config = InstructionConfig(families=["upper"], train_per_family=10, test_per_family=5,
+                                   user_data=[UserDataSource(path=path, test_fraction=test_fraction)])
+        quarantine = []
+        data = build_examples(config, quarantine=quarantine)
+        return ([e.answer for e in data[split] if e.family == "user"] for split in data), quarantine
+
+    (train_answers, test_answers), quarantine = user_rows(0.0)
+    assert train_answers == [train.answer, "Blue"] and test_answers == []  # more training on a trained prompt
+    assert quarantine == [{"source": path, "line": 1, "reason": "same prompt as a held-out test example of upper"}]
+    (train_answers, test_answers), quarantine = user_rows(1.0)
+    assert train_answers == [] and test_answers == ["Blue"]
+    assert [entry["reason"] for entry in quarantine] == [
+        "same prompt as a held-out test example of upper",
+        "held out, but its prompt is that of a training example of upper"]
+
+
 def test_forced_format_checks_that_format(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", MESSAGES_LINES[:1] + ALPACA_LINES[:1])
     examples, quarantine = load_user_data(UserDataSource(path=str(path), format="alpaca"))
