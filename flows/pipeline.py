@@ -47,7 +47,7 @@ from tasks.pretrain import pretrain
 from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
 from tasks.report import markdown_table, write_report
 from tasks.stage import Ref, user_errors, workspace
-from tasks.tokenize import TokenData, tokenize
+from tasks.tokenize import TokenData, tokenize, vocabulary_note
 from tasks.tracking import MetricsCallback, Tracker, run_tags, system_metrics
 from tasks.training import read_history
 
@@ -278,8 +278,9 @@ def data_steps(run: PipelineRun) -> dict[str, Ref]:
     log_table(run, "clean", drop_reasons(cleaned), "drop_reasons")
     tokens = _stage("tokenize", run, lambda cb: tokenize(cleaned, cfg.tokenize, root), _params(cfg, "tokenize"),
                     clean_corpus=cleaned)
-    if note := split_note(cfg.clean.val_fraction, tokens.counts):
-        _stage_log(note)
+    for note in (split_note(cfg.clean.val_fraction, tokens.counts), vocabulary_note(cfg.tokenize, tokens.counts)):
+        if note:
+            _stage_log(note)
     # the data stages ran before it was known: every run of the pipeline names the same data
     for run_id in (run.parent_id, *(run.child_runs[stage] for stage in ("collect", "clean", "tokenize"))):
         run.tracker.set_tags(run_id, {"data_fingerprint": tokens.fingerprint})

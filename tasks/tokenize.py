@@ -56,13 +56,20 @@ MIN_VOCAB = len(chat.SPECIAL_TOKENS) + 256
 log = logging.getLogger(__name__)
 
 
+MAX_VOCAB = 2**20  # four times the largest vocabularies in use (about 256k)
+
+
 class TokenizeConfig(BaseModel):
     """How the tokenizer is trained and the corpus encoded."""
 
     model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(
-        4096, ge=MIN_VOCAB + 1, le=2**32, description="Vocabulary size: special tokens, 256 bytes, then learned merges."
+        4096,
+        ge=MIN_VOCAB + 1,
+        # the BPE trainer allocates in proportion (tens of bytes per entry) before it learns anything
+        le=MAX_VOCAB,
+        description=f"Vocabulary size: special tokens, 256 bytes, then learned merges; at most {MAX_VOCAB:,}.",
     )
     min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
     train_max_bytes: int | None = Field(
@@ -72,6 +79,16 @@ class TokenizeConfig(BaseModel):
         "empty). Bounds the time and memory of training; merges for vocabularies up to ~32k are well estimated "
         "from a few MB.",
     )
+
+
+def vocabulary_note(config: TokenizeConfig, counts: dict[str, int]) -> str | None:
+    """What to know when the tokenizer learned fewer tokens than asked (tokenize's `counts`):
+    the model's vocabulary is then the smaller one."""
+    if counts["vocab_size"] >= config.vocab_size:
+        return None
+    return (f"tokenize: the corpus gave a vocabulary of {counts['vocab_size']:,}, not the {config.vocab_size:,} of "
+            f"tokenize.vocab_size: no other pair occurs min_frequency={config.min_frequency} times in the text the "
+            "tokenizer learns from; the model takes the smaller vocabulary")
 
 
 def new_tokenizer() -> Tokenizer:

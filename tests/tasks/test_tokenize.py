@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 
 import tasks.tokenize
@@ -28,6 +29,7 @@ from tasks.tokenize import (
     token_files,
     tokenize,
     train_tokenizer,
+    vocabulary_note,
 )
 from tests.tasks.test_clean import good_docs, output, write_collect
 
@@ -164,6 +166,20 @@ def test_special_token_text_in_the_corpus_stays_text(ws, tmp_path, texts):
 
 def test_dtype_fits_the_vocabulary():
     assert dtype_for(2**16) == np.uint16 and dtype_for(2**16 + 1) == np.uint32
+
+
+def test_a_vocabulary_smaller_than_asked_is_noted_and_a_huge_one_refused(tokenizer):
+    """The BPE trainer runs out of pairs to merge on a small corpus (the model then takes the
+    smaller vocabulary), and allocates a huge one's tables before it starts."""
+    learned = tokenizer.get_vocab_size()
+    assert vocabulary_note(SMALL, {"vocab_size": learned}) is None
+    wide = TokenizeConfig(vocab_size=100_000)
+    assert vocabulary_note(wide, {"vocab_size": learned}) == (
+        f"tokenize: the corpus gave a vocabulary of {learned:,}, not the 100,000 of tokenize.vocab_size: no other "
+        "pair occurs min_frequency=2 times in the text the tokenizer learns from; the model takes the smaller "
+        "vocabulary")
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 1048576"):
+        TokenizeConfig(vocab_size=10**9)
 
 
 def test_train_max_bytes_samples_the_train_split(ws, cleaned):
