@@ -291,20 +291,28 @@ def _yaml_hint(exc: ValidationError, overrides: list[str] | tuple[str, ...]) -> 
     return ""
 
 
-def config_error(exc: ValidationError) -> str:
-    """The first problem of a config, on one line: where, what, and how many problems in all.
-    A misspelt name comes first, as the likely cause of the others (`path:` for `paths:` is an
-    unknown name and a missing one), with the closest valid names."""
+def config_error(exc: ValidationError, shown: int = 4) -> str:
+    """A config's problems on one line: where and what, the first `shown` of them, and how
+    many more. A misspelt name comes first, as the likely cause of the others, with the
+    closest valid names; a name it leaves missing beside it (`path:` for `paths:` is an
+    unknown name and a missing one) is not listed again."""
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    first = errors[0]
-    where = ".".join(str(p) for p in first["loc"] if p != "[key]")  # a bad mapping key: name the key
-    what = first["msg"].removeprefix("Value error, ")  # a validator's own message, which may name the field
-    if first["type"] == "extra_forbidden":
-        valid = _fields_at(first["loc"][:-1])
-        what = f"unknown name; {_suggest(str(first['loc'][-1]), valid)}" if valid else what
-    if what.startswith(f"{where}."):
-        where = ""
-    return f"config{' ' + where if where else ''}: {what} ({exc.error_count()} problem(s) in all)"
+    misspelt = {error["loc"][:-1] for error in errors if error["type"] == "extra_forbidden"}
+    errors = [error for error in errors if not (error["type"] == "missing" and error["loc"][:-1] in misspelt)]
+    problems = [_problem(error) for error in errors]
+    (where, what), others = problems[0], [f"{where}: {what}" if where else what for where, what in problems[1:shown]]
+    more = [f"and {len(problems) - shown} more"] if len(problems) > shown else []
+    return "; ".join([f"config{' ' + where if where else ''}: {what}", *others, *more])
+
+
+def _problem(error: dict[str, Any]) -> tuple[str, str]:
+    """Where and what of one validation error (no where when the message names the field)."""
+    where = ".".join(str(p) for p in error["loc"] if p != "[key]")  # a bad mapping key: name the key
+    what = error["msg"].removeprefix("Value error, ")  # a validator's own message, which may name the field
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(error["loc"][:-1])
+        what = f"unknown name; {_suggest(str(error['loc'][-1]), valid)}" if valid else what
+    return ("" if what.startswith(f"{where}.") else where), what
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:

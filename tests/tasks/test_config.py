@@ -105,6 +105,17 @@ def test_a_misspelt_name_in_a_config_file_gets_the_closest_names(tmp_path, text,
     with pytest.raises(StageError) as error:
         load_config("tiny", tmp_path / "run.yaml")
     assert str(error.value).startswith(says)
+    assert "Field required" not in str(error.value)  # the misspelt name's missing twin is not listed again
+
+
+def test_every_problem_is_listed_up_to_four():
+    with pytest.raises(StageError) as error:
+        load_config("tiny", overrides=["pretrain.steps=abc", "pretrain.lr=-1"])
+    assert str(error.value) == ("config pretrain.steps: Input should be a valid integer, unable to parse string as an "
+                                "integer; pretrain.lr: Input should be greater than 0")
+    five = ["pretrain.steps=a", "pretrain.lr=-1", "pretrain.warmup_steps=b", "clean.min_chars=c", "finetune.lr=0"]
+    with pytest.raises(StageError, match=r"; pretrain.lr: Input should be greater than 0; .*; and 1 more$"):
+        load_config("tiny", overrides=five)
 
 
 def test_the_preset_comes_from_the_option_or_the_file_and_they_must_agree(tmp_path):
