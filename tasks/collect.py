@@ -56,6 +56,7 @@ from tasks.files import UTF16_BOMS, file_states, starts_json_array, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
+RECORD_FORMATS = (".jsonl", ".json", ".csv", ".parquet")  # the formats whose text is in a field
 COMPRESSIONS = (".gz", ".zst")
 SUPPORTED = f"{', '.join(FORMATS)} (all but .parquet also as .gz or .zst)"
 QUARANTINE = "quarantine.parquet"
@@ -81,7 +82,8 @@ def _name(default: str) -> Any:
 
 def _text_field() -> Any:
     return Field("text", min_length=1, description="The JSON field or CSV/Parquet/dataset column holding the text. "
-                 "A record without it is quarantined; a file none of whose first records has it stops the stage.")
+                 "A record without it is quarantined; a file none of whose first records has it stops the stage, "
+                 "unless other files of the same files source have it: then the file is quarantined.")
 
 
 class _Source(BaseModel):
@@ -210,14 +212,18 @@ def _sample(data: bytes | str) -> str:
     return data[:SAMPLE_CHARS]
 
 
-def _missing(label: str, field: str, names: Iterable[Any]) -> StageError:
-    shown = ", ".join(map(str, names)) or "(none)"
-    return StageError(f"{label}: no field {field!r}; fields there: {shown}. Set text_field to one of them.")
+class _NoField(StageError):
+    """A table or file of records without `text_field`: the setting is wrong, unless other
+    files of the same source have it (see `_read_files`)."""
+
+    def __init__(self, label: str, field: str, names: Iterable[Any]):
+        self.fields = ", ".join(map(str, names)) or "(none)"
+        super().__init__(f"{label}: no field {field!r}; fields there: {self.fields}. Set text_field to one of them.")
 
 
 def _require(label: str, field: str, names: list[str]) -> None:
     if field not in names:
-        raise _missing(label, field, names)
+        raise _NoField(label, field, names)
 
 
 def _value(field: str, value: Any, origin: str) -> _Item:
@@ -239,7 +245,7 @@ def _records(entries: Iterable[tuple[str, Any] | _Bad], field: str, label: str) 
 
     A wrong `text_field` is a config error, a record that lacks it is bad input. So the
     records lacking it are held until one record has it, then quarantined; if none of the
-    first FIELD_PROBE records (or none at all) has it, the stage stops naming the fields there."""
+    first FIELD_PROBE records (or none at all) has it, the file has no such field (`_NoField`)."""
     held: list[_Item] | None = []
     fields: list[str] = []
     for entry in entries:
@@ -254,13 +260,13 @@ def _records(entries: Iterable[tuple[str, Any] | _Bad], field: str, label: str) 
             fields = fields or list(record)
             held.append(_value(field, None, origin))
             if len(held) == FIELD_PROBE:
-                raise _missing(label, field, fields)
+                raise _NoField(label, field, fields)
         else:
             yield from held or ()
             held = None
             yield _value(field, record.get(field), origin)
     if held:
-        raise _missing(label, field, fields)
+        raise _NoField(label, field, fields)
 
 
 # ---- files ---------------------------------------------------------------------------
@@ -673,6 +679,26 @@ def _read_urls(source: UrlSource, scratch: Path, max_doc_chars: int) -> Iterator
         local.unlink()
 
 
+def _read_files(files: list[Path], text_field: str, max_doc_chars: int) -> Iterator[_Item]:
+    """The documents of a files source. A table or file of records without `text_field` is
+    quarantined when another one of the source has it (a folder holding other tables too);
+    when none has it, the setting is wrong, and the stage stops naming the first one's fields."""
+    lacking: list[_NoField] = []
+    found = False  # a document from a file of records
+    for path in files:
+        records = (_format(path) or ("",))[0] in RECORD_FORMATS
+        try:
+            for item in _read_file(path, str(path), text_field, max_doc_chars):
+                found = found or (records and isinstance(item, _Doc))
+                yield item
+        except _NoField as exc:
+            lacking.append(exc)
+            yield _Bad(str(path), "missing-field", f"no field {text_field!r} in its records; fields there: "
+                       f"{exc.fields}")
+    if lacking and not found:
+        raise lacking[0]
+
+
 # ---- the stage -----------------------------------------------------------------------
 
 
@@ -681,7 +707,7 @@ def _read_source(source: Source, files: list[Path], scratch: Path, max_doc_chars
         case StdlibSource():
             return _read_stdlib(source)
         case FilesSource():
-            return (item for path in files for item in _read_file(path, str(path), source.text_field, max_doc_chars))
+            return _read_files(files, source.text_field, max_doc_chars)
         case HFSource():
             return _read_hf(source)
         case UrlSource():

@@ -338,6 +338,22 @@ def test_text_field_absent_from_the_first_records_stops_the_stage(ws, tmp_path, 
         run(ws, FilesSource(paths=[str(path)]))
 
 
+def test_a_table_without_text_field_beside_ones_with_it_is_quarantined(ws, tmp_path):
+    """In a folder of several tables, one with other columns is bad input, not a wrong setting."""
+    root = tmp_path / "mixed"
+    write(root / "a.jsonl", jsonl({"text": "kept"}))
+    write(root / "b.csv", "x,y\n1,2\n")
+    write(root / "c.txt", "plain text")
+    ref = run(ws, FilesSource(paths=[str(root)]))
+    assert texts(ref) == {f"{root}/a.jsonl:1": "kept", f"{root}/c.txt": "plain text"}
+    assert quarantined(ref) == {f"{root}/b.csv": "missing-field"}
+    [row] = pq.read_table(ref.dir / QUARANTINE).to_pylist()
+    assert row["detail"] == "no field 'text' in its records; fields there: x, y"
+    (root / "a.jsonl").unlink()  # no table has it: the setting is what is wrong
+    with pytest.raises(StageError, match=r"b\.csv: no field 'text'; fields there: x, y\. Set text_field"):
+        run(ws, FilesSource(paths=[str(root)]))
+
+
 def test_linked_folders_are_followed_each_real_folder_once(ws, tmp_path):
     shared = write(tmp_path / "shared" / "notes.txt", "shared notes").parent
     root = tmp_path / "corpus"
