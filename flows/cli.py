@@ -176,8 +176,9 @@ FLOW_HELP = {
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/tinyseek@champion",
-                        help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, an MLflow run id, or a model "
-                        "directory (default: models:/tinyseek@champion in the workspace's MLflow store)")
+                        help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, an MLflow run id (that `run`, "
+                        "`pretrain` or `finetune` printed), or a model directory (default: models:/tinyseek@champion "
+                        "in the workspace's MLflow store)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
 
 

@@ -2,7 +2,8 @@
 
 A model is named by a REF: a registered version (`models:/tinyseek@champion`, the default;
 `models:/tinyseek@challenger`; `models:/tinyseek/3`), a logged model (`models:/m-<id>`), an
-MLflow run (`runs:/<run_id>/<path>` or a bare run id) or a local model directory. MLflow
+MLflow run (`runs:/<run_id>/<path>`, or a bare run id: the model it logged, else the one
+its pretrain or finetune stage wrote into the workspace) or a local model directory. MLflow
 refs are resolved through an explicit client on the workspace's tracking store (never the
 process-wide MLflow URIs) down to a concrete artifact location, and the model's files are
 downloaded once into `<workspace>/models-cache/<key>/` (the user's cache directory when the
@@ -123,6 +124,8 @@ class _Registry:
                 model_uri = self._model_dir_uri(location, depth)
                 if model_uri:
                     return self._download(model_uri, cache / key)
+            if RUN_ID.match(ref) and (trained := self._stage_model(ref)):
+                return trained
         except MlflowException as exc:
             raise StageError(f"{ref}: {_first_line(exc.message)} (tracking store {self.uri})") from None
         raise StageError(f"{ref} holds no model directory (looked in {', '.join(loc for loc, _ in candidates)})")
@@ -173,6 +176,19 @@ class _Registry:
         if int(version) not in versions:
             raise StageError(f"registered model {name!r} has no version {version} ({have})")
         return version
+
+    def _stage_model(self, run_id: str) -> Path | None:
+        """The model a run's stage wrote into the workspace, the fine-tuned one first: only
+        `tinyseek run` logs one to MLflow, and a `pretrain` or `finetune` command's run (or
+        its stage's own run) names its output folder in the stage run's `output` tag."""
+        run = self.client.get_run(run_id)
+        children = self.client.search_runs([run.info.experiment_id],
+                                           filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        outputs = {stage.info.run_name: stage.data.tags.get("output") for stage in [run, *children]}
+        for stage in ("finetune", "pretrain"):
+            if outputs.get(stage) and is_model_dir(Path(outputs[stage])):
+                return Path(outputs[stage])
+        return None
 
     def _run_candidates(self, run_id: str, path: str) -> list[tuple[str, int]]:
         """A run's logged models (newest first; `path` may start with a model's name); for a bare

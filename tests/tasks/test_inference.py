@@ -193,6 +193,26 @@ def test_a_moved_workspace_finds_its_models_and_keeps_its_artifacts_there(tmp_pa
     assert not (tmp_path / "before").exists()
 
 
+def test_a_training_command_run_id_names_the_model_its_stage_wrote(tmp_path, model_dir, monkeypatch):
+    """`tinyseek finetune` (or `pretrain`) logs no model to MLflow; its run id, or its stage's,
+    names the model folder the stage wrote, the fine-tuned one first."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(tmp_path)
+    pretrained = tmp_path / "pretrain" / "0123456789abcdef"
+    shutil.copytree(model_dir, pretrained)
+    runs = {}
+    for command, stages in (("finetune", {"pretrain": pretrained, "finetune": model_dir}),
+                            ("pretrain", {"pretrain": pretrained}), ("data", {"tokenize": tmp_path})):
+        runs[command] = tracker.start_run(command)
+        for stage, output in stages.items():
+            runs[command, stage] = tracker.start_run(stage, parent_id=runs[command], tags={"output": str(output)})
+    assert resolve_model(runs["finetune"], tmp_path) == model_dir
+    assert resolve_model(runs["finetune", "pretrain"], tmp_path) == pretrained
+    assert resolve_model(runs["pretrain"], tmp_path) == pretrained
+    with pytest.raises(StageError, match=f"{runs['data']} holds no model directory"):
+        resolve_model(runs["data"], tmp_path)
+
+
 def test_a_pipeline_run_id_names_the_model_its_child_run_logged(registry, model_dir, monkeypatch):
     """`tinyseek run` prints its parent run's id; the model is logged by the `register` child."""
     root, _ = registry
