@@ -265,7 +265,9 @@ def next_token_command(args: argparse.Namespace) -> None:
 
 def export_hf_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if not args.force and out.is_dir() and any(out.iterdir()):  # said before the model loads
+    if out.exists() and not out.is_dir():  # said before the model loads, as the next
+        raise UserError(f"{out} is a file: --out names the folder to write the export into")
+    if not args.force and out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} already holds files: choose another --out, or add --force to overwrite them")
     inference, loaded = load_model(args)
     out = inference.export_hf(loaded, out)
@@ -278,7 +280,8 @@ def prune_command(args: argparse.Namespace) -> None:
 
     root = workspace(args.workspace, writable=False)
     if not root.is_dir():
-        raise UserError(f"no workspace at {root}; pass --workspace DIR")
+        where = "" if args.workspace else " (the default; pass --workspace DIR for another)"
+        raise UserError(f"no workspace at {root}{where}: nothing to prune")
     removed, running = prune(root, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     if removed:

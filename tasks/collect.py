@@ -832,7 +832,8 @@ class _Corpus:
         if not docs:
             if not self.reasons:
                 raise StageError("no documents collected: the sources hold no files or records")
-            raise StageError(f"no documents collected; quarantined by reason: {dict(self.reasons)}")
+            reasons = ", ".join(f"{reason} ({count})" for reason, count in self.reasons.most_common())
+            raise StageError(f"no documents collected; quarantined by reason: {reasons or 'none'}")
         shards = self.shards.close()
         self.quarantine.close()
         return {

@@ -83,7 +83,7 @@ def resolve_model(ref: str, workspace: Path) -> Path:
             raise StageError(f"{local} is not a model directory: it needs {' and '.join(MODEL_FILES)}")
         return local.resolve()
     if not ref.startswith(("models:/", "runs:/")) and not RUN_ID.match(ref):
-        raise StageError(f"no model directory at {local}; REF is {REF_FORMS}")
+        raise StageError(f"no model directory at {local}; --model takes {REF_FORMS}")
     registry = _Registry(tracking_uri(workspace))  # first: without a store, nothing is created
     return registry.fetch(ref, model_cache(Path(workspace)))
 
@@ -152,7 +152,7 @@ class _Registry:
             return self._run_candidates(match["run_id"], (match["path"] or "").strip("/"))
         if RUN_ID.match(ref):
             return self._run_candidates(ref, "")
-        raise StageError(f"{ref} is not a reference this tool reads; REF is {REF_FORMS}")
+        raise StageError(f"{ref} is not a reference this tool reads; --model takes {REF_FORMS}")
 
     def _version(self, name: str, alias: str | None, version: str | None) -> str:
         """The version number an alias or version names, checked against what is registered."""
@@ -421,7 +421,8 @@ def chat_loop(
 ) -> None:
     """An interactive chat with the model `name` (else its directory): each reply streams
     to `output`; /reset clears the conversation; /exit, /quit, end of input (Ctrl-D) or
-    Ctrl-C at the prompt end it; /help lists these. Ctrl-C during a reply stops that
+    Ctrl-C at the prompt end it; /help lists these, as does any other one-word line
+    starting with a slash, which is not sent. Ctrl-C during a reply stops that
     reply. When the conversation outgrows the context, its oldest exchanges are dropped,
     with a note. `sampling` takes `stream_reply`'s options."""
     max_new_tokens = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -450,6 +451,9 @@ def chat_loop(
             continue
         if line == HELP_COMMAND:
             output.write(f"({CHAT_HELP})\n")
+            continue
+        if line.startswith("/") and " " not in line:  # a mistyped command, not a message
+            output.write(f"(unknown command {line}: {CHAT_HELP})\n")
             continue
         if not line:
             continue

@@ -674,7 +674,8 @@ def load_user_data(
         examples.append(example)
     if not (examples or repeated):
         reasons = Counter(entry["reason"] for entry in quarantine).most_common(3)
-        detail = ", ".join(f"{reason} ({count} rows)" for reason, count in reasons) or "it has no rows"
+        detail = ", ".join(f"{reason} ({count} {'row' if count == 1 else 'rows'})" for reason, count in reasons)
+        detail = detail or "it has no rows"
         raise StageError(f"{source.path}: no usable rows: {detail}")
     return examples, quarantine
 

@@ -168,6 +168,11 @@ def test_an_export_does_not_overwrite_files_unless_forced(tmp_path):
     forced = tinyseek("export-hf", "--workspace", str(tmp_path), "--out", str(out), "--force")
     assert_one_line_error(forced, "no MLflow store")  # past the check: here no model exists
     assert (out / "config.json").read_text() == "{}"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for force in ([], ["--force"]):
+        result = tinyseek("export-hf", "--workspace", str(tmp_path), "--out", str(a_file), *force)
+        assert_one_line_error(result, f"{a_file} is a file: --out names the folder")
 
 
 def test_missing_model_reference(tmp_path):

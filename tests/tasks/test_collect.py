@@ -401,7 +401,7 @@ def test_user_errors_are_one_clear_line(ws, tmp_path, monkeypatch):
         run(ws, FilesSource(paths=[str(write(tmp_path / "notes.pdf", "%PDF"))]))
     with pytest.raises(StageError, match=r"no files match"):
         run(ws, FilesSource(paths=[str(tmp_path / "*.nothing")]))
-    with pytest.raises(StageError, match=r"no documents collected; quarantined by reason: \{'empty': 1\}"):
+    with pytest.raises(StageError, match=r"no documents collected; quarantined by reason: empty \(1\)$"):
         run(ws, FilesSource(paths=[str(write(tmp_path / "empty.txt", ""))]))
     (tmp_path / "no-files").mkdir()
     with pytest.raises(StageError, match=r"no documents collected: the sources hold no files or records$"):

@@ -442,6 +442,13 @@ def test_chat_help_lists_the_commands_and_names_the_model(loaded):
                               "(/reset clears the conversation, /exit or /quit (or Ctrl-D) ends the chat)\n\n")
 
 
+def test_an_unknown_command_is_not_sent_to_the_model(loaded):
+    out = Terminal()
+    chat_loop(loaded, scripted(["/rest"]), out)
+    assert out.getvalue().endswith("(unknown command /rest: /reset clears the conversation, /exit or /quit (or "
+                                   "Ctrl-D) ends the chat)\n\n")
+
+
 def test_a_chat_that_could_answer_nothing_is_refused_at_the_start(loaded):
     never = scripted([])  # no message is read
     with pytest.raises(StageError, match=f"max_new_tokens={loaded.context} leaves no room for a message"):

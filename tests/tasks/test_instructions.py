@@ -510,7 +510,7 @@ def test_a_file_with_no_usable_row_is_a_one_line_error(tmp_path):
         load_user_data(UserDataSource(path=str(path)))
     message = str(error.value)
     assert "\n" not in message and str(path) in message
-    assert "missing 'output' (2 rows), invalid JSON (1 rows)" in message
+    assert "missing 'output' (2 rows), invalid JSON (1 row)" in message
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(StageError, match="empty.jsonl: no usable rows: it has no rows"):
         load_user_data(UserDataSource(path=str(tmp_path / "empty.jsonl")))
