@@ -280,8 +280,7 @@ def prune_command(args: argparse.Namespace) -> None:
 
     root = workspace(args.workspace, writable=False)
     if not root.is_dir():
-        where = "" if args.workspace else " (the default; pass --workspace DIR for another)"
-        raise UserError(f"no workspace at {root}{where}: nothing to prune")
+        raise UserError(f"no workspace at {root}: nothing to prune")
     removed, running = prune(root, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     if removed:

@@ -207,7 +207,7 @@ def split_note(val_fraction: float, counts: dict[str, int]) -> str | None:
         return (f"clean: no document of {documents} fell into the validation split (val_fraction={val_fraction}): "
                 "training reports no validation loss; raise clean.val_fraction or add documents")
     if validation and not val_fraction / 3 <= share <= 3 * val_fraction:
-        return (f"clean: the validation split holds {share:.0%} of the tokens ({counts['validation_documents']} of "
+        return (f"clean: the validation split holds {share:.1%} of the tokens ({counts['validation_documents']} of "
                 f"{documents} documents) for val_fraction={val_fraction}: documents are split whole, so a few long "
                 "ones decide it; add documents, or change clean.val_fraction to draw others")
     return None

@@ -241,8 +241,12 @@ def apply_set(values: dict[str, Any], assignment: str, defaults: PipelineConfig)
     return merge(values, nested)
 
 
+def _closest(key: str, valid: list[str]) -> list[str]:
+    return difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    close = _closest(key, valid)
     if close:
         return "did you mean " + " or ".join(close) + "?"
     return "valid keys: " + ", ".join(valid)
@@ -282,11 +286,10 @@ def load_config(
 def _yaml_hint(exc: ValidationError, overrides: list[str] | tuple[str, ...]) -> str:
     """How to pass text that YAML reads as something else ('a: b' is a mapping, 'yes' true),
     when such a --set value is what a text field refused."""
-    first = exc.errors()[0]
-    path = ".".join(str(p) for p in first["loc"])
+    refused = {".".join(str(p) for p in error["loc"]) for error in exc.errors() if error["type"] == "string_type"}
     for assignment in overrides:
         key, _, raw = assignment.partition("=")
-        if key.strip() == path and first["type"] == "string_type" and not isinstance(yaml.safe_load(raw), str):
+        if key.strip() in refused and not isinstance(yaml.safe_load(raw), str):
             return f"; --set reads values as YAML: quote text, e.g. --set '{key.strip()}=\"{raw}\"'"
     return ""
 
@@ -294,11 +297,12 @@ def _yaml_hint(exc: ValidationError, overrides: list[str] | tuple[str, ...]) -> 
 def config_error(exc: ValidationError, shown: int = 4) -> str:
     """A config's problems on one line: where and what, the first `shown` of them, and how
     many more. A misspelt name comes first, as the likely cause of the others, with the
-    closest valid names; a name it leaves missing beside it (`path:` for `paths:` is an
-    unknown name and a missing one) is not listed again."""
+    closest valid names; a missing name among those is not listed again (`path:` for
+    `paths:` is an unknown name and a missing one)."""
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    misspelt = {error["loc"][:-1] for error in errors if error["type"] == "extra_forbidden"}
-    errors = [error for error in errors if not (error["type"] == "missing" and error["loc"][:-1] in misspelt)]
+    meant = {(*error["loc"][:-1], name) for error in errors if error["type"] == "extra_forbidden"
+             for name in _closest(str(error["loc"][-1]), _fields_at(error["loc"][:-1]))}
+    errors = [error for error in errors if not (error["type"] == "missing" and tuple(error["loc"]) in meant)]
     problems = [_problem(error) for error in errors]
     (where, what), others = problems[0], [f"{where}: {what}" if where else what for where, what in problems[1:shown]]
     more = [f"and {len(problems) - shown} more"] if len(problems) > shown else []

@@ -35,6 +35,7 @@ import torch
 from mlflow.entities import FileInfo
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
@@ -46,7 +47,7 @@ from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
 from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import byte_of_char
-from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri
+from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri, workspace_move
 
 DEFAULT_REF = "models:/tinyseek@champion"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)
@@ -55,6 +56,7 @@ CACHE_DIR = "models-cache"
 DEFAULT_MAX_NEW_TOKENS = 64
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
+COMMAND_LIKE = re.compile(r"/[A-Za-z]+$")
 HELP_COMMAND = "/help"
 CHAT_HELP = f"{RESET_COMMAND} clears the conversation, {' or '.join(EXIT_COMMANDS)} (or Ctrl-D) ends the chat"
 REF_FORMS = "a model directory, models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-<id>, runs:/RUN_ID/PATH or a run id"
@@ -178,17 +180,29 @@ class _Registry:
         return version
 
     def _stage_model(self, run_id: str) -> Path | None:
-        """The model a run's stage wrote into the workspace, the fine-tuned one first: only
-        `tinyseek run` logs one to MLflow, and a `pretrain` or `finetune` command's run (or
-        its stage's own run) names its output folder in the stage run's `output` tag."""
+        """The model a run's stage wrote into the workspace, the fine-tuned one when the run
+        fine-tuned: only `tinyseek run` logs one to MLflow, and a `pretrain` or `finetune`
+        command's run (or its stage's own run) names its output folder in the stage run's
+        `output` tag. None for a run without such a stage; an error when the stage wrote no
+        model, or it is gone."""
         run = self.client.get_run(run_id)
         children = self.client.search_runs([run.info.experiment_id],
                                            filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-        outputs = {stage.info.run_name: stage.data.tags.get("output") for stage in [run, *children]}
-        for stage in ("finetune", "pretrain"):
-            if outputs.get(stage) and is_model_dir(Path(outputs[stage])):
-                return Path(outputs[stage])
-        return None
+        stages = {child.info.run_name: child for child in children}
+        if MLFLOW_PARENT_RUN_ID in run.data.tags:  # a stage's own run
+            stages[run.info.run_name] = run
+        stage = next((stages[name] for name in ("finetune", "pretrain") if name in stages), None)
+        if stage is None:
+            return None
+        name, output = stage.info.run_name, stage.data.tags.get("output")
+        if not output:
+            raise StageError(f"{run_id}: its {name} stage wrote no model (its run is {stage.info.status})")
+        experiment = self.client.get_experiment(run.info.experiment_id)
+        if now := moved_root(experiment.artifact_location, self.uri):  # a moved workspace, only read here
+            output = moved(output, *map(str, workspace_move(experiment.artifact_location, now)))
+        if not is_model_dir(Path(output)):
+            raise StageError(f"{run_id}: the model its {name} stage wrote is no longer at {output}")
+        return Path(output)
 
     def _run_candidates(self, run_id: str, path: str) -> list[tuple[str, int]]:
         """A run's logged models (newest first; `path` may start with a model's name); for a bare
@@ -421,8 +435,8 @@ def chat_loop(
 ) -> None:
     """An interactive chat with the model `name` (else its directory): each reply streams
     to `output`; /reset clears the conversation; /exit, /quit, end of input (Ctrl-D) or
-    Ctrl-C at the prompt end it; /help lists these, as does any other one-word line
-    starting with a slash, which is not sent. Ctrl-C during a reply stops that
+    Ctrl-C at the prompt end it; /help lists these, as does any other slash and word
+    (`/rest`), which is not sent. Ctrl-C during a reply stops that
     reply. When the conversation outgrows the context, its oldest exchanges are dropped,
     with a note. `sampling` takes `stream_reply`'s options."""
     max_new_tokens = sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
@@ -452,7 +466,7 @@ def chat_loop(
         if line == HELP_COMMAND:
             output.write(f"({CHAT_HELP})\n")
             continue
-        if line.startswith("/") and " " not in line:  # a mistyped command, not a message
+        if COMMAND_LIKE.match(line):  # a mistyped command, not a message (a path such as /etc/hosts is one)
             output.write(f"(unknown command {line}: {CHAT_HELP})\n")
             continue
         if not line:

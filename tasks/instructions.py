@@ -681,10 +681,10 @@ def load_user_data(
 
 
 def _prompt_key(example: Example) -> str:
-    """What an example asks: its turns before the answer, system prompts left out (they are
-    shared instructions, not the question)."""
-    return json.dumps([[m["role"], m["content"]] for m in example.messages[:-1] if m["role"] != "system"],
-                      ensure_ascii=False)
+    """What an example asks: the user turn its answer answers. Earlier turns and system
+    prompts are context: a row that learns to answer a question after other turns has
+    still learned that question's answer."""
+    return next(m["content"] for m in reversed(example.messages[:-1]) if m["role"] == "user")
 
 
 def _leak(example: Example, test_fraction: float, generated: dict[str, tuple[str, str]]) -> str | None:
@@ -700,9 +700,9 @@ def _leak(example: Example, test_fraction: float, generated: dict[str, tuple[str
 
 
 def _held_out(example: Example, fraction: float) -> bool:
-    """Stable choice of test rows: a hash of the prompt turns, so duplicates stay together."""
-    prompt = json.dumps(example.messages[:-1], sort_keys=True, ensure_ascii=False)
-    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 16**8
+    """Stable choice of test rows: a hash of the question (`_prompt_key`), so that rows asking
+    the same one, in whatever context, stay on one side."""
+    bucket = int(hashlib.sha256(_prompt_key(example).encode()).hexdigest()[:8], 16) / 16**8
     return bucket < fraction
 
 

@@ -139,7 +139,13 @@ def relocate_store(uri: str) -> int:
             return 0
         changed = sum(_replace_prefix(db, table, column, row[0], current)
                       for table, columns in ARTIFACT_COLUMNS.items() for column in columns)
-        return changed + _rewrite_paths(db, *(_local_path(location).parent for location in (row[0], current)))
+        return changed + _rewrite_paths(db, *workspace_move(row[0], current))
+
+
+def workspace_move(recorded: str, current: str) -> tuple[Path, Path]:
+    """The workspace folders a store's artifacts were recorded in and are in now (from
+    `recorded` and `current`, as `moved_root` gives them)."""
+    return _local_path(recorded).parent, _local_path(current).parent
 
 
 def _replace_prefix(db: sqlite3.Connection, table: str, column: str, old: str, new: str) -> int:

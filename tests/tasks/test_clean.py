@@ -220,9 +220,9 @@ def test_split_is_stable_and_proportional():
     "train, validation, note",
     [((95_000, 30), (5_000, 2), None),  # 5% of the tokens, as asked
      ((98_000, 30), (2_000, 1), None),  # 2%: within three times less
-     ((48_000, 27), (43_000, 1), "the validation split holds 47% of the tokens (1 of 28 documents) for "
+     ((48_000, 27), (43_000, 1), "the validation split holds 47.3% of the tokens (1 of 28 documents) for "
                                  "val_fraction=0.05: documents are split whole"),
-     ((99_900, 30), (100, 1), "holds 0% of the tokens (1 of 31 documents)"),
+     ((99_900, 30), (100, 1), "holds 0.1% of the tokens (1 of 31 documents)"),
      ((90_000, 9), (0, 0), "no document of 9 fell into the validation split (val_fraction=0.05)")],
 )  # fmt: skip
 def test_a_validation_split_far_from_val_fraction_is_noted(train, validation, note):

@@ -116,6 +116,11 @@ def test_every_problem_is_listed_up_to_four():
     five = ["pretrain.steps=a", "pretrain.lr=-1", "pretrain.warmup_steps=b", "clean.min_chars=c", "finetune.lr=0"]
     with pytest.raises(StageError, match=r"; pretrain.lr: Input should be greater than 0; .*; and 1 more$"):
         load_config("tiny", overrides=five)
+    with pytest.raises(StageError, match=r"text_fild: unknown name; did you mean text_field\?; "
+                                         r"collect.sources.0.files.paths: Field required$"):  # not a twin: listed
+        load_config("tiny", overrides=["collect.sources=[{kind: files, text_fild: body}]"])
+    with pytest.raises(StageError, match=r"--set reads values as YAML: quote text"):  # the second problem's hint
+        load_config("tiny", overrides=["pretrain.steps=x", "instructions.system_prompt=You are: helpful"])
 
 
 def test_the_preset_comes_from_the_option_or_the_file_and_they_must_agree(tmp_path):

@@ -211,6 +211,18 @@ def test_a_training_command_run_id_names_the_model_its_stage_wrote(tmp_path, mod
     assert resolve_model(runs["pretrain"], tmp_path) == pretrained
     with pytest.raises(StageError, match=f"{runs['data']} holds no model directory"):
         resolve_model(runs["data"], tmp_path)
+    failed = tracker.start_run("finetune")  # its pretrained model is no stand-in for the fine-tuned one
+    tracker.start_run("pretrain", parent_id=failed, tags={"output": str(pretrained)})
+    tracker.end_run(tracker.start_run("finetune", parent_id=failed), "FAILED")
+    with pytest.raises(StageError, match=f"{failed}: its finetune stage wrote no model \\(its run is FAILED\\)"):
+        resolve_model(failed, tmp_path)
+    gone = tracker.start_run("pretrain")
+    tracker.start_run("pretrain", parent_id=gone, tags={"output": str(tmp_path / "pretrain" / "pruned")})
+    with pytest.raises(StageError, match=f"{gone}: the model its pretrain stage wrote is no longer at"):
+        resolve_model(gone, tmp_path)
+    copy = tmp_path.parent / f"{tmp_path.name}-copy"  # read only: its store still names the original
+    shutil.copytree(tmp_path, copy)
+    assert resolve_model(runs["pretrain"], copy) == copy / "pretrain" / "0123456789abcdef"
 
 
 def test_a_pipeline_run_id_names_the_model_its_child_run_logged(registry, model_dir, monkeypatch):
@@ -447,6 +459,9 @@ def test_an_unknown_command_is_not_sent_to_the_model(loaded):
     chat_loop(loaded, scripted(["/rest"]), out)
     assert out.getvalue().endswith("(unknown command /rest: /reset clears the conversation, /exit or /quit (or "
                                    "Ctrl-D) ends the chat)\n\n")
+    path = Terminal()
+    chat_loop(loaded, scripted(["/etc/hosts"]), path, max_new_tokens=3)
+    assert "unknown command" not in path.getvalue()  # sent: a path is no command
 
 
 def test_a_chat_that_could_answer_nothing_is_refused_at_the_start(loaded):

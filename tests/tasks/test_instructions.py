@@ -461,7 +461,9 @@ def test_user_rows_asking_a_generated_prompt_across_the_split_are_quarantined(tm
     test, train = generated["test"][0], generated["train"][0]
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, *test.messages[:-1],
                           {"role": "assistant", "content": "another answer"}]},
-            {"messages": train.messages}, {"instruction": "Name a color.", "output": "Blue"}]  # fmt: skip
+            {"messages": train.messages}, {"instruction": "Name a color.", "output": "Blue"},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                          *test.messages]}]  # the test question after other turns  # fmt: skip
     path = str(_write_jsonl(tmp_path / "u.jsonl", rows))
 
     def user_rows(test_fraction):
@@ -473,12 +475,24 @@ def test_user_rows_asking_a_generated_prompt_across_the_split_are_quarantined(tm
 
     (train_answers, test_answers), quarantine = user_rows(0.0)
     assert train_answers == [train.answer, "Blue"] and test_answers == []  # more training on a trained prompt
-    assert quarantine == [{"source": path, "line": 1, "reason": "same prompt as a held-out test example of upper"}]
+    assert quarantine == [{"source": path, "line": line, "reason": "same prompt as a held-out test example of upper"}
+                          for line in (1, 4)]  # fmt: skip
     (train_answers, test_answers), quarantine = user_rows(1.0)
     assert train_answers == [] and test_answers == ["Blue"]
     assert [entry["reason"] for entry in quarantine] == [
         "same prompt as a held-out test example of upper",
-        "held out, but its prompt is that of a training example of upper"]
+        "held out, but its prompt is that of a training example of upper",
+        "same prompt as a held-out test example of upper"]
+
+
+def test_a_question_is_held_out_or_not_whatever_its_context(tmp_path):
+    rows = [{"messages": [*context, {"role": "user", "content": f"Repeat {i}."},
+                          {"role": "assistant", "content": f"{i}"}]}
+            for i in range(50) for context in ([], [{"role": "system", "content": "Be exact."}])]  # fmt: skip
+    source = UserDataSource(path=str(_write_jsonl(tmp_path / "u.jsonl", rows)), test_fraction=0.5)
+    data = build_examples(InstructionConfig(families=[], user_data=[source]))
+    held_out = [_prompt(e) for e in data["test"]]
+    assert 0 < len(held_out) < 100 and all(held_out.count(prompt) == 2 for prompt in held_out)
 
 
 def test_forced_format_checks_that_format(tmp_path):
