@@ -129,7 +129,10 @@ def finetune(
 
     def build(out: Path) -> dict:
         quarantine: list[dict] = []
-        examples = build_examples(config.instructions, quarantine=quarantine)
+        notes: list[str] = []
+        examples = build_examples(config.instructions, quarantine=quarantine, notes=notes)
+        for note in notes:
+            log(note)
         pd.DataFrame(quarantine, columns=["source", "line", "reason"]).to_parquet(out / QUARANTINE)
         for split, name in EXAMPLE_FILES.items():
             examples_table(examples[split]).to_parquet(out / name, index=False)

@@ -718,14 +718,15 @@ def _with_system(example: Example, system_prompt: str | None) -> Example:
 
 
 def build_examples(
-    config: InstructionConfig, *, quarantine: list[dict[str, Any]] | None = None
+    config: InstructionConfig, *, quarantine: list[dict[str, Any]] | None = None, notes: list[str] | None = None
 ) -> dict[str, list[Example]]:
     """Training and held-out test examples: generated families first, then user data.
 
     User rows go to training except a `test_fraction` of each source; a row repeating an
     earlier one of any source, or asking a generated example's prompt across the split, is
     dropped (see `load_user_data`). When a list is passed as `quarantine`, the user rows
-    dropped are appended to it as {source, line, reason}.
+    dropped are appended to it as {source, line, reason}. When a list is passed as `notes`,
+    a source whose `test_fraction` held out none of its rows is said there.
     """
     splits: dict[str, list[Example]] = {"train": [], "test": []}
     for family in FAMILIES:
@@ -738,9 +739,13 @@ def build_examples(
         examples, bad = load_user_data(source, seen, generated)
         if quarantine is not None:
             quarantine += [{"source": source.path, **entry} for entry in bad]
-        for example in examples:
-            split = "test" if _held_out(example, source.test_fraction) else "train"
-            splits[split].append(example)
+        held = [_held_out(example, source.test_fraction) for example in examples]
+        for example, test in zip(examples, held):
+            splits["test" if test else "train"].append(example)
+        if notes is not None and source.test_fraction > 0 and not any(held):
+            notes.append(f"instructions: test_fraction={source.test_fraction} held out none of the {len(examples)} "
+                         f"usable rows of {source.path} (rows are held out by a hash of their question), so it is "
+                         "not evaluated; raise test_fraction or add rows")
     return {split: [_with_system(e, config.system_prompt) for e in examples] for split, examples in splits.items()}
 
 

@@ -495,6 +495,21 @@ def test_a_question_is_held_out_or_not_whatever_its_context(tmp_path):
     assert 0 < len(held_out) < 100 and all(held_out.count(prompt) == 2 for prompt in held_out)
 
 
+def test_a_test_fraction_that_holds_out_no_row_is_said(tmp_path):
+    rows = [{"instruction": f"Repeat {i}.", "output": str(i)} for i in range(3)]
+    path = str(_write_jsonl(tmp_path / "few.jsonl", rows))
+
+    def notes(fraction):
+        said = []
+        config = InstructionConfig(families=[], user_data=[UserDataSource(path=path, test_fraction=fraction)])
+        return said if build_examples(config, notes=said) else None
+
+    assert notes(1e-9) == [
+        f"instructions: test_fraction=1e-09 held out none of the 3 usable rows of {path} (rows are held out by a "
+        "hash of their question), so it is not evaluated; raise test_fraction or add rows"]
+    assert notes(1.0) == notes(0.0) == []  # all held out; none asked for
+
+
 def test_forced_format_checks_that_format(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", MESSAGES_LINES[:1] + ALPACA_LINES[:1])
     examples, quarantine = load_user_data(UserDataSource(path=str(path), format="alpaca"))
