@@ -692,15 +692,24 @@ def _read_urls(source: UrlSource, scratch: Path, max_doc_chars: int) -> Iterator
 def _read_files(files: list[Path], text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     """The documents of a files source. A table or file of records without `text_field` is
     quarantined when another one of the source has it (a folder holding other tables too);
-    when none has it, the setting is wrong, and the stage stops naming the first one's fields."""
+    when none has it, the setting is wrong, and the stage stops naming the first one's fields.
+    Such a file is one quarantine row: the bad lines it opens with (up to FIELD_PROBE) are
+    held back until a document shows the file is not one."""
     lacking: list[_NoField] = []
     found = False  # a document from a file of records
     for path in files:
         records = (_format(path) or ("",))[0] in RECORD_FORMATS
+        opening: list[_Item] | None = []
         try:
             for item in _read_file(path, str(path), text_field, max_doc_chars):
+                if records and isinstance(item, _Bad) and opening is not None and len(opening) < FIELD_PROBE:
+                    opening.append(item)
+                    continue
                 found = found or (records and isinstance(item, _Doc))
+                yield from opening or ()
+                opening = None
                 yield item
+            yield from opening or ()
         except _NoField as exc:
             lacking.append(exc)
             yield _Bad(str(path), "missing-field", f"no field {text_field!r} in its records; fields there: "

@@ -349,11 +349,18 @@ def test_a_table_without_text_field_beside_ones_with_it_is_quarantined(ws, tmp_p
     write(root / "a.jsonl", jsonl({"text": "kept"}))
     write(root / "b.csv", "x,y\n1,2\n")
     write(root / "c.txt", "plain text")
+    write(root / "d.jsonl", "not json\n" + jsonl({"body": "x"}))  # one row for the file, not one more per line
+    write(root / "e.jsonl", "not json\n" + jsonl({"text": "after a bad line"}))
     ref = run(ws, FilesSource(paths=[str(root)]))
-    assert texts(ref) == {f"{root}/a.jsonl:1": "kept", f"{root}/c.txt": "plain text"}
-    assert quarantined(ref) == {f"{root}/b.csv": "missing-field"}
-    [row] = pq.read_table(ref.dir / QUARANTINE).to_pylist()
-    assert row["detail"] == "no field 'text' in its records; fields there: x, y"
+    assert texts(ref) == {f"{root}/a.jsonl:1": "kept", f"{root}/c.txt": "plain text",
+                          f"{root}/e.jsonl:2": "after a bad line"}
+    assert quarantined(ref) == {f"{root}/b.csv": "missing-field", f"{root}/d.jsonl": "missing-field",
+                                f"{root}/e.jsonl:1": "malformed-json"}
+    assert ref.counts["quarantined"] == 3
+    rows = {row["origin"]: row["detail"] for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
+    assert rows[f"{root}/b.csv"] == "no field 'text' in its records; fields there: x, y"
+    for name in ("d.jsonl", "e.jsonl"):
+        (root / name).unlink()
     (root / "a.jsonl").unlink()  # no table has it: the setting is what is wrong
     with pytest.raises(StageError, match=r"b\.csv: no field 'text'; fields there: x, y\. Set text_field"):
         run(ws, FilesSource(paths=[str(root)]))
