@@ -482,13 +482,14 @@ class _Utf16AsUtf8(io.RawIOBase):
         return size
 
 
-def _utf16_hint(head: bytes) -> str:
+def _utf16_hint(head: bytes, fmt: str) -> str:
     """A hint when NUL bytes look like UTF-16 text without its byte-order mark: mostly Latin
     text has a NUL as every other byte (the odd ones little-endian, the even ones big-endian)."""
     halves = head[1::2], head[0::2]
     if len(head) >= 16 and any(half.count(0) >= 0.9 * len(half) and b"\0" not in other
                                for half, other in (halves, halves[::-1])):
-        return ": it looks like UTF-16 without a byte-order mark; save it as UTF-8 (or UTF-16 with one)"
+        other = "" if fmt == ".py" else " (or UTF-16 with one)"  # Python reads no UTF-16 source
+        return f": it looks like UTF-16 without a byte-order mark; save it as UTF-8{other}"
     return ""
 
 
@@ -526,7 +527,7 @@ def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> I
                 yield from _read_utf16(stream, fmt, label, text_field, max_doc_chars)
                 return
             if b"\0" in head:
-                yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes{_utf16_hint(head)}")
+                yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes{_utf16_hint(head, fmt)}")
                 return
             yield from READERS[fmt](stream, label, text_field, max_doc_chars)
     except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as exc:

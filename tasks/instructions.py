@@ -742,10 +742,11 @@ def build_examples(
         held = [_held_out(example, source.test_fraction) for example in examples]
         for example, test in zip(examples, held):
             splits["test" if test else "train"].append(example)
-        if notes is not None and source.test_fraction > 0 and not any(held):
-            notes.append(f"instructions: test_fraction={source.test_fraction} held out none of the {len(examples)} "
-                         f"usable rows of {source.path} (rows are held out by a hash of their question), so it is "
-                         "not evaluated; raise test_fraction or add rows")
+        if notes is not None and source.test_fraction > 0 and examples and not any(held):
+            rows = f"{len(examples)} rows" if len(examples) > 1 else "one row"
+            notes.append(f"instructions: test_fraction={source.test_fraction} held out none of the {rows} kept from "
+                         f"{source.path} (rows are held out by a hash of their question), so none is evaluated; raise "
+                         "test_fraction or add rows")
     return {split: [_with_system(e, config.system_prompt) for e in examples] for split, examples in splits.items()}
 
 

@@ -250,6 +250,7 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     write(root / "half.jsonl", good16 + b"\x00\xd8A\x00\n\x00")
     odd16 = "an odd byte at the end".encode("utf-16")
     write(root / "nomark.txt", "UTF-16 without its byte-order mark".encode("utf-16-le"))
+    write(root / "nomark.py", 'print("no byte-order mark")\n'.encode("utf-16-le"))
     write(root / "odd.txt", odd16 + b"!")
     write(root / "empty.txt", "")
     write(root / "blank.md", "  \n\t\n")
@@ -278,6 +279,7 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert quarantined(ref) == {
         f"{root}/binary.txt": "binary",
         f"{root}/nomark.txt": "binary",
+        f"{root}/nomark.py": "binary",
         f"{root}/latin1.txt": "invalid-utf8",
         f"{root}/half.jsonl": "invalid-utf16",
         f"{root}/odd.txt": "invalid-utf16",
@@ -300,11 +302,12 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert rows[f"{root}/odd.txt"]["detail"].startswith(f"byte {len(odd16)}: truncated data")
     assert rows[f"{root}/nomark.txt"]["detail"].endswith("looks like UTF-16 without a byte-order mark; save it as "
                                                          "UTF-8 (or UTF-16 with one)")
+    assert rows[f"{root}/nomark.py"]["detail"].endswith("without a byte-order mark; save it as UTF-8")  # only
     assert rows[f"{root}/binary.txt"]["detail"] == "NUL bytes in the first 8192 bytes"
-    assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 2,
+    assert ref.manifest()["quarantine"] == {"malformed-json": 2, "missing-field": 2, "empty": 2, "binary": 3,
                                             "invalid-utf8": 2, "unsupported-extension": 1, "unreadable": 2,
                                             "not-text": 1, "invalid-utf16": 2}  # fmt: skip
-    assert ref.counts["quarantined"] == 16
+    assert ref.counts["quarantined"] == 17
 
 
 def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):

@@ -505,9 +505,13 @@ def test_a_test_fraction_that_holds_out_no_row_is_said(tmp_path):
         return said if build_examples(config, notes=said) else None
 
     assert notes(1e-9) == [
-        f"instructions: test_fraction=1e-09 held out none of the 3 usable rows of {path} (rows are held out by a "
-        "hash of their question), so it is not evaluated; raise test_fraction or add rows"]
+        f"instructions: test_fraction=1e-09 held out none of the 3 rows kept from {path} (rows are held out by a "
+        "hash of their question), so none is evaluated; raise test_fraction or add rows"]
     assert notes(1.0) == notes(0.0) == []  # all held out; none asked for
+    said = []  # a source all of whose rows repeat an earlier one's has no row to hold out
+    build_examples(InstructionConfig(families=[], user_data=[UserDataSource(path=path),
+                                                             UserDataSource(path=path, test_fraction=1e-9)]), notes=said)
+    assert said == []
 
 
 def test_forced_format_checks_that_format(tmp_path):
