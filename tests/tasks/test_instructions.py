@@ -509,8 +509,8 @@ def test_a_test_fraction_that_holds_out_no_row_is_said(tmp_path):
         "hash of their question), so none is evaluated; raise test_fraction or add rows"]
     assert notes(1.0) == notes(0.0) == []  # all held out; none asked for
     said = []  # a source all of whose rows repeat an earlier one's has no row to hold out
-    build_examples(InstructionConfig(families=[], user_data=[UserDataSource(path=path),
-                                                             UserDataSource(path=path, test_fraction=1e-9)]), notes=said)
+    twice = [UserDataSource(path=path), UserDataSource(path=path, test_fraction=1e-9)]
+    build_examples(InstructionConfig(families=[], user_data=twice), notes=said)
     assert said == []
 
 
