@@ -20,8 +20,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -41,6 +39,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.telemetry.client import get_telemetry_client, set_telemetry_client
 from mlflow.telemetry.utils import is_telemetry_disabled
+from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
@@ -145,7 +144,7 @@ def relocate_store(uri: str) -> int:
 def workspace_move(recorded: str, current: str) -> tuple[Path, Path]:
     """The workspace folders a store's artifacts were recorded in and are in now (from
     `recorded` and `current`, as `moved_root` gives them)."""
-    return _local_path(recorded).parent, _local_path(current).parent
+    return Path(local_file_uri_to_path(recorded)).parent, Path(local_file_uri_to_path(current)).parent
 
 
 def _replace_prefix(db: sqlite3.Connection, table: str, column: str, old: str, new: str) -> int:
@@ -168,16 +167,11 @@ def _rewrite_paths(db: sqlite3.Connection, old: Path, new: Path) -> int:
         except ValueError:  # a source some other client wrote: not ours to rewrite
             continue
         location = source.get("uri") if isinstance(source, dict) else None
-        if isinstance(location, str) and moved(location, str(old), str(new)) != location:
-            source["uri"] = moved(location, str(old), str(new))
+        if isinstance(location, str) and (now := moved(location, str(old), str(new))) != location:
+            source["uri"] = now
             db.execute("UPDATE datasets SET dataset_source = ? WHERE dataset_uuid = ?", (json.dumps(source), dataset))
             changed += 1
     return changed
-
-
-def _local_path(uri: str) -> Path:
-    """The path of a file: URI."""
-    return Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path))
 
 
 @functools.cache
