@@ -385,27 +385,35 @@ class _Judge:
                 for doc_id, raw in _documents(batch):
                     size += len(raw.encode())
                     if split_of(doc_id, self.config.val_fraction) == "validation":
-                        text = scrub_pii(normalize(raw))[0]
-                        words = Words(text)
-                        if not (quality_failures(text, self.config, words) or self.eval_grams.contains(words)):
+                        _, _, words, drop = self._alone(raw)
+                        if drop is None:
                             self.val_grams.add(words)
         self.val_grams.freeze()
         return size
 
+    def _alone(self, raw: str) -> tuple[str, dict[str, int], Words, tuple[str, str] | None]:
+        """A document normalised and scrubbed (text, PII counts, words), and why it goes as far
+        as it decides that alone: a quality filter, or a span of an evaluation text."""
+        text, pii = scrub_pii(normalize(raw))
+        words = Words(text)
+        failures = quality_failures(text, self.config, words)
+        if failures:
+            return text, pii, words, failures[0]
+        if self.eval_grams.contains(words):
+            return text, pii, words, ("contaminated", f"{self._span} an evaluation set")
+        return text, pii, words, None
+
+    @property
+    def _span(self) -> str:
+        return f"shares a {self.config.decontam_ngram}-word span with"
+
     def __call__(self, doc_id: str, raw: str) -> Verdict:
         config = self.config
-        text, pii = scrub_pii(normalize(raw))
-        judged = Verdict(text, split_of(doc_id, config.val_fraction), len(raw.encode()), pii, None)
-        words = Words(text)
-        failures = quality_failures(text, config, words)
-        span = f"shares a {config.decontam_ngram}-word span with"
-        if failures:
-            judged.drop = failures[0]
-        elif self.eval_grams.contains(words):
-            judged.drop = "contaminated", f"{span} an evaluation set"
-        elif judged.split == "train" and self.val_grams.contains(words):
-            judged.drop = "contaminated", f"{span} the validation split"
-        else:
+        text, pii, words, drop = self._alone(raw)
+        judged = Verdict(text, split_of(doc_id, config.val_fraction), len(raw.encode()), pii, drop)
+        if drop is None and judged.split == "train" and self.val_grams.contains(words):
+            judged.drop = "contaminated", f"{self._span} the validation split"
+        if judged.drop is None:
             judged.digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
             judged.signature = minhash(words, config.shingle_words, config.num_perm, config.minhash_seed)
         return judged
