@@ -20,7 +20,6 @@ time, so memory stays flat however large the corpus grows.
 from __future__ import annotations
 
 import ast
-import codecs
 import csv
 import glob
 import gzip
@@ -52,7 +51,7 @@ import zstandard
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 import tasks.files
-from tasks.files import UTF16_BOMS, file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
 from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
@@ -444,44 +443,6 @@ READERS = {".txt": _read_text, ".md": _read_text, ".py": _read_python, ".jsonl":
            ".csv": _read_csv}
 
 
-class _Utf16AsUtf8(io.RawIOBase):
-    """A UTF-16 stream, starting with its byte-order mark, read as UTF-8 bytes, so that every
-    reader takes Windows' "Unicode" files as it takes UTF-8 ones. Where the bytes stop being
-    UTF-16, the text before them is read, then reading raises UnicodeDecodeError; `error_at`
-    is the (uncompressed) file's byte where they start."""
-
-    def __init__(self, stream: io.BufferedIOBase) -> None:
-        self._stream = stream
-        self._codec = "utf-16-le" if stream.read(2) == b"\xff\xfe" else "utf-16-be"
-        self._decoder = codecs.getincrementaldecoder(self._codec)()
-        self._pending = b""
-        self._read = 2
-        self._error: UnicodeDecodeError | None = None
-        self.error_at = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            if self._error:
-                raise self._error
-            raw = self._stream.read(1 << 16)
-            self._read += len(raw)
-            try:
-                text = self._decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as exc:  # exc.object: the bytes held back from before, then raw
-                self._error, self.error_at = exc, self._read - len(exc.object) + exc.start
-                text = exc.object[: exc.start].decode(self._codec)
-            if not (raw or text or self._error):
-                return 0
-            self._pending = text.encode()
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
-
-
 def _utf16_hint(head: bytes, fmt: str) -> str:
     """A hint when NUL bytes look like UTF-16 text without its byte-order mark: mostly Latin
     text has a NUL as every other byte (the odd ones little-endian, the even ones big-endian)."""
@@ -502,7 +463,7 @@ def _read_utf16(
     if fmt == ".py":
         yield _Bad(label, "bad-encoding", "UTF-16, which Python does not read as source: save it as UTF-8")
         return
-    utf8 = _Utf16AsUtf8(stream)
+    utf8 = Utf16AsUtf8(stream)
     try:
         yield from READERS[fmt](io.BufferedReader(utf8), label, text_field, max_doc_chars)
     except UnicodeDecodeError as exc:
@@ -853,7 +814,7 @@ class _Corpus:
             if not self.reasons:
                 raise StageError("no documents collected: the sources hold no files or records")
             reasons = ", ".join(f"{reason} ({count})" for reason, count in self.reasons.most_common())
-            raise StageError(f"no documents collected; quarantined by reason: {reasons or 'none'}")
+            raise StageError(f"no documents collected; quarantined by reason: {reasons}")
         shards = self.shards.close()
         self.quarantine.close()
         return {

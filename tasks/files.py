@@ -1,11 +1,14 @@
 """Local input files: which a folder holds, and what identifies their current content.
 
 Collect reads a corpus from such files and fine-tuning reads the user's instruction data;
-both fingerprint the same file states, so an edited, added or removed file builds again.
+both fingerprint the same file states, so an edited, added or removed file builds again,
+and both read UTF-16 files through `Utf16AsUtf8`.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -54,3 +57,41 @@ def starts_json_array(head: bytes) -> bool:
     """Whether a file's first bytes open a JSON array (a byte-order mark and white space
     before it allowed), rather than JSON Lines."""
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+class Utf16AsUtf8(io.RawIOBase):
+    """A UTF-16 stream, starting with its byte-order mark, read as UTF-8 bytes, so that every
+    reader takes Windows' "Unicode" files as it takes UTF-8 ones. Where the bytes stop being
+    UTF-16, the text before them is read, then reading raises UnicodeDecodeError; `error_at`
+    is the (uncompressed) file's byte where they start."""
+
+    def __init__(self, stream: io.BufferedIOBase) -> None:
+        self._stream = stream
+        self._codec = "utf-16-le" if stream.read(2) == b"\xff\xfe" else "utf-16-be"
+        self._decoder = codecs.getincrementaldecoder(self._codec)()
+        self._pending = b""
+        self._read = 2
+        self._error: UnicodeDecodeError | None = None
+        self.error_at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            if self._error:
+                raise self._error
+            raw = self._stream.read(1 << 16)
+            self._read += len(raw)
+            try:
+                text = self._decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:  # exc.object: the bytes held back from before, then raw
+                self._error, self.error_at = exc, self._read - len(exc.object) + exc.start
+                text = exc.object[: exc.start].decode(self._codec)
+            if not (raw or text or self._error):
+                return 0
+            self._pending = text.encode()
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.chat import ROLES
-from tasks.files import UTF16_BOMS, file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
 from tasks.stage import StageError
 
 Family = Literal[
@@ -553,11 +553,11 @@ def _as_utf8(file: io.BufferedReader, path: Path) -> BinaryIO:
     an error for the whole file: one stray byte shifts every character after it."""
     if not file.peek(2).startswith(UTF16_BOMS):
         return file
-    data = file.read()
+    utf8 = Utf16AsUtf8(file)
     try:
-        return io.BytesIO(data.decode("utf-16").encode())
+        return io.BytesIO(io.BufferedReader(utf8).read())
     except UnicodeDecodeError as exc:
-        raise StageError(f"{path}: not UTF-16 text after its byte-order mark (byte {exc.start}: {exc.reason}); "
+        raise StageError(f"{path}: not UTF-16 text after its byte-order mark (byte {utf8.error_at}: {exc.reason}); "
                          "save it as UTF-8") from None
 
 
