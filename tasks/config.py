@@ -285,13 +285,27 @@ def load_config(
 
 def _yaml_hint(exc: ValidationError, overrides: list[str] | tuple[str, ...]) -> str:
     """How to pass text that YAML reads as something else ('a: b' is a mapping, 'yes' true),
-    when such a --set value is what a text field refused."""
+    when such a --set value is what a text field refused; and that `{kind:files}` is one
+    key 'kind:files' to YAML, which needs a space after the colon."""
     refused = {".".join(str(p) for p in error["loc"]) for error in exc.errors() if error["type"] == "string_type"}
     for assignment in overrides:
         key, _, raw = assignment.partition("=")
-        if key.strip() in refused and not isinstance(yaml.safe_load(raw), str):
+        value = yaml.safe_load(raw)
+        if key.strip() in refused and not isinstance(value, str):
             return f"; --set reads values as YAML: quote text, e.g. --set '{key.strip()}=\"{raw}\"'"
+        if glued := _glued_key(value):
+            return f"; --set reads values as YAML, where {glued!r} is one key: write a space after the colon"
     return ""
+
+
+def _glued_key(value: Any) -> str | None:
+    """A mapping key in `value` (at any depth) that holds `key:value` without a space."""
+    if isinstance(value, list):
+        return next((glued for item in value if (glued := _glued_key(item))), None)
+    if isinstance(value, dict):
+        return next((key for key in value if isinstance(key, str) and ":" in key), None) or next(
+            (glued for item in value.values() if (glued := _glued_key(item))), None)
+    return None
 
 
 def config_error(exc: ValidationError, shown: int = 4) -> str:

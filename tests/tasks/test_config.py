@@ -136,6 +136,8 @@ def test_text_that_yaml_reads_as_something_else_gets_the_quoting_hint():
     with pytest.raises(StageError, match=r"--set reads values as YAML: quote text, e.g. "
                                          r"--set 'instructions.system_prompt=\"You are: helpful\"'"):
         load_config("tiny", overrides=["instructions.system_prompt=You are: helpful"])
+    with pytest.raises(StageError, match=r"where 'kind:files' is one key: write a space after the colon$"):
+        load_config("tiny", overrides=["collect.sources=[{kind:files, paths: [x]}]"])
     quoted = load_config("tiny", overrides=['instructions.system_prompt="You are: helpful"'])
     assert quoted.instructions.system_prompt == "You are: helpful"
 
