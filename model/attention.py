@@ -41,19 +41,20 @@ def _future_mask(q: torch.Tensor) -> torch.Tensor:
     return torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
 
 
-def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask), [b, H, T, T]: the matmul itself (`baddbmm`) adds the
-    mask and applies the scale."""
-    b, H, T, d = q.shape
-    scores = torch.baddbmm(mask, q.reshape(b * H, T, d), k.reshape(b * H, T, d).transpose(1, 2), alpha=scale)
-    return scores.softmax(-1).view(b, H, T, T)
+def _chunks(q: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+    """Slices of q's [B*H] (batch, head) rows whose T x T scores fit SCORES_PER_CHUNK (at
+    least one row each), each with its part of one scores buffer that all chunks reuse."""
+    rows, T = q.shape[0], q.shape[1]
+    step = max(1, SCORES_PER_CHUNK // (T * T))
+    scores = q.new_empty(min(step, rows), T, T)
+    return [(slice(start, start + step), scores[: min(step, rows - start)]) for start in range(0, rows, step)]
 
 
-def _batch_chunks(q: torch.Tensor) -> list[slice]:
-    """Slices of the batch whose scores fit SCORES_PER_CHUNK (at least one row each)."""
-    B, H, T, _ = q.shape
-    step = max(1, SCORES_PER_CHUNK // (H * T * T))
-    return [slice(start, start + step) for start in range(0, B, step)]
+def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float,
+                  scores: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) of [n, T, d] rows: the matmul itself (`baddbmm`) adds the
+    mask and applies the scale, writing the scores into `scores` [n, T, T]."""
+    return torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale, out=scores).softmax(-1)
 
 
 class ExplicitCausalAttention(torch.autograd.Function):
@@ -63,32 +64,37 @@ class ExplicitCausalAttention(torch.autograd.Function):
     kernel's tiled backward and the unfused kernel's fp32 upcasts cost more than a few bf16
     matmuls and softmax passes over the T x T scores. Like flash, it saves only q, k and v
     and recomputes the probabilities in the backward, and it computes the scores for a
-    few batch rows at a time (SCORES_PER_CHUNK), so its memory does not grow with T x T
-    times the batch."""
+    few (batch, head) rows at a time (SCORES_PER_CHUNK) in one reused buffer, so its memory
+    does not grow with T x T times the batch. Its matmuls write their results in place,
+    the scale applied by the matmul itself: no copies, no passes of their own."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, T, _ = q.shape
+        q, k, v = (t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v))  # v, a view of kv_b_proj's output, is copied
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
-        out, mask = q.new_empty(*q.shape[:-1], v.shape[-1]), _future_mask(q)
-        for rows in _batch_chunks(q):
-            torch.matmul(_causal_probs(q[rows], k[rows], mask, scale), v[rows], out=out[rows])
-        return out
+        out, mask = q.new_empty(B * H, T, v.shape[-1]), _future_mask(q)
+        for rows, scores in _chunks(q):
+            torch.bmm(_causal_probs(q[rows], k[rows], mask, scale, scores), v[rows], out=out[rows])
+        return out.view(B, H, T, -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, k, v = ctx.saved_tensors
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), grad.new_empty(v.shape)
+        shape = grad.shape[:-1]
+        grad = grad.reshape(q.shape[0], q.shape[1], grad.shape[-1])
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         mask = _future_mask(q)
-        for rows in _batch_chunks(q):
-            probs = _causal_probs(q[rows], k[rows], mask, ctx.scale)  # the forward's, bit for bit
-            torch.matmul(probs.transpose(-1, -2), grad[rows], out=grad_v[rows])
-            # the gradient of the scores, through softmax's own backward kernel
-            grad_probs = torch.matmul(grad[rows], v[rows].transpose(-1, -2))
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(grad_scores, k[rows], out=grad_q[rows])
-            torch.matmul(grad_scores.transpose(-1, -2), q[rows], out=grad_k[rows])
-        return grad_q.mul_(ctx.scale), grad_k.mul_(ctx.scale), grad_v, None
+        for rows, scores in _chunks(q):
+            probs = _causal_probs(q[rows], k[rows], mask, ctx.scale, scores)  # the forward's, bit for bit
+            torch.bmm(probs.transpose(1, 2), grad[rows], out=grad_v[rows])
+            # the gradient of the scores, through softmax's own backward kernel, into the scores' buffer
+            grad_probs = torch.bmm(grad[rows], v[rows].transpose(1, 2))
+            grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, probs.dtype, grad_input=scores)
+            torch.baddbmm(grad_q[rows], grad_scores, k[rows], beta=0, alpha=ctx.scale, out=grad_q[rows])
+            torch.baddbmm(grad_k[rows], grad_scores.transpose(1, 2), q[rows], beta=0, alpha=ctx.scale, out=grad_k[rows])
+        return grad_q.view(*shape, -1), grad_k.view(*shape, -1), grad_v.view(*shape, -1), None
 
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max

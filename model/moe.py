@@ -14,23 +14,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.fused import fused
 from model.linear import Linear, linear
+
+
+@fused
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@fused
+def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     """silu(gate) * up, keeping only gate and up for backward, where silu(gate) is computed
     again: plain autograd also keeps silu(gate), one [rows, intermediate] tensor more per
-    MLP and expert batch. The gradients are autograd's, computed the same way."""
+    MLP and expert batch. The gradients are autograd's, computed the same way; in training
+    both directions are fused kernels (`model.fused`)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _swiglu(gate.flatten(0, -2), up.flatten(0, -2)).view(gate.shape)  # one rank: fewer compiled variants
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        grad_gate, grad_up = _swiglu_backward(gate.flatten(0, -2), up.flatten(0, -2), grad.flatten(0, -2))
+        return grad_gate.view(gate.shape), grad_up.view(up.shape)
 
 
 def _placed(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
@@ -69,6 +82,35 @@ class GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
         return _placed(grad, index, ctx.rows), None
+
+
+@fused
+def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (rows.float() * weights.float().unsqueeze(-1)).sum(1)
+
+
+@fused
+def _weighted_sum_backward(rows: torch.Tensor, weights: torch.Tensor,
+                           grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.unsqueeze(1)
+    grad_rows = (grad * weights.float().unsqueeze(-1)).to(rows.dtype)
+    grad_weights = (grad * rows.float()).sum(-1).to(weights.dtype)
+    return grad_rows, grad_weights
+
+
+class WeightedSum(torch.autograd.Function):
+    """sum_j weights[:, j] * rows[:, j] in fp32 for rows [N, k, hidden] (the experts' outputs
+    of each token) and weights [N, k] (the router's): autograd's mixed-precision multiply,
+    sum and cast back are then one fused kernel each way (`model.fused`)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weights)
+        return _weighted_sum(rows, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _weighted_sum_backward(*ctx.saved_tensors, grad)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -194,7 +236,7 @@ class Experts(nn.Module):
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         # fp32 (the weights are): the k outputs add up in fp32; backward keeps out's rows in x's dtype
-        return (GatherRows.apply(out, row).view(N, k, -1) * weights.float().unsqueeze(-1)).sum(1)
+        return WeightedSum.apply(GatherRows.apply(out, row).view(N, k, -1), weights)
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout

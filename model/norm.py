@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.fused import fused
+
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on x's device, or None when autocast is off."""
@@ -18,32 +20,46 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+              out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the per-row scale 1/rms, outside autograd."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * (x32 * scale).to(x.dtype)
+    return (out if out_dtype is None else out.to(out_dtype)), scale
+
+
+_fused_rms_norm = fused(_rms_norm)
+
+
+@fused
+def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = scale.dtype
+    normed = x.to(compute) * scale
+    grad = grad.to(compute)
+    grad_weight = (grad * normed.to(x.dtype).to(compute)).flatten(0, -2).sum(0)
+    grad_normed = grad * weight.to(compute)
+    grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def compute(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output and the per-row scale 1/rms, outside autograd."""
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        out = weight * (x32 * scale).to(x.dtype)
-        return (out if out_dtype is None else out.to(out_dtype)), scale
+    """RMSNorm keeping only its input and the row scales for backward; in training both
+    directions are fused kernels (`model.fused`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
-        out, scale = RMSNormFunction.compute(x, weight, eps, out_dtype)
-        ctx.save_for_backward(x, weight, scale)
-        return out
+        rows = x.reshape(-1, x.shape[-1])  # one rank for every caller: fewer compiled variants
+        out, scale = _fused_rms_norm(rows, weight, eps, out_dtype)
+        ctx.save_for_backward(rows, weight, scale)
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        x, weight, scale = ctx.saved_tensors
-        compute = scale.dtype
-        normed = x.to(compute) * scale
-        grad = grad.to(compute)
-        grad_weight = (grad * normed.to(x.dtype).to(compute)).flatten(0, -2).sum(0)
-        grad_normed = grad * weight.to(compute)
-        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
+        rows, weight, scale = ctx.saved_tensors
+        grad_x, grad_weight = _rms_norm_backward(rows, weight, scale, grad.reshape(rows.shape))
+        return grad_x.view(grad.shape), grad_weight, None, None
 
 
 class RMSNorm(nn.Module):
@@ -59,4 +75,4 @@ class RMSNorm(nn.Module):
         # decoding: no autograd overhead; in fp32, torch's rms_norm does the same arithmetic in fewer calls
         if x.dtype == self.weight.dtype == torch.float32 and out_dtype is None:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return RMSNormFunction.compute(x, self.weight, self.eps, out_dtype)[0]
+        return _rms_norm(x, self.weight, self.eps, out_dtype)[0]

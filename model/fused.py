@@ -1,0 +1,59 @@
+"""Elementwise stretches of a CPU training step, fused into single kernels by torch.compile.
+
+Run eagerly, each torch op reads and writes whole tensors: an RMSNorm's backward is about
+a dozen passes over [tokens, hidden], the loss's several over [tokens, vocab]. On a CPU
+whose bf16 matmuls are fast (AMX), those passes, not the matmuls, take most of a training
+step. Inductor compiles each function marked `@fused` into one or two C++ loops that read
+their inputs once (BENCHMARKS.md: the demo step 1.2x faster). Compiling the whole model
+does not pay on a CPU; these few functions compile in seconds, once per process and dtype,
+with dynamic shapes.
+
+A fused function runs compiled when its first tensor argument is on the CPU, a C++
+compiler exists (`model.perf.cpp_compiler`), `TINYSEEK_FUSED_KERNELS` is not `0`, and
+no torch.compile is already tracing it (a compiled model fuses it itself). Otherwise it
+runs as written, op by op: the same arithmetic, rounded as eager torch rounds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+from model.perf import cpp_compiler
+
+F = TypeVar("F", bound=Callable)
+
+
+def enabled() -> bool:
+    """Whether fused kernels may be used at all here (see the module docstring)."""
+    return os.environ.get("TINYSEEK_FUSED_KERNELS", "1") != "0" and _has_compiler()
+
+
+def active(tensor: torch.Tensor) -> bool:
+    """Whether a fused function given `tensor` first runs compiled."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling() and enabled()
+
+
+@functools.cache
+def _has_compiler() -> bool:
+    return cpp_compiler() is not None
+
+
+def fused(fn: F) -> F:
+    """`fn` compiled on first use for CPU tensors (see the module docstring), eager otherwise."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if not active(args[0]):
+            return fn(*args)
+        if compiled is None:
+            # not fullgraph: should a variant ever exceed dynamo's recompile limit, it runs eagerly
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return call  # type: ignore[return-value]

@@ -1,0 +1,58 @@
+"""Fused kernels (`model.fused`): a CPU training step runs them compiled, with the losses and
+gradients of the same step op by op; they stay eager where they cannot or need not compile."""
+
+import torch
+from torch._dynamo.utils import counters
+
+from model import fused
+from model.transformer import Transformer
+from tests.model.helpers import config
+
+
+def bf16_step(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs, targets)
+    (out.loss + out.mtp_loss + out.aux_loss).backward()
+    return [out.loss.detach(), out.mtp_loss.detach()], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_a_bf16_training_step_runs_fused_kernels_with_the_eager_steps_values(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(config("q-lora", seq_aux_loss_alpha=0.01))
+    inputs, targets = torch.randint(0, 97, (4, 24)), torch.randint(0, 97, (4, 24))
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "0")
+    eager_losses, eager_grads = bf16_step(model, inputs, targets)
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    counters.clear()
+    losses, grads = bf16_step(model, inputs, targets)
+    # norm, SwiGLU, expert sum and loss, forward and backward: each compiled, none fell back to eager
+    assert counters["stats"]["unique_graphs"] >= 8 and not counters["graph_break"]
+    torch.testing.assert_close(losses, eager_losses, atol=1e-3, rtol=1e-3)
+    for name, grad in grads.items():  # bf16 activations: fused sums round in another order
+        torch.testing.assert_close(grad, eager_grads[name], atol=2e-3, rtol=5e-2, msg=name)
+
+
+def test_fused_functions_run_eagerly_when_switched_off_without_a_compiler_or_inside_a_compiled_model(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn) or fn)
+    double, x = fused.fused(lambda x: x * 2), torch.ones(3)
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "0")
+    assert torch.equal(double(x), x * 2) and not calls
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    monkeypatch.setattr(fused, "_has_compiler", lambda: False)
+    assert torch.equal(double(x), x * 2) and not calls
+    monkeypatch.setattr(fused, "_has_compiler", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(double(x), x * 2) and not calls
+
+
+def test_a_fused_function_compiles_once_on_first_use(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn) or fn)
+    monkeypatch.setattr(fused, "_has_compiler", lambda: True)
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    double, x = fused.fused(lambda x: x * 2), torch.ones(3)
+    assert not calls
+    assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
+    assert len(calls) == 1
