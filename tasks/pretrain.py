@@ -16,6 +16,7 @@ import torch
 import model.attention
 import model.config
 import model.data
+import model.fused
 import model.linear
 import model.moe
 import model.muon
@@ -37,7 +38,7 @@ from tasks.tokenize import TokenData
 from tasks.training import train_stage, work_dir
 
 # every module whose code decides what training computes: editing one retrains
-TRAINING_CODE = (model.attention, model.config, model.data, model.linear, model.moe, model.muon, model.norm,
+TRAINING_CODE = (model.attention, model.config, model.data, model.fused, model.linear, model.moe, model.muon, model.norm,
               model.optim, model.rope, model.schedule, model.trainer, model.transformer,
               tasks.training, tasks.training_config)
 
