@@ -30,9 +30,10 @@ def _target_log_probs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor
 
 @fused
 def _write_loss_gradient(out: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, row_scale: torch.Tensor) -> None:
-    """out = (softmax(logits) - one_hot(index)) * row_scale, computed in fp32. Run eagerly the
+    """out = (softmax(logits) - one_hot(index)) * row_scale, computed in fp32. Run eagerly, the
     one is subtracted by a scatter (one element a row); compiled, by a comparison with the
-    column number, which fuses into the same pass (the same values either way)."""
+    column number, which fuses into the same pass. Either way the one is subtracted before
+    the scaling and the single rounding to out's dtype."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     if torch.compiler.is_compiling():
         probs = probs - (torch.arange(logits.shape[-1], device=logits.device) == index).float()
