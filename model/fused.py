@@ -26,6 +26,8 @@ from model.perf import cpp_compiler
 
 F = TypeVar("F", bound=Callable)
 
+RECOMPILE_LIMIT = 64  # compiled variants per fused function
+
 
 def enabled() -> bool:
     """Whether fused kernels may be used at all here (see the module docstring)."""
@@ -52,8 +54,13 @@ def fused(fn: F) -> F:
         if not active(args[0]):
             return fn(*args)
         if compiled is None:
-            # not fullgraph: should a variant ever exceed dynamo's recompile limit, it runs eagerly
+            # not fullgraph: should a variant ever exceed the recompile limit, it runs eagerly
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
+        # detached, the arguments are plain tensors: dynamo compiles one variant whether or not they
+        # require grad, and for every size (a parameter's would be static); writes reach them all the
+        # same. Dtypes, strides and views still make variants (a dozen in a test session that trains in
+        # fp32, bf16 and fp64): more than dynamo's default limit of 8 per function.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
 
     return call  # type: ignore[return-value]
