@@ -5,8 +5,8 @@ a dozen passes over [tokens, hidden], the loss's several over [tokens, vocab]. O
 whose bf16 matmuls are fast (AMX), those passes, not the matmuls, take most of a training
 step. Inductor compiles each function marked `@fused` into one or two C++ loops that read
 their inputs once (BENCHMARKS.md: the demo step 1.2x faster). Compiling the whole model
-does not pay on a CPU; these few functions compile in seconds, once per process and dtype,
-with dynamic shapes.
+does not pay on a CPU; these few functions compile once per process, with dynamic shapes
+(5-10 s in all with torch's kernel cache filled, 20-35 s without).
 
 A fused function runs compiled when its first tensor argument is on the CPU, a C++
 compiler exists (`model.perf.cpp_compiler`), `TINYSEEK_FUSED_KERNELS` is not `0`, and
