@@ -66,7 +66,8 @@ class ExplicitCausalAttention(torch.autograd.Function):
     and recomputes the probabilities in the backward, and it computes the scores for a
     few (batch, head) rows at a time (SCORES_PER_CHUNK) in one reused buffer, so its memory
     does not grow with T x T times the batch. Its matmuls write their results in place,
-    the scale applied by the matmul itself: no copies, no passes of their own."""
+    and those of the q and k gradients apply the scale themselves (one rounding; exact
+    when the scale is a power of two, as 1/8 for heads of 64)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

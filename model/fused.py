@@ -8,10 +8,11 @@ their inputs once (BENCHMARKS.md: the demo step 1.2x faster). Compiling the whol
 does not pay on a CPU; these few functions compile once per process, with dynamic shapes
 (5-10 s in all with torch's kernel cache filled, 20-35 s without).
 
-A fused function runs compiled when its first tensor argument is on the CPU, a C++
-compiler exists (`model.perf.cpp_compiler`), `TINYSEEK_FUSED_KERNELS` is not `0`, and
-no torch.compile is already tracing it (a compiled model fuses it itself). Otherwise it
-runs as written, op by op: the same arithmetic, rounded as eager torch rounds it.
+A fused function runs compiled when its first tensor argument is on the CPU, grad mode is
+off (as inside an autograd function), a C++ compiler exists (`model.perf.cpp_compiler`),
+`TINYSEEK_FUSED_KERNELS` is not `0`, and no torch.compile is already tracing it (a
+compiled model fuses it itself). Otherwise it runs as written, op by op: the same
+arithmetic, rounded as eager torch rounds it. Decoding does not use them.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def enabled() -> bool:
 
 
 def active(tensor: torch.Tensor) -> bool:
-    """Whether a fused function given `tensor` first runs compiled."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling() and enabled()
+    """Whether a fused function given `tensor` first runs compiled. Fused functions run inside
+    autograd functions' forward and backward, where grad mode is off; with it on (a backward
+    with create_graph=True) they run op by op, so that their result can be differentiated."""
+    return (tensor.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and enabled())
 
 
 @functools.cache

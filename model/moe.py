@@ -37,12 +37,13 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return _swiglu(gate.flatten(0, -2), up.flatten(0, -2)).view(gate.shape)  # one rank: fewer compiled variants
+        # 2-D: one rank for every caller, fewer compiled variants
+        return _swiglu(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).view(gate.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        grad_gate, grad_up = _swiglu_backward(gate.flatten(0, -2), up.flatten(0, -2), grad.flatten(0, -2))
+        grad_gate, grad_up = _swiglu_backward(*(t.reshape(-1, t.shape[-1]) for t in (gate, up, grad)))
         return grad_gate.view(gate.shape), grad_up.view(up.shape)
 
 
@@ -236,7 +237,10 @@ class Experts(nn.Module):
         gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
         out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         # fp32 (the weights are): the k outputs add up in fp32; backward keeps out's rows in x's dtype
-        return WeightedSum.apply(GatherRows.apply(out, row).view(N, k, -1), weights)
+        rows = GatherRows.apply(out, row).view(N, k, -1)
+        if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):
+            return WeightedSum.apply(rows, weights)
+        return _weighted_sum.__wrapped__(rows, weights)  # decoding: op by op, no kernel to compile
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout

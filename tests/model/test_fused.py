@@ -33,18 +33,24 @@ def test_a_bf16_training_step_runs_fused_kernels_with_the_eager_steps_values(mon
         torch.testing.assert_close(grad, eager_grads[name], atol=2e-3, rtol=5e-2, msg=name)
 
 
-def test_fused_functions_run_eagerly_when_switched_off_without_a_compiler_or_inside_a_compiled_model(monkeypatch):
+def test_fused_functions_run_eagerly_when_switched_off_without_a_compiler_with_grad_or_inside_a_compiled_model(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn) or fn)
     double, x = fused.fused(lambda x: x * 2), torch.ones(3)
-    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "0")
-    assert torch.equal(double(x), x * 2) and not calls
-    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
-    monkeypatch.setattr(fused, "_has_compiler", lambda: False)
-    assert torch.equal(double(x), x * 2) and not calls
     monkeypatch.setattr(fused, "_has_compiler", lambda: True)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(double(x), x * 2) and not calls
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    assert torch.equal(double(x), x * 2) and not calls  # grad mode on: a double backward differentiates it
+    with torch.no_grad():  # as inside an autograd function
+        monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "0")
+        assert torch.equal(double(x), x * 2) and not calls
+        monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+        monkeypatch.setattr(fused, "_has_compiler", lambda: False)
+        assert torch.equal(double(x), x * 2) and not calls
+        monkeypatch.setattr(fused, "_has_compiler", lambda: True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.equal(double(x), x * 2) and not calls
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        assert torch.equal(double(x), x * 2) and len(calls) == 1  # and with none of these, compiled
 
 
 def test_a_fused_function_compiles_once_on_first_use(monkeypatch):
@@ -54,5 +60,16 @@ def test_a_fused_function_compiles_once_on_first_use(monkeypatch):
     monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
     double, x = fused.fused(lambda x: x * 2), torch.ones(3)
     assert not calls
-    assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
+    with torch.no_grad():  # as inside an autograd function
+        assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
     assert len(calls) == 1
+
+
+def test_decoding_compiles_no_fused_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn) or fn)
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    model = Transformer(config("grouped")).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 6)))  # a prefill: norms, experts' sum, SwiGLU without autograd
+    assert not calls
