@@ -85,9 +85,11 @@ class GatherRows(torch.autograd.Function):
         return _placed(grad, index, ctx.rows), None
 
 
-@fused
 def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (rows.float() * weights.float().unsqueeze(-1)).sum(1)
+
+
+_fused_weighted_sum = fused(_weighted_sum)
 
 
 @fused
@@ -107,7 +109,7 @@ class WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows, weights)
-        return _weighted_sum(rows, weights)
+        return _fused_weighted_sum(rows, weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +242,7 @@ class Experts(nn.Module):
         rows = GatherRows.apply(out, row).view(N, k, -1)
         if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):
             return WeightedSum.apply(rows, weights)
-        return _weighted_sum.__wrapped__(rows, weights)  # decoding: op by op, no kernel to compile
+        return _weighted_sum(rows, weights)  # decoding: op by op, no kernel to compile
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout
