@@ -1,6 +1,10 @@
-"""Small model configs shared by the model tests (fast on 2 cores, fp32)."""
+"""Small model configs shared by the model tests (fast on 2 cores, fp32), and a training
+step's losses and gradients."""
+
+import torch
 
 from model.config import ModelConfig
+from model.transformer import Transformer
 
 BASE = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=16,
@@ -21,3 +25,11 @@ CONFIGS = {
 
 def config(name: str = "plain-q", **overrides) -> ModelConfig:
     return ModelConfig(**{**BASE, **CONFIGS[name], **overrides})
+
+
+def losses_and_grads(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor):
+    """The main and MTP losses of one forward pass and the gradients of their sum."""
+    model.zero_grad()
+    out = model(inputs, targets)
+    (out.loss + out.mtp_loss).backward()
+    return out.loss.detach(), out.mtp_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

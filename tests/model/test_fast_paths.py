@@ -13,7 +13,7 @@ from model import attention, fused, linear
 from model.moe import Experts, Router, WeightedSum, swiglu
 from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import ChunkedCrossEntropy, Transformer, cross_entropy
-from tests.model.helpers import config
+from tests.model.helpers import config, losses_and_grads
 
 
 @pytest.fixture(params=["eager", "fused"])
@@ -65,13 +65,6 @@ def test_chunked_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
     targets = torch.full((1, 4), -100)
     assert torch.isnan(cross_entropy(logits, targets))
     assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
-
-
-def losses_and_grads(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor):
-    model.zero_grad()
-    out = model(inputs, targets)
-    (out.loss + out.mtp_loss).backward()
-    return out.loss.detach(), out.mtp_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monkeypatch):

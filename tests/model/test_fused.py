@@ -6,15 +6,13 @@ from torch._dynamo.utils import counters
 
 from model import fused
 from model.transformer import Transformer
-from tests.model.helpers import config
+from tests.model.helpers import config, losses_and_grads
 
 
 def bf16_step(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor):
-    model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(inputs, targets)
-    (out.loss + out.mtp_loss + out.aux_loss).backward()
-    return [out.loss.detach(), out.mtp_loss.detach()], {n: p.grad.clone() for n, p in model.named_parameters()}
+        *losses, grads = losses_and_grads(model, inputs, targets)
+    return losses, grads
 
 
 def test_a_bf16_training_step_runs_fused_kernels_with_the_eager_steps_values(monkeypatch):
