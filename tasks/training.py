@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from model import fused
 from model.checkpoint import save_model
 from model.perf import cpp_compiler
 from model.trainer import NonFiniteLoss, Trainer
@@ -100,6 +101,9 @@ def train_stage(
         log(f"{stage}: {note}")
     if settings.compile:
         log(f"{stage}: compiling the model with torch.compile first; its first step takes a minute or more")
+    elif settings.torch_device().type == "cpu" and fused.enabled():
+        log(f"{stage}: its first step compiles the fused CPU kernels (5-10 s; about half a minute where "
+            "torch's kernel cache does not hold them yet)")
     if settings.devices > 1:
         from tasks import distributed
 
