@@ -18,6 +18,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -265,13 +266,27 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def _raising_handlers() -> dict[int, Any]:
+    """The signal handlers in place that stop the main thread by raising wherever it is:
+    Python's own for Ctrl-C (KeyboardInterrupt), and Prefect's for SIGTERM in a flow run
+    (TerminationSignal: how a served run is cancelled). A handler set by the program, or
+    SIG_IGN, is not one of them. Prefect's can be in place only where Prefect is imported."""
+    handlers: dict[int, Any] = {}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handlers[signal.SIGINT] = signal.default_int_handler
+    engine = sys.modules.get("prefect.utilities.engine")
+    if engine is not None and engine.is_prefect_sigterm_handler_installed():
+        handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+    return handlers
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Within the block, a Ctrl-C (SIGINT) is held and raised as KeyboardInterrupt at its end;
-    a second one raises at once. Only where Python's own handler is in place, on the main
-    thread (a handler set by the program, or SIG_IGN, stays as it is)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Within the block, an interruption (a Ctrl-C, or the SIGTERM that cancels a served flow
+    run) is held and raised at its end; a second one raises at once. Only on the main thread,
+    for the handlers `_raising_handlers` finds: a handler of the program's own stays in charge."""
+    handlers = _raising_handlers() if threading.current_thread() is threading.main_thread() else {}
+    if not handlers:
         yield
         return
     held: list[int] = []
@@ -279,17 +294,19 @@ def interrupts_held() -> Iterator[None]:
 
     def hold(signum: int, frame: object) -> None:
         if held and not restoring:
-            raise KeyboardInterrupt
+            handlers[signum](signum, frame)
         held.append(signum)
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in handlers:
+        signal.signal(signum, hold)
     try:
         yield
     finally:
         restoring = True  # a signal pending now is run by the restore: it must not cut it short
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if held:  # also when the block raised: a caller that handles its error still sees the Ctrl-C
-            raise KeyboardInterrupt
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if held:  # also when the block raised: a caller that handles its error still sees the interruption
+            handlers[held[0]](held[0], None)
 
 
 class _Uninterrupted:

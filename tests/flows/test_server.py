@@ -130,7 +130,8 @@ def test_stopping_the_deployments_cancels_a_run_in_progress_and_records_it(serve
         run = asyncio.run(read_flow_run(run_id))
     assert run.state.is_cancelled(), (run.state, (root / "serve.log").read_text()[-3000:])
     runs = mlflow_runs(root / "ws", filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
-    assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}, (
+        [(r.info.run_name, r.info.status) for r in runs], (root / "serve.log").read_text()[-3000:])
     assert {r.info.run_name for r in runs if r.info.status == "KILLED"} == {"pretrain"}
 
 

@@ -3,6 +3,7 @@ datasets, system metrics and the trainer's metrics callback, read back through M
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -24,6 +25,8 @@ from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.telemetry.client import get_telemetry_client
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from prefect.exceptions import TerminationSignal
+from prefect.utilities.engine import capture_sigterm
 from pydantic import BaseModel
 
 from tasks.tracking import (
@@ -235,24 +238,39 @@ def test_metrics_callback_buffers_and_flushes(tracker):
         MetricsCallback(tracker, run_id, every=0)
 
 
-def test_a_ctrl_c_during_a_store_write_takes_effect_after_it(tracker, monkeypatch):
-    """Raised inside a SQLite write, KeyboardInterrupt left the database locked, and marking
-    the interrupted run KILLED then failed; the write now finishes first."""
+@contextlib.contextmanager
+def python_ctrl_c():
+    yield signal.SIGINT, KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def prefect_cancellation():
+    """A flow run's SIGTERM handler: Prefect raises TerminationSignal, how a served run is cancelled."""
+    with capture_sigterm():
+        yield signal.SIGTERM, TerminationSignal
+
+
+@pytest.mark.parametrize("interruption", [python_ctrl_c, prefect_cancellation])
+def test_an_interruption_during_a_store_write_takes_effect_after_it(tracker, monkeypatch, interruption):
+    """Raised inside a SQLite write, KeyboardInterrupt (or Prefect's TerminationSignal) left the
+    database locked, and marking the interrupted run KILLED then failed; the write now finishes first."""
     run_id = tracker.start_run("pretrain")
     write = SqlAlchemyStore.log_batch
+    with interruption() as (signum, raised):
+        handler = signal.getsignal(signum)
 
-    def write_during_ctrl_c(self, *args, **kwargs):
-        signal.raise_signal(signal.SIGINT)
-        return write(self, *args, **kwargs)
+        def write_during_interruption(self, *args, **kwargs):
+            signal.raise_signal(signum)
+            return write(self, *args, **kwargs)
 
-    monkeypatch.setattr(SqlAlchemyStore, "log_batch", write_during_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
-    monkeypatch.undo()
-    tracker.end_run(run_id, "KILLED")
+        monkeypatch.setattr(SqlAlchemyStore, "log_batch", write_during_interruption)
+        with pytest.raises(raised):
+            tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
+        monkeypatch.undo()
+        assert signal.getsignal(signum) is handler
+        tracker.end_run(run_id, "KILLED")
     run = reader(tracker).get_run(run_id)
     assert run.data.metrics == {"loss": 2.5} and run.info.status == "KILLED"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert copy.copy(tracker.client).get_run(run_id).info.status == "KILLED"  # the wrapper copies like a client
 
 
