@@ -22,7 +22,7 @@ import httpx
 
 from flows import prefect_database
 from tasks.config import PipelineConfig
-from tasks.stage import StageError
+from tasks.stage import StageError, workspace
 
 CORPUS_UPDATED = "tinyseek.corpus.updated"
 DEFAULT_CRON = "0 3 * * *"
@@ -79,7 +79,25 @@ def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) 
         raise StageError("tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
     from prefect import serve as prefect_serve
 
-    prefect_serve(*deployments(config, workspace_dir, cron), print_starting_message=True)
+    try:
+        prefect_serve(*deployments(config, workspace_dir, cron), print_starting_message=True)
+    finally:
+        end_killed_runs(workspace_dir)
+
+
+def end_killed_runs(workspace_dir: str) -> None:
+    """On stopping, Prefect's runner cancels its flow runs with SIGTERM, and kills outright
+    one that has not ended 30 s later; such a run cannot mark its MLflow runs KILLED itself.
+    They are ended here, not left RUNNING until the workspace's next run ends them."""
+    from tasks.tracking import Tracker  # MLflow: not imported by `up`, which only starts processes
+
+    try:
+        orphans = Tracker(workspace(workspace_dir)).end_orphaned_runs()
+    except Exception as exc:  # the store unreachable: the next run ends them
+        print(f"could not end the MLflow runs of flow runs killed on stopping ({type(exc).__name__}: {exc})")
+        return
+    if orphans:
+        print(f"{len(orphans)} MLflow run(s) of flow runs killed on stopping ended as KILLED")
 
 
 def wait_healthy(url: str, what: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:

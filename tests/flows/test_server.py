@@ -5,7 +5,9 @@ API the way the UI does and completes, `retrain` has its schedule, and a
 import asyncio
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from flows.deploy import stop_serving
+from tasks.tracking import TAG_PROCESS, Tracker
 
 from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, mlflow_runs
 
@@ -126,13 +129,24 @@ def test_stopping_the_deployments_cancels_a_run_in_progress_and_records_it(serve
     api, root, serve = served
     with temporary_settings(updates={PREFECT_API_URL: api}):
         run_id = asyncio.run(start_long_pretraining(root))
+        killed = run_of_a_killed_flow_process(root / "ws")
         stop_serving(serve)
         run = asyncio.run(read_flow_run(run_id))
     assert run.state.is_cancelled(), (run.state, (root / "serve.log").read_text()[-3000:])
+    # a flow run that outlasts the runner's grace is killed outright: `serve` ends its runs on stopping
+    assert Tracker(root / "ws").client.get_run(killed).info.status == "KILLED"
+    assert "1 MLflow run(s) of flow runs killed on stopping ended as KILLED" in (root / "serve.log").read_text()
     runs = mlflow_runs(root / "ws", filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
     assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}, (
         [(r.info.run_name, r.info.status) for r in runs], (root / "serve.log").read_text()[-3000:])
     assert {r.info.run_name for r in runs if r.info.status == "KILLED"} == {"pretrain"}
+
+
+def run_of_a_killed_flow_process(ws: Path) -> str:
+    """A run left RUNNING by a process of this machine that is gone, as a flow run's process
+    killed outright leaves its runs."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return Tracker(ws).start_run("pretrain", tags={TAG_PROCESS: f"{socket.gethostname()}:{gone.stdout.strip()}"})
 
 
 async def start_long_pretraining(root):
