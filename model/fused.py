@@ -12,12 +12,15 @@ A fused function runs compiled when its first tensor argument is on the CPU, gra
 off (as inside an autograd function), a C++ compiler exists (`model.perf.cpp_compiler`),
 `TINYSEEK_FUSED_KERNELS` is not `0`, and no torch.compile is already tracing it (a
 compiled model fuses it itself). Otherwise it runs as written, op by op: the same
-arithmetic, rounded as eager torch rounds it. Decoding does not use them.
+arithmetic, rounded as eager torch rounds it. Decoding does not use them. Should the
+compiler fail to build a kernel (a C++ compiler without Python's headers, say), the
+process warns once and goes on op by op.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable, TypeVar
 
@@ -29,10 +32,14 @@ F = TypeVar("F", bound=Callable)
 
 RECOMPILE_LIMIT = 64  # compiled variants per fused function
 
+log = logging.getLogger(__name__)
+# why the compiler could not build a fused kernel in this process; None while it can
+_failure: str | None = None
+
 
 def enabled() -> bool:
     """Whether fused kernels may be used at all here (see the module docstring)."""
-    return os.environ.get("TINYSEEK_FUSED_KERNELS", "1") != "0" and _has_compiler()
+    return os.environ.get("TINYSEEK_FUSED_KERNELS", "1") != "0" and _failure is None and _has_compiler()
 
 
 def active(tensor: torch.Tensor) -> bool:
@@ -64,7 +71,25 @@ def fused(fn: F) -> F:
         # require grad, and for every size (a parameter's would be static); writes reach them all the
         # same. Dtypes, strides and views still make variants (a dozen in a test session that trains in
         # fp32, bf16 and fp64): more than dynamo's default limit of 8 per function.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # before the kernel ran: nothing was written
+            _give_up(exc)
+            return fn(*args)
 
     return call  # type: ignore[return-value]
+
+
+def _give_up(exc: Exception) -> None:
+    """Turn fused kernels off for the rest of the process, saying why once."""
+    global _failure
+    text = str(exc).strip()
+    # the first line names the error; a failed compile's output follows its command
+    output = text.partition("\nOutput:\n")[2].splitlines()
+    said = [text.splitlines()[0] if text else type(exc).__name__,
+            *[line.strip() for line in output if "error" in line][:1]]
+    _failure = ": ".join(said)[:300]
+    log.warning(f"fused CPU kernels are off in this process: torch.compile could not build them ({_failure}). "
+                "Training goes on op by op, about 1.2x slower. Install a working C++ compiler and Python's "
+                "headers, or set TINYSEEK_FUSED_KERNELS=0 not to try.")

@@ -1,6 +1,11 @@
 """Fused kernels (`model.fused`): a CPU training step runs them compiled, with the losses and
 gradients of the same step op by op; they stay eager where they cannot or need not compile."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch._dynamo.utils import counters
 
@@ -71,3 +76,44 @@ def test_decoding_compiles_no_fused_kernel(monkeypatch):
     with torch.no_grad():
         model(torch.randint(0, 97, (2, 6)))  # a prefill: norms, experts' sum, SwiGLU without autograd
     assert not calls
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# g++ that fails to build a kernel as one without Python's headers does (its other calls pass)
+FAILING_COMPILER = """#!/bin/sh
+case "$*" in *-shared*) echo "fatal error: Python.h: No such file or directory" >&2; exit 1;; esac
+exec g++ "$@"
+"""
+
+STEP = """
+import torch
+from model import fused
+from model.transformer import Transformer
+from tests.model.helpers import config, losses_and_grads
+torch.manual_seed(0)
+model = Transformer(config("q-lora"))
+inputs, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+losses = [float(loss) for loss in losses_and_grads(model, inputs, targets)[:-1]]
+print("enabled", fused.enabled(), "losses", losses)
+"""
+
+
+def test_a_compiler_that_cannot_build_the_kernels_turns_them_off_with_one_warning(tmp_path):
+    """A C++ compiler that fails (here: as one without Python's headers does) costs the fused
+    kernels, not the training run: the step goes on op by op, with the eager step's losses."""
+    compiler = tmp_path / "g++"
+    compiler.write_text(FAILING_COMPILER)
+    compiler.chmod(0o755)
+
+    def step(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", STEP], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), **env})
+
+    failing = step(CXX=str(compiler))
+    eager = step(TINYSEEK_FUSED_KERNELS="0")
+    assert failing.returncode == 0, failing.stderr[-3000:]
+    assert failing.stderr.count("fused CPU kernels are off in this process") == 1, failing.stderr[-3000:]
+    assert "Python.h: No such file or directory" in failing.stderr
+    assert failing.stdout == eager.stdout  # the same losses, computed op by op
+    assert failing.stdout.startswith("enabled False losses [")
