@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -18,7 +19,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -212,7 +212,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process has exited and only waits for its parent to collect its status (a
+    zombie: Linux's /proc says Z), as a flow run's process does for a moment after its kill."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -266,27 +276,13 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def _raising_handlers() -> dict[int, Any]:
-    """The signal handlers in place that stop the main thread by raising wherever it is:
-    Python's own for Ctrl-C (KeyboardInterrupt), and Prefect's for SIGTERM in a flow run
-    (TerminationSignal: how a served run is cancelled). A handler set by the program, or
-    SIG_IGN, is not one of them. Prefect's can be in place only where Prefect is imported."""
-    handlers: dict[int, Any] = {}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handlers[signal.SIGINT] = signal.default_int_handler
-    engine = sys.modules.get("prefect.utilities.engine")
-    if engine is not None and engine.is_prefect_sigterm_handler_installed():
-        handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
-    return handlers
-
-
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Within the block, an interruption (a Ctrl-C, or the SIGTERM that cancels a served flow
-    run) is held and raised at its end; a second one raises at once. Only on the main thread,
-    for the handlers `_raising_handlers` finds: a handler of the program's own stays in charge."""
-    handlers = _raising_handlers() if threading.current_thread() is threading.main_thread() else {}
-    if not handlers:
+    """Within the block, a Ctrl-C (SIGINT) is held and raised as KeyboardInterrupt at its end;
+    a second one raises at once. Only where Python's own handler is in place, on the main
+    thread (a handler set by the program, or SIG_IGN, stays as it is)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     held: list[int] = []
@@ -294,29 +290,32 @@ def interrupts_held() -> Iterator[None]:
 
     def hold(signum: int, frame: object) -> None:
         if held and not restoring:
-            handlers[signum](signum, frame)
+            raise KeyboardInterrupt
         held.append(signum)
 
-    for signum in handlers:
-        signal.signal(signum, hold)
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         restoring = True  # a signal pending now is run by the restore: it must not cut it short
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        if held:  # also when the block raised: a caller that handles its error still sees the interruption
-            handlers[held[0]](held[0], None)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:  # also when the block raised: a caller that handles its error still sees the Ctrl-C
+            raise KeyboardInterrupt
 
 
 class _Uninterrupted:
-    """An `MlflowClient` for a SQLite store whose calls finish before a Ctrl-C takes effect.
+    """An `MlflowClient` for a SQLite store whose calls finish before a Ctrl-C takes effect,
+    and that an interruption inside a call leaves unlocked.
 
-    Python raises KeyboardInterrupt wherever the main thread is. Raised inside a write to
-    the SQLite database, it left that connection holding the database's write lock: every
-    later write, such as marking the interrupted runs KILLED, waited out SQLite's busy
-    timeout (20 s) and failed with "database is locked". A store call takes milliseconds and
-    an artifact copy as long as the copy, so the interrupt comes a moment later.
+    Python raises KeyboardInterrupt wherever the main thread is, and Prefect raises
+    TerminationSignal (how a served flow run is cancelled, SIGTERM) the same way. Raised
+    inside a store call, the frames it passed through kept that call's SQLite connection in
+    its transaction, holding the database's write lock: every later write, such as marking
+    the interrupted runs KILLED, waited out SQLite's busy timeout (20 s) and failed with
+    "database is locked". A Ctrl-C is held until the call ends (a store call takes
+    milliseconds, an artifact copy as long as the copy). Prefect's SIGTERM handler is left
+    in place, since Prefect acknowledges a cancellation only while it is installed: an
+    interruption raised inside a call drops those frames instead, which closes the connection.
     """
 
     def __init__(self, client: mlflow.MlflowClient) -> None:
@@ -331,8 +330,15 @@ class _Uninterrupted:
 
         @functools.wraps(attribute)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with interrupts_held():
-                return attribute(*args, **kwargs)
+            try:
+                with interrupts_held():
+                    return attribute(*args, **kwargs)
+            except Exception:
+                raise
+            except BaseException as exc:  # an interruption (see the class docstring)
+                exc.__traceback__ = None
+                gc.collect()  # frames in a reference cycle too
+                raise
 
         return call
 

@@ -3,7 +3,6 @@ datasets, system metrics and the trainer's metrics callback, read back through M
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -28,6 +27,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect.exceptions import TerminationSignal
 from prefect.utilities.engine import capture_sigterm
 from pydantic import BaseModel
+from sqlalchemy.engine.default import DefaultDialect
 
 from tasks.tracking import (
     DB_FILE,
@@ -146,13 +146,23 @@ def test_runs_a_killed_process_left_running_end_as_killed(tmp_path):
     processes of this machine that are gone, and leaves live or other machines' runs alone."""
     tracker = Tracker(tmp_path)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # killed, its status not yet collected by its parent (a zombie): gone too
+    uncollected = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    uncollected.kill()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{uncollected.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the killed process did not exit"
+        time.sleep(0.05)
     host = socket.gethostname()
     runs = {name: tracker.start_run(name, tags={"tinyseek.process": process}) for name, process in
-            [("killed", f"{host}:{gone.stdout.strip()}"), ("live", f"{host}:{os.getpid()}"),
-             ("elsewhere", f"not-{host}:{gone.stdout.strip()}"), ("untagged", None)]}
-    assert tracker.end_orphaned_runs() == [runs["killed"]]
+            [("killed", f"{host}:{gone.stdout.strip()}"), ("uncollected", f"{host}:{uncollected.pid}"),
+             ("live", f"{host}:{os.getpid()}"), ("elsewhere", f"not-{host}:{gone.stdout.strip()}"),
+             ("untagged", None)]}
+    assert sorted(tracker.end_orphaned_runs()) == sorted([runs["killed"], runs["uncollected"]])
+    uncollected.wait()
     status = {name: tracker.client.get_run(run_id).info.status for name, run_id in runs.items()}
-    assert status == {"killed": "KILLED", "live": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
+    assert status == {"killed": "KILLED", "uncollected": "KILLED", "live": "RUNNING", "elsewhere": "RUNNING",
+                      "untagged": "RUNNING"}
 
 
 def test_run_context_ends_finished_or_failed(tracker):
@@ -238,40 +248,61 @@ def test_metrics_callback_buffers_and_flushes(tracker):
         MetricsCallback(tracker, run_id, every=0)
 
 
-@contextlib.contextmanager
-def python_ctrl_c():
-    yield signal.SIGINT, KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def prefect_cancellation():
-    """A flow run's SIGTERM handler: Prefect raises TerminationSignal, how a served run is cancelled."""
-    with capture_sigterm():
-        yield signal.SIGTERM, TerminationSignal
-
-
-@pytest.mark.parametrize("interruption", [python_ctrl_c, prefect_cancellation])
-def test_an_interruption_during_a_store_write_takes_effect_after_it(tracker, monkeypatch, interruption):
-    """Raised inside a SQLite write, KeyboardInterrupt (or Prefect's TerminationSignal) left the
-    database locked, and marking the interrupted run KILLED then failed; the write now finishes first."""
+def test_a_ctrl_c_during_a_store_write_takes_effect_after_it(tracker, monkeypatch):
+    """Raised inside a SQLite write, KeyboardInterrupt left the database locked, and marking
+    the interrupted run KILLED then failed; the write now finishes first."""
     run_id = tracker.start_run("pretrain")
     write = SqlAlchemyStore.log_batch
-    with interruption() as (signum, raised):
-        handler = signal.getsignal(signum)
 
-        def write_during_interruption(self, *args, **kwargs):
-            signal.raise_signal(signum)
-            return write(self, *args, **kwargs)
+    def write_during_ctrl_c(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return write(self, *args, **kwargs)
 
-        monkeypatch.setattr(SqlAlchemyStore, "log_batch", write_during_interruption)
-        with pytest.raises(raised):
-            tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
-        monkeypatch.undo()
-        assert signal.getsignal(signum) is handler
-        tracker.end_run(run_id, "KILLED")
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", write_during_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
+    monkeypatch.undo()
+    tracker.end_run(run_id, "KILLED")
     run = reader(tracker).get_run(run_id)
     assert run.data.metrics == {"loss": 2.5} and run.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert copy.copy(tracker.client).get_run(run_id).info.status == "KILLED"  # the wrapper copies like a client
+
+
+def test_a_cancellation_inside_a_store_call_leaves_the_database_unlocked(tracker, monkeypatch):
+    """Prefect cancels a served flow run with SIGTERM, raised as TerminationSignal wherever the
+    flow is. Raised inside a store call, its frames kept the call's SQLite connection in its
+    transaction: marking the run KILLED then waited 20 s and failed with "database is locked".
+    Here it comes after each statement of a `log_batch` in turn."""
+    statements = []
+    execute = DefaultDialect.do_execute
+
+    def execute_then_cancel(self, cursor, statement, *args):
+        result = execute(self, cursor, statement, *args)
+        statements.append(statement.split()[0])
+        if len(statements) == interrupt_at:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    interrupted = []
+    with capture_sigterm():
+        for interrupt_at in range(1, 20):
+            run_id = tracker.start_run("pretrain")
+            statements.clear()
+            monkeypatch.setattr(DefaultDialect, "do_execute", execute_then_cancel)
+            try:
+                tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
+            except TerminationSignal:
+                interrupted.append(statements[-1])
+            else:
+                break
+            finally:
+                monkeypatch.undo()
+            started = time.monotonic()
+            tracker.end_run(run_id, "KILLED")
+            assert time.monotonic() - started < 5, f"the store stayed locked after a cancellation at {statements[-1]}"
+    assert "SELECT" in interrupted and "INSERT" in interrupted  # reads and writes of the call were cut
+    assert reader(tracker).get_run(run_id).data.metrics == {"loss": 2.5}  # and an uncut call still writes
 
 
 def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
