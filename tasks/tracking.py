@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -219,10 +220,10 @@ def _exited(pid: int) -> bool:
     """Whether the process has exited and only waits for its parent to collect its status (a
     zombie: Linux's /proc says Z), as a flow run's process does for a moment after its kill."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()  # bytes: the name may be cut inside a character
     except OSError:
         return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+    return stat.rpartition(b")")[2].split()[:1] == [b"Z"]
 
 
 def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -336,11 +337,22 @@ class _Uninterrupted:
             except Exception:
                 raise
             except BaseException as exc:  # an interruption (see the class docstring)
-                exc.__traceback__ = None
-                gc.collect()  # frames in a reference cycle too
+                _release_frames(exc)
                 raise
 
         return call
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames that `exc` and the exceptions it was raised
+    during passed through (a Ctrl-C held while a SIGTERM cut the call, say), keeping the
+    tracebacks' lines, so that what they held (a store connection) is closed now."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()  # and what they held in a reference cycle
 
 
 class Tracker:

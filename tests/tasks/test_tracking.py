@@ -25,7 +25,6 @@ from mlflow.telemetry.client import get_telemetry_client
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from prefect.exceptions import TerminationSignal
-from prefect.utilities.engine import capture_sigterm
 from pydantic import BaseModel
 from sqlalchemy.engine.default import DefaultDialect
 
@@ -148,18 +147,17 @@ def test_runs_a_killed_process_left_running_end_as_killed(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     # killed, its status not yet collected by its parent (a zombie): gone too
     uncollected = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    uncollected.kill()
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{uncollected.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
-        assert time.monotonic() < deadline, "the killed process did not exit"
-        time.sleep(0.05)
-    host = socket.gethostname()
-    runs = {name: tracker.start_run(name, tags={"tinyseek.process": process}) for name, process in
-            [("killed", f"{host}:{gone.stdout.strip()}"), ("uncollected", f"{host}:{uncollected.pid}"),
-             ("live", f"{host}:{os.getpid()}"), ("elsewhere", f"not-{host}:{gone.stdout.strip()}"),
-             ("untagged", None)]}
-    assert sorted(tracker.end_orphaned_runs()) == sorted([runs["killed"], runs["uncollected"]])
-    uncollected.wait()
+    try:
+        uncollected.kill()
+        os.waitid(os.P_PID, uncollected.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, not collecting it
+        host = socket.gethostname()
+        runs = {name: tracker.start_run(name, tags={"tinyseek.process": process}) for name, process in
+                [("killed", f"{host}:{gone.stdout.strip()}"), ("uncollected", f"{host}:{uncollected.pid}"),
+                 ("live", f"{host}:{os.getpid()}"), ("elsewhere", f"not-{host}:{gone.stdout.strip()}"),
+                 ("untagged", None)]}
+        assert sorted(tracker.end_orphaned_runs()) == sorted([runs["killed"], runs["uncollected"]])
+    finally:
+        uncollected.wait()
     status = {name: tracker.client.get_run(run_id).info.status for name, run_id in runs.items()}
     assert status == {"killed": "KILLED", "uncollected": "KILLED", "live": "RUNNING", "elsewhere": "RUNNING",
                       "untagged": "RUNNING"}
@@ -269,39 +267,43 @@ def test_a_ctrl_c_during_a_store_write_takes_effect_after_it(tracker, monkeypatc
     assert copy.copy(tracker.client).get_run(run_id).info.status == "KILLED"  # the wrapper copies like a client
 
 
-def test_a_cancellation_inside_a_store_call_leaves_the_database_unlocked(tracker, monkeypatch):
+@pytest.mark.parametrize("ctrl_c_first", [False, True], ids=["cancelled", "ctrl-c-then-cancelled"])
+def test_a_cancellation_inside_a_store_call_leaves_the_database_unlocked(tracker, ctrl_c_first):
     """Prefect cancels a served flow run with SIGTERM, raised as TerminationSignal wherever the
-    flow is. Raised inside a store call, its frames kept the call's SQLite connection in its
-    transaction: marking the run KILLED then waited 20 s and failed with "database is locked".
-    Here it comes after each statement of a `log_batch` in turn."""
+    flow is. Raised inside a store call, the frames it passed through kept the call's SQLite
+    connection in its transaction: marking the run KILLED, as the pipeline does while handling
+    the interruption, waited 20 s and failed with "database is locked". Here it comes after
+    each statement of a `log_batch` in turn, alone and after a Ctrl-C the call holds."""
     statements = []
     execute = DefaultDialect.do_execute
 
     def execute_then_cancel(self, cursor, statement, *args):
         result = execute(self, cursor, statement, *args)
         statements.append(statement.split()[0])
-        if len(statements) == interrupt_at:
-            signal.raise_signal(signal.SIGTERM)
+        if ctrl_c_first and len(statements) == 1:
+            signal.raise_signal(signal.SIGINT)  # held until the call ends
+        if len(statements) == cut:
+            raise TerminationSignal(signal.SIGTERM)  # where Prefect's SIGTERM handler raises it
         return result
 
-    interrupted = []
-    with capture_sigterm():
-        for interrupt_at in range(1, 20):
-            run_id = tracker.start_run("pretrain")
-            statements.clear()
-            monkeypatch.setattr(DefaultDialect, "do_execute", execute_then_cancel)
+    cut_at = []
+    for cut in range(1, 30):
+        run_id = tracker.start_run("pretrain")
+        statements.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DefaultDialect, "do_execute", execute_then_cancel)
             try:
                 tracker.log_metrics(run_id, {"loss": 2.5}, step=7)
-            except TerminationSignal:
-                interrupted.append(statements[-1])
-            else:
-                break
-            finally:
-                monkeypatch.undo()
-            started = time.monotonic()
-            tracker.end_run(run_id, "KILLED")
-            assert time.monotonic() - started < 5, f"the store stayed locked after a cancellation at {statements[-1]}"
-    assert "SELECT" in interrupted and "INSERT" in interrupted  # reads and writes of the call were cut
+            except (TerminationSignal, KeyboardInterrupt) as exc:
+                patch.undo()
+                started = time.monotonic()
+                tracker.end_run(run_id, "KILLED")
+                assert time.monotonic() - started < 5, f"the store stayed locked after a cut at statement {cut}"
+                assert isinstance(exc, KeyboardInterrupt) == ctrl_c_first
+        if len(statements) < cut:  # the call ran to its end
+            break
+        cut_at.append(statements[-1])
+    assert "SELECT" in cut_at and "INSERT" in cut_at  # reads and writes of the call were cut
     assert reader(tracker).get_run(run_id).data.metrics == {"loss": 2.5}  # and an uncut call still writes
 
 
