@@ -334,10 +334,9 @@ class _Uninterrupted:
             try:
                 with interrupts_held():
                     return attribute(*args, **kwargs)
-            except Exception:
-                raise
-            except BaseException as exc:  # an interruption (see the class docstring)
-                _release_frames(exc)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # an interruption (see the class docstring)
+                    _release_frames(exc)
                 raise
 
         return call

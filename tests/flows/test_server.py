@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from flows.deploy import stop_serving
 from tasks.tracking import TAG_PROCESS, Tracker
 
 from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, mlflow_runs
+from tests.processes import dead_pid
 
 QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
 
@@ -145,8 +145,7 @@ def test_stopping_the_deployments_cancels_a_run_in_progress_and_records_it(serve
 def run_of_a_killed_flow_process(ws: Path) -> str:
     """A run left RUNNING by a process of this machine that is gone, as a flow run's process
     killed outright leaves its runs."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return Tracker(ws).start_run("pretrain", tags={TAG_PROCESS: f"{socket.gethostname()}:{gone.stdout.strip()}"})
+    return Tracker(ws).start_run("pretrain", tags={TAG_PROCESS: f"{socket.gethostname()}:{dead_pid()}"})
 
 
 async def start_long_pretraining(root):

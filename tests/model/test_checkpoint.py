@@ -2,8 +2,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from model.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from tests.processes import dead_pid
 
 
 def trained():
@@ -163,8 +162,7 @@ def test_nothing_there(tmp_path):
 
 def test_leftover_temp_dir_is_ignored_then_cleaned(tmp_path):
     save(tmp_path, 1)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = tmp_path / f".step-000002.tmp-{int(dead.stdout)}-abcd1234"
+    leftover = tmp_path / f".step-000002.tmp-{dead_pid()}-abcd1234"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half written")
     assert load_latest(tmp_path).step == 1

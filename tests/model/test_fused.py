@@ -4,13 +4,13 @@ gradients of the same step op by op; they stay eager where they cannot or need n
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
 from model import fused
 from model.transformer import Transformer
+from tasks.stage import REPO_ROOT
 from tests.model.helpers import config, losses_and_grads
 
 
@@ -78,8 +78,6 @@ def test_decoding_compiles_no_fused_kernel(monkeypatch):
     assert not calls
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 # g++ that fails to build a kernel as one without Python's headers does (its other calls pass)
 FAILING_COMPILER = """#!/bin/sh
 case "$*" in *-shared*) echo "fatal error: Python.h: No such file or directory" >&2; exit 1;; esac
@@ -90,6 +88,7 @@ STEP = """
 import torch
 from model import fused
 from model.transformer import Transformer
+from tasks.stage import REPO_ROOT
 from tests.model.helpers import config, losses_and_grads
 torch.manual_seed(0)
 model = Transformer(config("q-lora"))

@@ -42,6 +42,7 @@ from tasks.tracking import (
     system_metrics,
     tracking_uri,
 )
+from tests.processes import dead_pid
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +146,7 @@ def test_runs_a_killed_process_left_running_end_as_killed(tmp_path):
     """A process killed outright cannot end its runs: the next pipeline run ends those of
     processes of this machine that are gone, and leaves live or other machines' runs alone."""
     tracker = Tracker(tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = dead_pid()
     # killed, its status not yet collected by its parent (a zombie): gone too
     uncollected = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -153,8 +154,8 @@ def test_runs_a_killed_process_left_running_end_as_killed(tmp_path):
         os.waitid(os.P_PID, uncollected.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, not collecting it
         host = socket.gethostname()
         runs = {name: tracker.start_run(name, tags={"tinyseek.process": process}) for name, process in
-                [("killed", f"{host}:{gone.stdout.strip()}"), ("uncollected", f"{host}:{uncollected.pid}"),
-                 ("live", f"{host}:{os.getpid()}"), ("elsewhere", f"not-{host}:{gone.stdout.strip()}"),
+                [("killed", f"{host}:{gone}"), ("uncollected", f"{host}:{uncollected.pid}"),
+                 ("live", f"{host}:{os.getpid()}"), ("elsewhere", f"not-{host}:{gone}"),
                  ("untagged", None)]}
         assert sorted(tracker.end_orphaned_runs()) == sorted([runs["killed"], runs["uncollected"]])
     finally:
