@@ -23,23 +23,19 @@ from model.rope import rope_cache
 
 
 @fused
-def _target_log_probs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[row, index[row]] in fp32, [rows, 1]."""
-    return torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, index)
+def _log_softmax_at(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(logits)[row, index[row]] and the row's logsumexp, in fp32, each [rows, 1]."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    picked = log_probs.gather(1, index)
+    return picked, logits.gather(1, index).float() - picked
 
 
 @fused
-def _write_loss_gradient(out: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, row_scale: torch.Tensor) -> None:
-    """out = (softmax(logits) - one_hot(index)) * row_scale, computed in fp32. Run eagerly, the
-    one is subtracted by a scatter (one element a row); compiled, by a comparison with the
-    column number, which fuses into the same pass. Either way the one is subtracted before
-    the scaling and the single rounding to out's dtype."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    if torch.compiler.is_compiling():
-        probs = probs - (torch.arange(logits.shape[-1], device=logits.device) == index).float()
-    else:
-        probs.scatter_add_(1, index, probs.new_full(index.shape, -1.0))
-    out.copy_(probs.mul_(row_scale.unsqueeze(1)))
+def _write_scaled_softmax(out: torch.Tensor, logits: torch.Tensor, logsumexp: torch.Tensor,
+                          row_scale: torch.Tensor) -> None:
+    """out = softmax(logits) * row_scale, as exp(logits - logsumexp) in fp32: one pass over
+    the logits, rounded once to out's dtype."""
+    out.copy_(torch.exp(logits.float() - logsumexp).mul_(row_scale.unsqueeze(1)))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -48,11 +44,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     Equal to `F.cross_entropy(logits.float(), targets, ignore_index=-100)`, but the
     fp32 copy, the log-softmax and the gradient of the whole [N, vocab] matrix never
-    exist at once: backward keeps nothing beyond the logits and recomputes the softmax
-    chunk by chunk, writing the gradient in the logits' own dtype. Run eagerly on a CPU
-    the chunks stay in cache; everywhere the loss no longer triples the logits' memory.
-    As fused kernels (`model.fused`) nothing of that size is written but the gradient:
-    one chunk is the whole matrix.
+    exist at once: backward keeps nothing beyond the logits and each row's logsumexp,
+    and writes the gradient (softmax - one_hot) chunk by chunk in the logits' own dtype,
+    in one pass over them: the softmax from the saved logsumexp, then each target's
+    entry, (exp(log-prob) - 1) x scale, written over it from the forward's log-prob (the
+    value the one pass would give, rounded once). Run eagerly on a CPU the chunks stay in
+    cache; everywhere the loss no longer triples the logits' memory. As fused kernels
+    (`model.fused`) one chunk is the whole matrix.
     """
 
     @staticmethod
@@ -69,20 +67,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0).unsqueeze(1)
         step = ChunkedCrossEntropy.rows_per_chunk(logits)
-        picked = torch.cat([_target_log_probs(rows, index) for rows, index in zip(logits.split(step), safe.split(step))])
+        parts = [_log_softmax_at(rows, index) for rows, index in zip(logits.split(step), safe.split(step))]
+        picked, logsumexp = (torch.cat(column) for column in zip(*parts))
         count = valid.sum()
-        ctx.save_for_backward(logits, safe, valid, count)
+        ctx.save_for_backward(logits, safe, valid, count, picked, logsumexp)
         return -(picked.squeeze(1) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, safe, valid, count = ctx.saved_tensors
+        logits, safe, valid, count, picked, logsumexp = ctx.saved_tensors
         row_scale = valid * (grad / count)
         out = torch.empty_like(logits)
         step = ChunkedCrossEntropy.rows_per_chunk(logits)
         for i in range(0, logits.shape[0], step):
             rows = slice(i, i + step)
-            _write_loss_gradient(out[rows], logits[rows], safe[rows], row_scale[rows])
+            _write_scaled_softmax(out[rows], logits[rows], logsumexp[rows], row_scale[rows])
+        target = (torch.arange(len(out), device=out.device), safe.squeeze(1))
+        out.index_put_(target, picked.squeeze(1).exp().sub_(1).mul_(row_scale).to(out.dtype))
         return out, None
 
 
