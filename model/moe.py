@@ -16,6 +16,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.fused import fused
 from model.linear import Linear, linear
+from model.promote import add_promoted
 
 
 @fused
@@ -313,7 +314,7 @@ class MoE(nn.Module):
                 self.expert_load.index_add_(0, ids.flatten(), self.expert_load.new_ones(ids.numel()))
         out = self.experts(flat, ids, weights).view(B, T, H)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = add_promoted(out, self.shared_experts(x))
         return out, self._balance_loss(scores, ids, B, T)
 
     def _balance_loss(self, scores: torch.Tensor, ids: torch.Tensor, B: int, T: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from model.fused import active as fused_active, fused
 from model.linear import Linear
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
+from model.promote import add_promoted
 from model.rope import rope_cache
 
 
@@ -114,15 +115,15 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
-            return x + out, aux
-        return x + self.mlp(h), x.new_zeros(())
+            return add_promoted(x, out), aux
+        return add_promoted(x, self.mlp(h)), x.new_zeros(())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = add_promoted(x, self.self_attn(self.input_layernorm(x), cos, sin))
         return self._feed_forward(x)
 
     def forward_cached(self, x, cos, sin, cache: LatentCache, start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, start, mask)
+        x = add_promoted(x, self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, start, mask))
         return self._feed_forward(x)[0]
 
 

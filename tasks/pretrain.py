@@ -22,6 +22,7 @@ import model.moe
 import model.muon
 import model.norm
 import model.optim
+import model.promote
 import model.rope
 import model.schedule
 import model.trainer
@@ -39,7 +40,7 @@ from tasks.training import train_stage, work_dir
 
 # every module whose code decides what training computes: editing one retrains
 TRAINING_CODE = (model.attention, model.config, model.data, model.fused, model.linear, model.moe, model.muon, model.norm,
-              model.optim, model.rope, model.schedule, model.trainer, model.transformer,
+              model.optim, model.promote, model.rope, model.schedule, model.trainer, model.transformer,
               tasks.training, tasks.training_config)
 
 

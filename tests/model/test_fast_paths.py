@@ -8,6 +8,7 @@ Where a function is one of `model.fused`, it is tested both op by op and as a fu
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import attention, fused, linear
 from model.moe import Experts, Router, WeightedSum, swiglu
@@ -288,6 +289,39 @@ def test_experts_add_up_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, torch.randint(0, 8, (6, 2)), torch.rand(6, 2))
     assert out.dtype == torch.float32
+
+
+class MixedDtypeOps(TorchDispatchMode):
+    """Records the ops whose tensor operands of two or more dimensions (activations, not a
+    norm's gain) come in more than one floating dtype: a CPU runs those through a
+    per-element casting loop, several times slower than a cast and the op."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        dtypes = {t.dtype for t in tensors if t.is_floating_point() and t.dim() >= 2}
+        if len(dtypes) > 1 and func.overloadpacket not in (torch.ops.aten.copy_, torch.ops.aten._to_copy):
+            self.seen.append(f"{func}: {sorted(map(str, dtypes))}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["q-lora", "dense"])
+def test_a_bf16_training_step_mixes_no_dtypes_in_one_op(name, monkeypatch):
+    """Under autocast the residual stream is fp32 and the layers return bf16: each branch is
+    cast before it is added (`model.promote.add_promoted`), forward and backward. Op by op,
+    as a CPU without a C++ compiler trains (fused kernels would hide their own ops)."""
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "0")
+    torch.manual_seed(0)
+    model = Transformer(config(name))
+    inputs = torch.randint(0, 97, (2, 16))
+    with MixedDtypeOps() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(inputs, inputs)
+        (out.loss + out.mtp_loss + out.aux_loss).backward()
+    assert ops.seen == []
 
 
 def saved_for_backward(compute):
