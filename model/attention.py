@@ -41,20 +41,23 @@ def _future_mask(q: torch.Tensor) -> torch.Tensor:
     return torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
 
 
-def _chunks(q: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+def _chunks(q: torch.Tensor, buffers: int) -> list[tuple[slice, list[torch.Tensor]]]:
     """Slices of q's [B*H] (batch, head) rows whose T x T scores fit SCORES_PER_CHUNK (at
-    least one row each), each with its part of one scores buffer that all chunks reuse."""
+    least one row each), each with its part of `buffers` T x T buffers that all chunks reuse.
+    Reused, the scores, probabilities and their gradient are written where the last chunk's
+    were: a fresh 2 MiB tensor per chunk costs its page faults (the gradient of the
+    probabilities took 1.0-1.3 ms per demo chunk that way, 0.6 ms in place)."""
     rows, T = q.shape[0], q.shape[1]
     step = max(1, SCORES_PER_CHUNK // (T * T))
-    scores = q.new_empty(min(step, rows), T, T)
-    return [(slice(start, start + step), scores[: min(step, rows - start)]) for start in range(0, rows, step)]
+    whole = [q.new_empty(min(step, rows), T, T) for _ in range(buffers)]
+    return [(slice(start, start + step), [b[: min(step, rows - start)] for b in whole]) for start in range(0, rows, step)]
 
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float,
-                  scores: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) of [n, T, d] rows: the matmul itself (`baddbmm`) adds the
-    mask and applies the scale, writing the scores into `scores` [n, T, T]."""
-    return torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale, out=scores).softmax(-1)
+                  scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) of [n, T, d] rows into `probs` [n, T, T]: the matmul
+    itself (`baddbmm`) adds the mask and applies the scale, writing the scores into `scores`."""
+    return torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale, out=scores), -1, out=probs)
 
 
 class ExplicitCausalAttention(torch.autograd.Function):
@@ -64,10 +67,10 @@ class ExplicitCausalAttention(torch.autograd.Function):
     kernel's tiled backward and the unfused kernel's fp32 upcasts cost more than a few bf16
     matmuls and softmax passes over the T x T scores. Like flash, it saves only q, k and v
     and recomputes the probabilities in the backward, and it computes the scores for a
-    few (batch, head) rows at a time (SCORES_PER_CHUNK) in one reused buffer, so its memory
-    does not grow with T x T times the batch. Its matmuls write their results in place,
-    and those of the q and k gradients apply the scale themselves (one rounding; exact
-    when the scale is a power of two, as 1/8 for heads of 64)."""
+    few (batch, head) rows at a time (SCORES_PER_CHUNK) in buffers that every chunk reuses,
+    so its memory does not grow with T x T times the batch. Its matmuls write their results
+    in place, and those of the q and k gradients apply the scale themselves (one rounding;
+    exact when the scale is a power of two, as 1/8 for heads of 64)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,8 +79,8 @@ class ExplicitCausalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
         out, mask = q.new_empty(B * H, T, v.shape[-1]), _future_mask(q)
-        for rows, scores in _chunks(q):
-            torch.bmm(_causal_probs(q[rows], k[rows], mask, scale, scores), v[rows], out=out[rows])
+        for rows, (scores, probs) in _chunks(q, 2):
+            torch.bmm(_causal_probs(q[rows], k[rows], mask, scale, scores, probs), v[rows], out=out[rows])
         return out.view(B, H, T, -1)
 
     @staticmethod
@@ -87,11 +90,11 @@ class ExplicitCausalAttention(torch.autograd.Function):
         grad = grad.reshape(q.shape[0], q.shape[1], grad.shape[-1])
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         mask = _future_mask(q)
-        for rows, scores in _chunks(q):
-            probs = _causal_probs(q[rows], k[rows], mask, ctx.scale, scores)  # the forward's, bit for bit
+        for rows, (scores, probs, grad_probs) in _chunks(q, 3):
+            _causal_probs(q[rows], k[rows], mask, ctx.scale, scores, probs)  # the forward's, bit for bit
             torch.bmm(probs.transpose(1, 2), grad[rows], out=grad_v[rows])
+            torch.bmm(grad[rows], v[rows].transpose(1, 2), out=grad_probs)
             # the gradient of the scores, through softmax's own backward kernel, into the scores' buffer
-            grad_probs = torch.bmm(grad[rows], v[rows].transpose(1, 2))
             grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, probs.dtype, grad_input=scores)
             torch.baddbmm(grad_q[rows], grad_scores, k[rows], beta=0, alpha=ctx.scale, out=grad_q[rows])
             torch.baddbmm(grad_k[rows], grad_scores.transpose(1, 2), q[rows], beta=0, alpha=ctx.scale, out=grad_k[rows])
