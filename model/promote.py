@@ -1,4 +1,4 @@
-"""Adding tensors of two dtypes, as the residual stream does under autocast.
+"""Adding tensors of two dtypes on a CPU, as the residual stream does under autocast.
 
 Under autocast the residual stream stays fp32 while attention and the MLPs return bf16
 (the routed experts' sum is fp32 again). torch adds two dtypes on a CPU in a per-element
@@ -10,6 +10,9 @@ import torch
 
 
 def add_promoted(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y in the dtype torch's type promotion gives their sum, each cast to it first."""
+    """x + y in the dtype torch's type promotion gives their sum; on a CPU each is cast to it
+    first (a GPU adds two dtypes in one kernel, where the casts would be two more)."""
+    if x.dtype == y.dtype or not x.is_cpu:
+        return x + y
     dtype = torch.promote_types(x.dtype, y.dtype)
     return x.to(dtype) + y.to(dtype)

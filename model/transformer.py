@@ -24,19 +24,23 @@ from model.rope import rope_cache
 
 
 @fused
-def _log_softmax_at(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log_softmax(logits)[row, index[row]] and the row's logsumexp, in fp32, each [rows, 1]."""
-    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    picked = log_probs.gather(1, index)
-    return picked, logits.gather(1, index).float() - picked
+def _log_softmax_at(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_softmax(logits)[row, index[row]] in fp32, and the row's logsumexp in two parts,
+    its max and log(sum(exp(logits - max))): each [rows, 1]. Kept apart, they let the
+    backward subtract the max first, exactly as softmax does, and then a small number; with
+    their sum subtracted at once, large logits would lose the softmax's low bits."""
+    logits = logits.float()
+    row_max = logits.amax(dim=-1, keepdim=True)
+    log_sum = (logits - row_max).exp().sum(dim=-1, keepdim=True).log()
+    return (logits.gather(1, index) - row_max) - log_sum, row_max, log_sum
 
 
 @fused
-def _write_scaled_softmax(out: torch.Tensor, logits: torch.Tensor, logsumexp: torch.Tensor,
+def _write_scaled_softmax(out: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
                           row_scale: torch.Tensor) -> None:
-    """out = softmax(logits) * row_scale, as exp(logits - logsumexp) in fp32: one pass over
-    the logits, rounded once to out's dtype."""
-    out.copy_(torch.exp(logits.float() - logsumexp).mul_(row_scale.unsqueeze(1)))
+    """out = softmax(logits) * row_scale, as exp((logits - max) - log_sum) in fp32, rounded
+    once to out's dtype: as a fused kernel, one pass over the logits."""
+    out.copy_(torch.exp((logits.float() - row_max) - log_sum).mul_(row_scale.unsqueeze(1)))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -45,13 +49,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     Equal to `F.cross_entropy(logits.float(), targets, ignore_index=-100)`, but the
     fp32 copy, the log-softmax and the gradient of the whole [N, vocab] matrix never
-    exist at once: backward keeps nothing beyond the logits and each row's logsumexp,
-    and writes the gradient (softmax - one_hot) chunk by chunk in the logits' own dtype,
-    in one pass over them: the softmax from the saved logsumexp, then each target's
-    entry, (exp(log-prob) - 1) x scale, written over it from the forward's log-prob (the
-    value the one pass would give, rounded once). Run eagerly on a CPU the chunks stay in
-    cache; everywhere the loss no longer triples the logits' memory. As fused kernels
-    (`model.fused`) one chunk is the whole matrix.
+    exist at once: backward keeps nothing beyond the logits and, per row, the logsumexp
+    (as max and log-sum) and the target's log-prob. It writes the gradient (softmax -
+    one_hot) chunk by chunk in the logits' own dtype: the softmax from the saved logsumexp
+    (as a fused kernel, one pass over the logits), then each target's entry, (exp(log-prob)
+    - 1) x scale, written over it from the saved log-prob (the value of the full
+    expression, rounded once). Run eagerly on a CPU the chunks stay in cache; everywhere
+    the loss no longer triples the logits' memory. As fused kernels (`model.fused`) one
+    chunk is the whole matrix.
     """
 
     @staticmethod
@@ -69,20 +74,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         safe = targets.masked_fill(~valid, 0).unsqueeze(1)
         step = ChunkedCrossEntropy.rows_per_chunk(logits)
         parts = [_log_softmax_at(rows, index) for rows, index in zip(logits.split(step), safe.split(step))]
-        picked, logsumexp = (torch.cat(column) for column in zip(*parts))
+        picked, row_max, log_sum = (torch.cat(column) for column in zip(*parts))
         count = valid.sum()
-        ctx.save_for_backward(logits, safe, valid, count, picked, logsumexp)
+        ctx.save_for_backward(logits, safe, valid, count, picked, row_max, log_sum)
         return -(picked.squeeze(1) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, safe, valid, count, picked, logsumexp = ctx.saved_tensors
+        logits, safe, valid, count, picked, row_max, log_sum = ctx.saved_tensors
         row_scale = valid * (grad / count)
         out = torch.empty_like(logits)
         step = ChunkedCrossEntropy.rows_per_chunk(logits)
         for i in range(0, logits.shape[0], step):
             rows = slice(i, i + step)
-            _write_scaled_softmax(out[rows], logits[rows], logsumexp[rows], row_scale[rows])
+            _write_scaled_softmax(out[rows], logits[rows], row_max[rows], log_sum[rows], row_scale[rows])
         target = (torch.arange(len(out), device=out.device), safe.squeeze(1))
         out.index_put_(target, picked.squeeze(1).exp().sub_(1).mul_(row_scale).to(out.dtype))
         return out, None

@@ -61,6 +61,20 @@ def test_chunked_cross_entropy_matches_torch(small_chunks, kernels, dtype):
     assert torch.all(logits.grad[0, 2] == 0)
 
 
+def test_chunked_cross_entropy_of_large_fp32_logits_is_as_precise_as_torchs(small_chunks, kernels):
+    """The backward's softmax subtracts the row's max and then its log-sum, as softmax does:
+    subtracted at once, their sum would cost large logits the gradient's low bits (a
+    relative error of 4e-6 at this scale, 2e-7 in torch's fp32)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 4096) * 30).requires_grad_()
+    targets = torch.randint(0, 4096, (64,))
+    reference = logits.detach().double().requires_grad_()
+    cross_entropy(logits, targets).backward()
+    F.cross_entropy(reference, targets).backward()
+    torch.testing.assert_close(logits.grad.double(), reference.grad, atol=reference.grad.abs().max().item() * 1e-6,
+                               rtol=0)
+
+
 def test_chunked_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
     logits = torch.randn(1, 4, 5)
     targets = torch.full((1, 4), -100)
@@ -301,7 +315,8 @@ class MixedDtypeOps(TorchDispatchMode):
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        operands = [a for arg in (*args, *(kwargs or {}).values()) for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+        tensors = [a for a in operands if isinstance(a, torch.Tensor)]
         dtypes = {t.dtype for t in tensors if t.is_floating_point() and t.dim() >= 2}
         if len(dtypes) > 1 and func.overloadpacket not in (torch.ops.aten.copy_, torch.ops.aten._to_copy):
             self.seen.append(f"{func}: {sorted(map(str, dtypes))}")
