@@ -88,7 +88,6 @@ STEP = """
 import torch
 from model import fused
 from model.transformer import Transformer
-from tasks.stage import REPO_ROOT
 from tests.model.helpers import config, losses_and_grads
 torch.manual_seed(0)
 model = Transformer(config("q-lora"))
