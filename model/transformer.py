@@ -21,6 +21,7 @@ from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.promote import add_promoted
 from model.rope import rope_cache
+from model.workspace import Workspace
 
 
 @fused
@@ -36,27 +37,33 @@ def _log_softmax_at(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Te
 
 
 @fused
-def _write_scaled_softmax(out: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
-                          row_scale: torch.Tensor) -> None:
-    """out = softmax(logits) * row_scale, as exp((logits - max) - log_sum) in fp32, rounded
-    once to out's dtype: as a fused kernel, one pass over the logits."""
-    out.copy_(torch.exp((logits.float() - row_max) - log_sum).mul_(row_scale.unsqueeze(1)))
+def _scaled_softmax_(logits: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
+                     row_scale: torch.Tensor) -> None:
+    """logits = softmax(logits) * row_scale in place, as exp((logits - max) - log_sum) in
+    fp32, rounded once to the logits' dtype: as a fused kernel, one pass over the logits.
+    (The logits are its one output: given the same memory as two arguments, an output and
+    an input, the compiler failed to build the kernel with one thread.)"""
+    logits.copy_(torch.exp((logits.float() - row_max) - log_sum).mul_(row_scale.unsqueeze(1)))
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over the targets that are not -100, with fp32 math done on
-    row chunks of the logits.
+class HeadCrossEntropy(torch.autograd.Function):
+    """The output head and its mean cross-entropy over the targets that are not -100:
+    `F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-100)`, under
+    autocast as there (the matmul in the autocast dtype, the loss in fp32).
 
-    Equal to `F.cross_entropy(logits.float(), targets, ignore_index=-100)`, but the
-    fp32 copy, the log-softmax and the gradient of the whole [N, vocab] matrix never
-    exist at once: backward keeps nothing beyond the logits and, per row, the logsumexp
-    (as max and log-sum) and the target's log-prob. It writes the gradient (softmax -
-    one_hot) chunk by chunk in the logits' own dtype: the softmax from the saved logsumexp
-    (as a fused kernel, one pass over the logits), then each target's entry, (exp(log-prob)
-    - 1) x scale, written over it from the saved log-prob (the value of the full
-    expression, rounded once). Run eagerly on a CPU the chunks stay in cache; everywhere
-    the loss no longer triples the logits' memory. As fused kernels (`model.fused`) one
-    chunk is the whole matrix.
+    The logits are this function's own, so it spends no memory on them that it need not:
+    - The fp32 copy, the log-softmax and the gradient of the whole [N, vocab] matrix never
+      exist at once. The forward keeps per row only the logsumexp (as max and log-sum) and
+      the target's log-prob. The fp32 math runs on chunks of rows that stay in cache
+      (`rows_per_chunk`); as fused kernels (`model.fused`) one chunk is the whole matrix.
+    - The backward writes the logits' gradient over the logits themselves, in their dtype:
+      the softmax from the saved logsumexp (as a fused kernel, one pass over the logits),
+      then each target's entry, (exp(log-prob) - 1) x scale, from the saved log-prob (the
+      value of the full expression, rounded once). Its matmuls give x's and the weight's
+      gradients. So a graph is backpropagated through once only (autograd refuses a second
+      time: the saved logits changed).
+    - On a CPU the logits are written into the model's `Workspace`, memory that the last
+      step's logits used: a fresh 32 MiB (the demo's) costs its page faults at every step.
     """
 
     @staticmethod
@@ -69,33 +76,47 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return max(1, budget // logits.shape[-1])
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                workspace: Workspace | None) -> torch.Tensor:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # (autocast leaves fp64 alone)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        shape = (x.shape[0], weight.shape[0])
+        logits = workspace.take(shape, dtype, x.device) if workspace is not None else x.new_empty(shape)
+        with torch.autocast(device, enabled=False):  # (already cast; autocast takes no out=)
+            torch.mm(x, weight.t(), out=logits)
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0).unsqueeze(1)
-        step = ChunkedCrossEntropy.rows_per_chunk(logits)
+        step = HeadCrossEntropy.rows_per_chunk(logits)
         parts = [_log_softmax_at(rows, index) for rows, index in zip(logits.split(step), safe.split(step))]
         picked, row_max, log_sum = (torch.cat(column) for column in zip(*parts))
         count = valid.sum()
-        ctx.save_for_backward(logits, safe, valid, count, picked, row_max, log_sum)
+        ctx.save_for_backward(x, weight, logits, safe, valid, count, picked, row_max, log_sum)
         return -(picked.squeeze(1) * valid).sum() / count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, safe, valid, count, picked, row_max, log_sum = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, weight, logits, safe, valid, count, picked, row_max, log_sum = ctx.saved_tensors
+        # over the logits, but for torch.compile: its backward graph does not write a tensor the forward saved
+        out = logits.clone() if torch.compiler.is_compiling() else logits
         row_scale = valid * (grad / count)
-        out = torch.empty_like(logits)
-        step = ChunkedCrossEntropy.rows_per_chunk(logits)
-        for i in range(0, logits.shape[0], step):
+        step = HeadCrossEntropy.rows_per_chunk(out)
+        for i in range(0, out.shape[0], step):
             rows = slice(i, i + step)
-            _write_scaled_softmax(out[rows], logits[rows], row_max[rows], log_sum[rows], row_scale[rows])
+            _scaled_softmax_(out[rows], row_max[rows], log_sum[rows], row_scale[rows])
         target = (torch.arange(len(out), device=out.device), safe.squeeze(1))
         out.index_put_(target, picked.squeeze(1).exp().sub_(1).mul_(row_scale).to(out.dtype))
-        return out, None
+        grad_x = out @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = out.t() @ x if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token loss of logits [..., vocab] against targets [...] (-100: no loss)."""
-    return ChunkedCrossEntropy.apply(logits.flatten(0, -2), targets.flatten())
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       workspace: Workspace | None = None) -> torch.Tensor:
+    """Next-token loss of the output head `weight` [vocab, hidden] on x [..., hidden]
+    against targets [...] (-100: no loss); see `HeadCrossEntropy`."""
+    return HeadCrossEntropy.apply(x.flatten(0, -2), weight, targets.flatten(), workspace)
 
 
 @dataclass
@@ -162,6 +183,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(config, config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.workspace = Workspace()  # the output head's logits, step after step (`HeadCrossEntropy`)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -223,7 +245,9 @@ class Transformer(nn.Module):
             rows = (targets != -100).nonzero().squeeze(1)
             if len(rows) < len(targets):
                 h, targets = h[rows], targets[rows]
-        return cross_entropy(self.lm_head(norm(h)), targets)
+        # (compiled code plans its own memory)
+        workspace = None if torch.compiler.is_compiling() else self.workspace
+        return head_cross_entropy(norm(h), self.lm_head.weight, targets, workspace)
 
     def new_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[LatentCache]:
         device = self.embed_tokens.weight.device

@@ -27,6 +27,7 @@ import model.rope
 import model.schedule
 import model.trainer
 import model.transformer
+import model.workspace
 import tasks.training
 import tasks.training_config
 from model.checkpoint import load_model
@@ -41,7 +42,7 @@ from tasks.training import train_stage, work_dir
 # every module whose code decides what training computes: editing one retrains
 TRAINING_CODE = (model.attention, model.config, model.data, model.fused, model.linear, model.moe, model.muon, model.norm,
               model.optim, model.promote, model.rope, model.schedule, model.trainer, model.transformer,
-              tasks.training, tasks.training_config)
+              model.workspace, tasks.training, tasks.training_config)
 
 
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:

@@ -1,19 +1,23 @@
-"""The faster formulations compute what the plain ones do: chunked cross-entropy, the
-output head on target rows only, explicit bf16 attention on CPUs, padded expert batches
-(and their fixed-size layout, which compiles into one graph), one token's experts taken
-directly, fp32 routing under autocast, an fp32 expert sum that keeps no copy of its rows,
-SwiGLU's and RMSNorm's own backward, one-row products as an elementwise product and row sum.
-Where a function is one of `model.fused`, it is tested both op by op and as a fused kernel."""
+"""The faster formulations compute what the plain ones do: the output head with chunked
+cross-entropy (and its reused memory), the head on target rows only, explicit bf16
+attention on CPUs, padded expert batches (and their fixed-size layout, which compiles into
+one graph), one token's experts taken directly, fp32 routing under autocast, an fp32
+expert sum that keeps no copy of its rows, SwiGLU's and RMSNorm's own backward, one-row
+products as an elementwise product and row sum. Where a function is one of `model.fused`,
+it is tested both op by op and as a fused kernel."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import attention, fused, linear
+from model import attention, fused, linear, workspace as workspace_module
 from model.moe import Experts, Router, WeightedSum, swiglu
 from model.norm import RMSNorm, RMSNormFunction
-from model.transformer import ChunkedCrossEntropy, Transformer, cross_entropy
+from model.transformer import HeadCrossEntropy, Transformer, head_cross_entropy
+from model.workspace import Workspace
 from tests.model.helpers import config, losses_and_grads
 
 
@@ -38,48 +42,152 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, kernels: str, rounded_to:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Three rows per chunk, so that several chunks and a partial last one are exercised."""
-    monkeypatch.setattr(ChunkedCrossEntropy, "rows_per_chunk", staticmethod(lambda logits: 3))
+    monkeypatch.setattr(HeadCrossEntropy, "rows_per_chunk", staticmethod(lambda logits: 3))
+
+
+def head_and_reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, workspace=None,
+                       grad_scale: float = 1.0):
+    """Loss and gradients of x and weight from `head_cross_entropy` and from torch's linear
+    and cross-entropy (in fp32, or fp64 for fp64 inputs), each loss backpropagated x grad_scale."""
+    results = []
+    for ours in (True, False):
+        inputs = [t.detach().clone().requires_grad_() for t in (x, weight)]
+        if ours:
+            loss = head_cross_entropy(*inputs, targets, workspace)
+        else:
+            logits = F.linear(*inputs)
+            loss = F.cross_entropy(logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32)),
+                                   targets.flatten(), ignore_index=-100)
+        (loss * grad_scale).backward()
+        results.append((loss, *(t.grad for t in inputs)))
+    return results
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_matches_torch(small_chunks, kernels, dtype):
+def test_head_cross_entropy_matches_torch(small_chunks, kernels, dtype):
     torch.manual_seed(0)
-    logits = (torch.randn(2, 7, 11) * 3).to(dtype).requires_grad_()
+    x, weight = (torch.randn(2, 7, 6) * 1.5).to(dtype), torch.randn(11, 6).to(dtype)
     targets = torch.randint(0, 11, (2, 7))
     targets[0, 2] = targets[1, 6] = -100
-    reference = logits.detach().clone().requires_grad_()
-
-    loss = cross_entropy(logits, targets)
-    expected = F.cross_entropy(reference.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    (loss * 2).backward()
-    (expected * 2).backward()
-
+    (loss, grad_x, grad_w), (expected, want_x, want_w) = head_and_reference(x, weight, targets, grad_scale=2)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
-    assert logits.grad.dtype == dtype
-    torch.testing.assert_close(logits.grad, reference.grad, atol=1e-6, rtol=1e-6)
-    assert torch.all(logits.grad[0, 2] == 0)
+    assert grad_x.dtype == grad_w.dtype == dtype
+    # torch's bf16 gradient of the logits is rounded from fp32 once, as ours: their products agree
+    torch.testing.assert_close(grad_x, want_x, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_w, want_w, atol=1e-6, rtol=1e-6)
 
 
-def test_chunked_cross_entropy_of_large_fp32_logits_is_as_precise_as_torchs(small_chunks, kernels):
+def test_head_cross_entropy_under_autocast_matches_torchs_linear_and_loss(kernels):
+    """fp32 inputs under bf16 autocast: the matmuls in bf16, as autocast runs F.linear, the
+    loss in fp32, and the gradients come back in fp32."""
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(40, 16), torch.randn(50, 16) * 0.3, torch.randint(0, 50, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss, grad_x, grad_w), (expected, want_x, want_w) = head_and_reference(x, weight, targets, Workspace())
+    assert grad_x.dtype == grad_w.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_x, want_x, atol=1e-4, rtol=1e-2)
+    torch.testing.assert_close(grad_w, want_w, atol=1e-4, rtol=1e-2)
+
+
+def test_head_cross_entropy_of_large_fp32_logits_is_as_precise_as_torchs(small_chunks, kernels):
     """The backward's softmax subtracts the row's max and then its log-sum, as softmax does:
     subtracted at once, their sum would cost large logits the gradient's low bits (a
-    relative error of 4e-6 at this scale, 2e-7 in torch's fp32)."""
+    relative error of 4e-6 at this scale, 2e-7 in torch's fp32). The head is the identity,
+    so the gradient of x is that of the logits."""
     torch.manual_seed(0)
-    logits = (torch.randn(64, 4096) * 30).requires_grad_()
-    targets = torch.randint(0, 4096, (64,))
+    logits, targets = torch.randn(64, 4096) * 30, torch.randint(0, 4096, (64,))
+    identity = torch.eye(4096)
+    loss = head_cross_entropy(logits.requires_grad_(), identity, targets)
+    loss.backward()
     reference = logits.detach().double().requires_grad_()
-    cross_entropy(logits, targets).backward()
     F.cross_entropy(reference, targets).backward()
     torch.testing.assert_close(logits.grad.double(), reference.grad, atol=reference.grad.abs().max().item() * 1e-6,
                                rtol=0)
 
 
-def test_chunked_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
-    logits = torch.randn(1, 4, 5)
+def test_head_cross_entropy_of_no_targets_is_nan_like_torch(small_chunks):
+    x, weight = torch.randn(1, 4, 3), torch.randn(5, 3)
     targets = torch.full((1, 4), -100)
-    assert torch.isnan(cross_entropy(logits, targets))
-    assert torch.isnan(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+    assert torch.isnan(head_cross_entropy(x, weight, targets))
+    assert torch.isnan(F.cross_entropy(F.linear(x, weight).flatten(0, 1), targets.flatten(), ignore_index=-100))
+
+
+def test_head_cross_entropy_reuses_its_workspace_only_once_the_logits_are_free(kernels):
+    """The logits go into the workspace's buffer, which the next forward takes again once
+    the last backward is done; a forward while another graph holds its logits gets a buffer
+    of its own. The gradients stay right throughout, the same inputs give the same bits in
+    a reused buffer as in a fresh one, and fused kernels stay on (they once failed to compile
+    for two views of one buffer, and training went on op by op)."""
+    torch.manual_seed(0)
+    workspace = Workspace()
+    x, weight, targets = torch.randn(12, 8), torch.randn(30, 8), torch.randint(0, 30, (12,))
+    first = head_and_reference(x, weight, targets, workspace)
+    assert len(workspace.buffers) == 1
+    buffer = workspace.buffers[0].data_ptr()
+    held = head_cross_entropy(x, weight.requires_grad_(), targets, workspace)  # a graph not yet backpropagated
+    assert len(workspace.buffers) == 1 and workspace.buffers[0].data_ptr() == buffer
+    second = head_and_reference(x * 2, weight, targets, workspace)  # while `held` holds the first buffer
+    assert len(workspace.buffers) == 2
+    held.backward()
+    third = head_and_reference(x[:7], weight, targets[:7], workspace)  # fewer rows: a part of a buffer
+    again = head_and_reference(x, weight, targets, workspace)
+    assert workspace.buffers[0].data_ptr() == buffer and len(workspace.buffers) == 2
+    for (loss, *grads), (expected, *wanted) in (first, second, third):
+        torch.testing.assert_close(loss, expected)
+        for got, want in zip(grads, wanted):
+            torch.testing.assert_close(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))
+    assert fused.enabled() == (kernels == "fused")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_steps_in_a_reused_workspace_give_the_same_bits_with_fused_kernels_on(kernels, one_thread):
+    """The model's losses and gradients, computed again once its workspace holds buffers of
+    both heads (main and MTP) and after a larger batch grew one, are bit-identical to the
+    first ones, and fused kernels stay on. (Passed two views of one buffer, a fused kernel
+    once failed to compile with one thread: training went on op by op, and a resumed run no
+    longer matched one run straight through.)"""
+    torch.manual_seed(0)
+    model = Transformer(config("q-lora", num_nextn_predict_layers=1))
+    inputs, targets = torch.randint(0, 97, (2, 2, 20)).unbind(0)
+    first = losses_and_grads(model, inputs, targets)
+    with torch.no_grad():
+        model(*torch.randint(0, 97, (2, 4, 20)).unbind(0))
+    again = losses_and_grads(model, inputs, targets)
+    assert len(model.workspace.buffers) == 2
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert all(torch.equal(grad, again[2][name]) for name, grad in first[2].items())
+    assert fused.enabled() == (kernels == "fused")
+
+
+def test_workspace_grows_to_the_largest_request_and_keeps_a_bounded_count():
+    workspace = Workspace()
+    small = workspace.take((3, 4), torch.float32, torch.device("cpu"))
+    del small
+    assert workspace.take((5, 4), torch.float32, torch.device("cpu")).shape == (5, 4)
+    assert [b.numel() for b in workspace.buffers] == [20]  # the 12-number buffer was replaced
+    held = [workspace.take((2, 2), torch.float32, torch.device("cpu")) for _ in range(workspace_module.MAX_BUFFERS + 2)]
+    assert len(workspace.buffers) == workspace_module.MAX_BUFFERS
+    assert len({t.data_ptr() for t in held}) == len(held)  # none lent twice
+    assert copy.deepcopy(workspace).buffers == []
+
+
+def test_head_cross_entropy_refuses_a_second_backward():
+    """Its backward overwrites the saved logits with their gradient, which autograd notices."""
+    x, weight = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3)
+    loss = head_cross_entropy(x, weight, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monkeypatch):
@@ -89,7 +197,8 @@ def test_head_on_target_rows_only_gives_the_full_heads_losses_and_gradients(monk
     targets = torch.full_like(inputs, -100)
     targets[:, 12:17] = torch.randint(0, 97, (3, 5))  # answers only, as in fine-tuning
     rows = losses_and_grads(model, inputs, targets)
-    torch.testing.assert_close(rows[0], cross_entropy(model(inputs).logits, targets))
+    logits = model(inputs).logits.flatten(0, 1)
+    torch.testing.assert_close(rows[0], F.cross_entropy(logits, targets.flatten(), ignore_index=-100))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the compiled path: every row
     full = losses_and_grads(model, inputs, targets)
     torch.testing.assert_close(rows[:2], full[:2], atol=1e-6, rtol=1e-6)

@@ -223,11 +223,13 @@ def test_mtp_scores_position_t_against_token_t_plus_2():
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
     only_j = torch.full_like(targets, -100)
     only_j[0, j] = targets[0, j]  # token j+1
-    head_inputs = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(o))
+    head_inputs = []  # the outputs of the final norms, which the head multiplies
+    hooks = [norm.register_forward_hook(lambda m, i, o: head_inputs.append(o))
+             for norm in (model.norm, model.mtp[0].norm)]
     out = model(inputs, only_j)
-    hook.remove()
-    main_logits, mtp_logits = head_inputs
+    for hook in hooks:
+        hook.remove()
+    main_logits, mtp_logits = (model.lm_head(h) for h in head_inputs)
     assert main_logits.shape[0] == mtp_logits.shape[0] == 1  # each head ran on its one scored row
     # the MTP row scored (position j-1, as the causality check below shows) is scored against token (j-1)+2
     expected = torch.nn.functional.cross_entropy(mtp_logits, targets[0, j : j + 1])
@@ -237,13 +239,13 @@ def test_mtp_scores_position_t_against_token_t_plus_2():
     changed[0, j] = (changed[0, j] + 1) % 97
     later = inputs.clone()
     later[0, j + 1] = (later[0, j + 1] + 1) % 97
-    logits = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: logits.append(o))
+    mtp_inputs = []
+    hook = model.mtp[0].norm.register_forward_hook(lambda m, i, o: mtp_inputs.append(o))
     with torch.no_grad():
         for x in (inputs, changed, later):
             model(x, targets)
-    hook.remove()
-    base, seen, unseen = logits[1], logits[3], logits[5]  # MTP heads over all T-1 positions
+        hook.remove()
+        base, seen, unseen = (model.lm_head(h) for h in mtp_inputs)  # MTP heads over all T-1 positions
     assert base.shape[0] == T - 1
     assert not torch.allclose(base[j - 1], seen[j - 1])
     torch.testing.assert_close(base[j - 1], unseen[j - 1], atol=1e-6, rtol=1e-5)
