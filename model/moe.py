@@ -25,27 +25,41 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradients of gate and up side by side, [rows, 2 x intermediate]."""
+    return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     """silu(gate) * up, keeping only gate and up for backward, where silu(gate) is computed
     again: plain autograd also keeps silu(gate), one [rows, intermediate] tensor more per
     MLP and expert batch. The gradients are autograd's, computed the same way; in training
-    both directions are fused kernels (`model.fused`)."""
+    both directions are fused kernels (`model.fused`).
+
+    Given gate and up side by side in one tensor (`gate_up`, as the experts' one matmul
+    gives them), its backward writes their gradient as one tensor too. Split first, autograd
+    would concatenate the two halves' gradients: 1.5 ms per demo MoE layer."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        # 2-D: one rank for every caller, fewer compiled variants
-        return _swiglu(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).view(gate.shape)
+    def forward(ctx, *parts: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*parts)
+        gate, up = _gate_and_up(parts)
+        return _swiglu(gate, up).view(*parts[0].shape[:-1], gate.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = ctx.saved_tensors
-        grad_gate, grad_up = _swiglu_backward(*(t.reshape(-1, t.shape[-1]) for t in (gate, up, grad)))
-        return grad_gate.view(gate.shape), grad_up.view(up.shape)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = ctx.saved_tensors
+        grad_gate_up = _swiglu_backward(*_gate_and_up(parts), grad.reshape(-1, grad.shape[-1]))
+        if len(parts) == 1:
+            return (grad_gate_up.view(parts[0].shape),)
+        return tuple(g.view(p.shape) for g, p in zip(grad_gate_up.chunk(2, dim=-1), parts))
+
+
+def _gate_and_up(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up as 2-D [rows, intermediate] (one rank for every caller, fewer compiled
+    variants), from (gate, up) or from (gate_up,)."""
+    gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
+    return gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
 
 
 def _placed(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
@@ -53,19 +67,39 @@ def _placed(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor
     return rows.new_zeros(total, *rows.shape[1:]).index_copy_(0, index, rows)
 
 
+def _summed_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """sum_j rows[index[:, j]] for index [N, k], rounded once to rows' dtype as a sum in
+    fp32 is: k gathers added up, in fp32 beyond two. (As one compiled kernel, the gather
+    took 20 ms for the demo's rows, against 0.4 ms for two gathers and an add.)"""
+    first, *others = index.t()
+    out = rows.index_select(0, first)
+    if len(others) <= 1:  # one add at most: one rounding
+        return out.add_(rows.index_select(0, others[0])) if others else out
+    out = out.float()
+    for places in others:
+        out += rows.index_select(0, places).float()
+    return out.to(rows.dtype)
+
+
 class ScatterRows(torch.autograd.Function):
-    """`_placed`, whose backward gathers the rows back keeping only the index (autograd's
-    `index_copy` also keeps the rows)."""
+    """Each row of x [N, hidden] copied to its k places `index[n]` [N, k] among `total` zero
+    rows (each place named once): the rows of the experts' sorted layout. Its backward sums
+    each token's k gradient rows (`_summed_rows`), keeping only the index. (Copied from
+    `x.expand(N, k, hidden)`, the rows would be written out once more and their gradient
+    summed by autograd's backward of the expand: 1.8 ms per demo MoE layer.)"""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
         ctx.save_for_backward(index)
-        return _placed(rows, index, total)
+        out = x.new_zeros(total, x.shape[1])
+        for places in index.t():
+            out.index_copy_(0, places, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
+        return _summed_rows(grad, index), None, None
 
 
 class GatherRows(torch.autograd.Function):
@@ -117,10 +151,12 @@ class WeightedSum(torch.autograd.Function):
         return _weighted_sum_backward(*ctx.saved_tensors, grad)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up; without autograd (decoding) as plain ops, skipping the function's overhead."""
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return SwiGLUFunction.apply(gate, up)
+def swiglu(*parts: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of (gate, up), or of (gate_up,): both side by side on the last
+    dimension; without autograd (decoding) as plain ops, skipping the function's overhead."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return SwiGLUFunction.apply(*parts)
+    gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -227,18 +263,18 @@ class Experts(nn.Module):
                  total: int) -> torch.Tensor:
         """The experts over a layout of `_layout`, weighted and summed per token in fp32.
 
-        Each pair's row is copied in (`ScatterRows`) and read back out (`GatherRows`) by its
-        index, one to one. Backward then gathers the copy's gradient and writes each output
-        row's gradient in its place: nothing is added, so nothing contends and nothing
-        depends on the order of atomic adds. (Gathering rows by token and adding their
-        gradients back per token took 8% of a gpu-small step on an H200, in bf16 atomics.)
-        Padding rows are zero and never read back."""
+        Each token's row is copied to its k pairs' rows (`ScatterRows`), and each pair's
+        output read back out (`GatherRows`) by its index, one to one. Backward then gathers
+        and sums each token's k gradient rows and writes each output row's gradient in its
+        place: nothing is added into shared rows, so nothing contends and nothing depends on
+        the order of atomic adds. (Gathering rows by token and adding their gradients back
+        per token took 8% of a gpu-small step on an H200, in bf16 atomics.) Padding rows are
+        zero and never read back."""
         N, k = weights.shape
-        pairs = x.unsqueeze(1).expand(N, k, x.shape[1]).flatten(0, 1)
-        routed = ScatterRows.apply(pairs, row, total)
+        routed = ScatterRows.apply(x, row.view(N, k), total)
         # all experts' weights cast once to x's dtype (autocast's: the norm before emits it)
-        gate, up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        out = F.grouped_mm(swiglu(gate, up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
+        gate_up = F.grouped_mm(routed, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=ends)
+        out = F.grouped_mm(swiglu(gate_up), self.down_proj.to(x.dtype).transpose(1, 2), offs=ends)
         # fp32 (the weights are): the k outputs add up in fp32; backward keeps out's rows in x's dtype
         rows = GatherRows.apply(out, row).view(N, k, -1)
         if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import attention, fused, linear, workspace as workspace_module
-from model.moe import Experts, Router, WeightedSum, swiglu
+from model.moe import Experts, Router, ScatterRows, WeightedSum, swiglu
 from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import HeadCrossEntropy, Transformer, head_cross_entropy
 from model.workspace import Workspace
@@ -474,6 +474,24 @@ def test_experts_keep_no_fp32_rows_for_backward():
     assert saved and not fp32_rows
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_scatter_rows_copies_each_row_to_its_k_places_and_sums_their_gradients_as_autograd(k):
+    torch.manual_seed(0)
+    N, total = 5, 5 * k + 3
+    x = torch.randn(N, 4, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.randperm(total)[: N * k].view(N, k)
+    out = ScatterRows.apply(x, index, total)
+    pairs = x.unsqueeze(1).expand(N, k, 4).flatten(0, 1)  # what autograd does with an expand
+    expected = torch.zeros(total, 4, dtype=x.dtype).index_copy(0, index.flatten(), pairs)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0]
+    if k <= 2:  # a sum of two rounded once: the same bits
+        assert torch.equal(got, want)
+    else:  # summed in fp32 in another order, then rounded
+        torch.testing.assert_close(got, want, atol=0, rtol=8e-3)
+
+
 def test_weighted_sum_of_expert_outputs_gives_autograds_values(kernels):
     torch.manual_seed(0)
     rows = torch.randn(6, 2, 10, dtype=torch.bfloat16, requires_grad=True)
@@ -489,16 +507,24 @@ def test_weighted_sum_of_expert_outputs_gives_autograds_values(kernels):
         assert_same(got, want, kernels)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["apart", "side-by-side"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_keeps_gate_and_up_only_and_gives_autograds_gradients(kernels, dtype):
+def test_swiglu_keeps_gate_and_up_only_and_gives_autograds_gradients(kernels, dtype, packed):
     torch.manual_seed(0)
-    gate, up = (torch.randn(6, 10, dtype=dtype, requires_grad=True) for _ in range(2))
-    out, saved = saved_for_backward(lambda: swiglu(gate, up))
-    assert len(saved) == 2 and saved[0] is gate and saved[1] is up
+    if packed:  # one tensor [..., 2 x intermediate], as the experts' matmul gives it
+        inputs = [torch.randn(2, 6, 20, dtype=dtype, requires_grad=True)]
+        gate, up = inputs[0].chunk(2, dim=-1)
+    else:
+        inputs = [torch.randn(2, 6, 10, dtype=dtype, requires_grad=True) for _ in range(2)]
+        gate, up = inputs
+    out, saved = saved_for_backward(lambda: swiglu(*inputs))
+    assert len(saved) == len(inputs) and all(s is i for s, i in zip(saved, inputs))
     grad = torch.randn_like(out)
     expected = F.silu(gate) * up
+    assert out.shape == expected.shape
     assert_same(out, expected, kernels)
-    for got, want in zip(torch.autograd.grad(out, [gate, up], grad), torch.autograd.grad(expected, [gate, up], grad)):
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        assert got.shape == want.shape
         assert_same(got, want, kernels)
 
 
