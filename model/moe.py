@@ -170,6 +170,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # training: gate and up as one matmul, whose output SwiGLU takes side by side: x gets one
+            # gradient from one matmul, where two would be added up
+            gate_up = linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            return self.down_proj(swiglu(gate_up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import attention, fused, linear, workspace as workspace_module
-from model.moe import Experts, Router, ScatterRows, WeightedSum, swiglu
+from model.moe import MLP, Experts, Router, ScatterRows, WeightedSum, swiglu
 from model.norm import RMSNorm, RMSNormFunction
 from model.transformer import HeadCrossEntropy, Transformer, head_cross_entropy
 from model.workspace import Workspace
@@ -526,6 +526,21 @@ def test_swiglu_keeps_gate_and_up_only_and_gives_autograds_gradients(kernels, dt
     for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
         assert got.shape == want.shape
         assert_same(got, want, kernels)
+
+
+def test_mlp_trains_gate_and_up_as_one_matmul_with_the_plain_values_and_gradients():
+    torch.manual_seed(0)
+    mlp = MLP(8, 12)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    out = mlp(x)  # training: one matmul, SwiGLU side by side
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), out)  # decoding: two
+    params = [x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    expected = F.linear(F.silu(F.linear(x, params[1])) * F.linear(x, params[2]), params[3])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(got, want)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
