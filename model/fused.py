@@ -74,7 +74,7 @@ def fused(fn: F) -> F:
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
-        except torch._dynamo.exc.BackendCompilerFailed as exc:  # fused functions write no input they read: run again
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # raised before the kernel ran: run again op by op
             _give_up(exc)
             return fn(*args)
 

@@ -24,8 +24,9 @@ MAX_BUFFERS = 4
 
 def _unused(buffer: torch.Tensor) -> bool:
     """Whether nothing but the workspace holds `buffer`'s memory: no view of it, and no
-    autograd graph that saved one. Counts the references to its storage (torch keeps that
-    count; a tensor or view holds one, and so does the storage object asked here)."""
+    autograd graph that saved one. Counts the references to its storage that torch keeps:
+    each tensor or view holds one, and so does the storage's Python object, asked for here.
+    (A caller that kept that object alone, without a tensor, would not be seen.)"""
     return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
 
 
@@ -36,7 +37,8 @@ class Workspace:
     may live as long as its user needs it: a second forward pass before the first one's
     backward gets another buffer. A buffer too small for a request is replaced by one of the
     requested size, so a workspace holds the largest tensors asked of it (fine-tuning's
-    supervised rows vary from batch to batch). Its memory is the model's for as long as the
+    supervised rows vary from batch to batch); with MAX_BUFFERS kept, a free buffer of
+    another dtype or device makes way too. Under `torch.inference_mode` it lends nothing. Its memory is the model's for as long as the
     model lives; a copy of the model starts with an empty workspace.
     """
 
@@ -46,18 +48,19 @@ class Workspace:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of `shape`: a free buffer's memory on a CPU, otherwise
         newly allocated."""
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
+        if device.type != "cpu" or torch.is_inference_mode_enabled():  # (an inference tensor kept here
+            return torch.empty(shape, dtype=dtype, device=device)      # could not be written outside)
         numel = math.prod(shape)
-        free = [b for b in self.buffers if b.dtype == dtype and b.device == device and _unused(b)]
-        buffer = next((b for b in free if b.numel() >= numel), None)
+        free = [b for b in self.buffers if _unused(b)]
+        alike = [b for b in free if b.dtype == dtype and b.device == device]
+        buffer = next((b for b in alike if b.numel() >= numel), None)
         if buffer is None:
-            if free:  # too small: the larger one takes its place
-                self.buffers.remove(free[0])
-            elif len(self.buffers) >= MAX_BUFFERS:
+            # a free buffer too small makes way for a larger one; at the limit, any free one does
+            spare = alike[0] if alike else free[0] if free and len(self.buffers) >= MAX_BUFFERS else None
+            if spare is None and len(self.buffers) >= MAX_BUFFERS:
                 return torch.empty(shape, dtype=dtype, device=device)
             buffer = torch.empty(numel, dtype=dtype, device=device)
-            self.buffers.append(buffer)
+            self.buffers = [b for b in self.buffers if b is not spare] + [buffer]
         return buffer[:numel].view(shape)
 
     def __deepcopy__(self, memo: dict) -> Workspace:
