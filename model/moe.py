@@ -55,10 +55,14 @@ class SwiGLUFunction(torch.autograd.Function):
         return tuple(g.view(p.shape) for g, p in zip(grad_gate_up.chunk(2, dim=-1), parts))
 
 
+def _halves(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) from (gate, up) or from (gate_up,), both side by side on the last dimension."""
+    return parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
+
+
 def _gate_and_up(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate and up as 2-D [rows, intermediate] (one rank for every caller, fewer compiled
-    variants), from (gate, up) or from (gate_up,)."""
-    gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
+    """`_halves` as 2-D [rows, intermediate]: one rank for every caller, fewer compiled variants."""
+    gate, up = _halves(parts)
     return gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
 
 
@@ -158,7 +162,7 @@ def swiglu(*parts: torch.Tensor) -> torch.Tensor:
     dimension; without autograd (decoding) as plain ops, skipping the function's overhead."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return SwiGLUFunction.apply(*parts)
-    gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
+    gate, up = _halves(parts)
     return F.silu(gate) * up
 
 

@@ -18,7 +18,7 @@ from model.config import ModelConfig
 from model.fused import active as fused_active, fused
 from model.linear import Linear
 from model.moe import MLP, Experts, MoE, Router
-from model.norm import RMSNorm
+from model.norm import RMSNorm, autocast_dtype
 from model.promote import add_promoted
 from model.rope import rope_cache
 from model.workspace import Workspace
@@ -79,8 +79,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 workspace: Workspace | None) -> torch.Tensor:
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # (autocast leaves fp64 alone)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        dtype = x.dtype if x.dtype == torch.float64 else autocast_dtype(x) or x.dtype  # (autocast leaves fp64 alone)
         x, weight = x.to(dtype), weight.to(dtype)
         shape = (x.shape[0], weight.shape[0])
         logits = workspace.take(shape, dtype, x.device) if workspace is not None else x.new_empty(shape)

@@ -4,7 +4,7 @@ The demo's logits, 4096 tokens by a 4096-word vocabulary in bf16, are 32 MiB. gl
 malloc serves a block that large with fresh pages from the kernel (mmap) and gives them
 back when it is freed, so every step pays again to fault them in and have them zero-filled:
 here the output head's matmul took 13 ms into fresh memory against 3.3 ms into memory it
-had written before (BENCHMARKS.md, "Reused logits"). A `Workspace` keeps such buffers
+had written before (BENCHMARKS.md, "The logits' memory, and fewer copies in the MoE"). A `Workspace` keeps such buffers
 between steps and lends one out again once nothing holds it any more.
 
 CUDA's caching allocator already reuses memory, so a workspace lends only on a CPU; on
@@ -38,8 +38,9 @@ class Workspace:
     backward gets another buffer. A buffer too small for a request is replaced by one of the
     requested size, so a workspace holds the largest tensors asked of it (fine-tuning's
     supervised rows vary from batch to batch); with MAX_BUFFERS kept, a free buffer of
-    another dtype or device makes way too. Under `torch.inference_mode` it lends nothing. Its memory is the model's for as long as the
-    model lives; a copy of the model starts with an empty workspace.
+    another dtype or device makes way too. Under `torch.inference_mode` it lends nothing.
+    Its memory is the model's for as long as the model lives; a copy of the model starts
+    with an empty workspace.
     """
 
     def __init__(self) -> None:
@@ -55,9 +56,10 @@ class Workspace:
         alike = [b for b in free if b.dtype == dtype and b.device == device]
         buffer = next((b for b in alike if b.numel() >= numel), None)
         if buffer is None:
-            # a free buffer too small makes way for a larger one; at the limit, any free one does
-            spare = alike[0] if alike else free[0] if free and len(self.buffers) >= MAX_BUFFERS else None
-            if spare is None and len(self.buffers) >= MAX_BUFFERS:
+            full = len(self.buffers) >= MAX_BUFFERS
+            # a free buffer too small makes way for a larger one; when full, any free one does
+            spare = alike[0] if alike else free[0] if full and free else None
+            if full and spare is None:
                 return torch.empty(shape, dtype=dtype, device=device)
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self.buffers = [b for b in self.buffers if b is not spare] + [buffer]
