@@ -4,8 +4,9 @@ The demo's logits, 4096 tokens by a 4096-word vocabulary in bf16, are 32 MiB. gl
 malloc serves a block that large with fresh pages from the kernel (mmap) and gives them
 back when it is freed, so every step pays again to fault them in and have them zero-filled:
 here the output head's matmul took 13 ms into fresh memory against 3.3 ms into memory it
-had written before (BENCHMARKS.md, "The logits' memory, and fewer copies in the MoE"). A `Workspace` keeps such buffers
-between steps and lends one out again once nothing holds it any more.
+had written before (BENCHMARKS.md, "The logits' memory, and fewer copies in the MoE").
+A `Workspace` keeps such buffers between steps and lends one out again once nothing holds
+it any more.
 
 CUDA's caching allocator already reuses memory, so a workspace lends only on a CPU; on
 other devices `take` allocates.
