@@ -1,12 +1,14 @@
 """One-row products, what batch-1 decoding computes, for every weight shape a decoded
-token multiplies: torch's `F.linear` (its BLAS) against `model.linear.linear`, which the
-model's layers call, in fp32, in alternating timed bursts.
+token multiplies: torch's `F.linear` (its BLAS) against the row product of
+`model.linear.linear`, in fp32, in alternating timed bursts.
 
 "memory": each call reads another matrix of the shape (128 MiB of them, more than the
 caches hold), as decoding does, where a token's weights are gone from cache by the next
-token. "cache": the same matrix every call. `linear` takes the row product from
-`ROW_PRODUCT_MIN` weight elements on (`--min` sets another threshold for the run: `--min 0`
-shows the row product on every shape); the last column says which it takes.
+token. "cache": the same matrix every call. The row product is measured whether or not
+this machine's decoding takes it (`model.linear.ROW_PRODUCT`, by CPU vendor, printed
+first), through `linear` with its checks, from `ROW_PRODUCT_MIN` weight elements on (`--min`
+sets another threshold for the run: `--min 0` shows the row product on every shape); the
+last column says which `linear` takes here.
 
     python -m benchmarks.row_product --config demo [--threads 1] [--min 0]
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from benchmarks.arguments import count
 from benchmarks.common import machine, named_setup
 from model import linear
+from model.perf import cpu_vendor
 from model.moe import Experts
 from model.transformer import Transformer
 
@@ -61,14 +64,18 @@ def main() -> None:
                         help="weight elements from which `linear` takes the row product in this run")
     args = parser.parse_args()
     linear.ROW_PRODUCT_MIN = args.min
+    decoding_takes_them = linear.ROW_PRODUCT
+    linear.ROW_PRODUCT = True  # measured here either way
 
     torch.set_num_threads(args.threads)
     model = Transformer(named_setup(args.config).model)
     print(f"machine: {machine()}")
+    print(f"CPU vendor {cpu_vendor() or 'unknown'}, torch with MKL: {torch.backends.mkl.is_available()}: "
+          f"decoding here takes {'row products' if decoding_takes_them else 'F.linear'} for single fp32 rows")
     print(f"config {args.config}: one fp32 row times each weight shape, µs per call (median of {args.rounds} bursts; "
-          f"lower is better); ratio: linear / F.linear, below 1x where linear is faster")
-    print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'linear':>8}  {'ratio':>6}  "
-          f"{'cache: F.linear':>15}  {'linear':>8}  {'ratio':>6}  linear takes")
+          f"lower is better); rows: `linear` with row products, ratio: rows / F.linear, below 1x where they are faster")
+    print(f"{'weight [out, in]':>16}  {'memory: F.linear':>16}  {'rows':>8}  {'ratio':>6}  "
+          f"{'cache: F.linear':>15}  {'rows':>8}  {'ratio':>6}  linear takes here")
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for out_features, in_features in weight_shapes(model):
@@ -87,7 +94,8 @@ def main() -> None:
             calls = max(5, min(200, (8 << 20) // (out_features * in_features)))
             memory = microseconds({"blas": cold(blas), "ours": cold(ours)}, calls, args.rounds)
             cache = microseconds({"blas": hot(blas), "ours": hot(ours)}, calls, args.rounds)
-            takes = "row product" if out_features * in_features >= linear.ROW_PRODUCT_MIN else "F.linear"
+            product = decoding_takes_them and out_features * in_features >= linear.ROW_PRODUCT_MIN
+            takes = "row product" if product else "F.linear"
             print(f"{str([out_features, in_features]):>16}  {memory['blas']:>16.1f}  {memory['ours']:>8.1f}  "
                   f"{memory['ours'] / memory['blas']:>5.2f}x  {cache['blas']:>15.1f}  {cache['ours']:>8.1f}  "
                   f"{cache['ours'] / cache['blas']:>5.2f}x  {takes}")

@@ -295,9 +295,9 @@ class Experts(nn.Module):
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding one token: its k experts one after the other, without the sorted layout
         (half the time of the general path at this size), summed in the same order (the
-        routing's) and precision (fp32). In fp32 outside autograd and autocast, its products of at
-        least `ROW_PRODUCT_MIN` weight elements are row products (`model.linear`), equal to
-        the batch's up to rounding."""
+        routing's) and precision (fp32). Its products go through `model.linear.linear`: where that
+        takes row products (some CPUs, fp32 outside autograd and autocast), they equal the
+        batch's up to rounding."""
         out = None
         for expert, weight in zip(ids[0].tolist(), weights[0].float().unbind()):
             gate, up = linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)

@@ -1,6 +1,6 @@
 """What this machine can do: its matmul peak, measured, so MFU is a fraction of what the
-hardware actually does here rather than of a datasheet number; and whether torch.compile
-can build CPU kernels here."""
+hardware actually does here rather than of a datasheet number; whether torch.compile
+can build CPU kernels here; and whose CPU it is, which decides how fast MKL's kernels are."""
 
 from __future__ import annotations
 
@@ -36,3 +36,14 @@ def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile builds CPU kernels with ($CXX, g++ or clang++), or None."""
     names = [shlex.split(os.environ["CXX"])[0]] if os.environ.get("CXX", "").strip() else []
     return next((path for name in [*names, "g++", "clang++"] if (path := shutil.which(name))), None)
+
+
+@functools.cache
+def cpu_vendor() -> str | None:
+    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD, ...), or None where
+    /proc/cpuinfo does not say (other systems, other architectures)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), None)
+    except OSError:
+        return None

@@ -617,7 +617,7 @@ def test_rms_norm_emits_the_autocast_dtype():
 
 
 @pytest.fixture
-def row_products(monkeypatch):
+def recorded_row_products(monkeypatch):
     """Records each weight the row product multiplies; from 32 weight elements on, 80 per chunk."""
     taken = []
     product = linear._row_product
@@ -625,6 +625,29 @@ def row_products(monkeypatch):
     monkeypatch.setattr(linear, "ROW_PRODUCT_MIN", 32)
     monkeypatch.setattr(linear, "ROW_PRODUCT_CHUNK", 5 * 16)
     return taken
+
+
+@pytest.fixture
+def row_products(recorded_row_products, monkeypatch):
+    """`recorded_row_products` on a machine whose single rows take the row product."""
+    monkeypatch.setattr(linear, "ROW_PRODUCT", True)
+    return recorded_row_products
+
+
+@pytest.mark.parametrize("vendor, mkl, pays", [("AuthenticAMD", True, True), ("GenuineIntel", True, False),
+                                               ("AuthenticAMD", False, False), (None, True, False)])
+def test_row_products_only_where_mkl_runs_on_a_cpu_not_intels(vendor, mkl, pays):
+    assert linear.row_product_pays(vendor, mkl) is pays
+
+
+def test_without_row_products_a_single_row_takes_the_linear_layer(recorded_row_products, monkeypatch):
+    monkeypatch.setattr(linear, "ROW_PRODUCT", False)
+    torch.manual_seed(0)
+    weight, x = torch.randn(12, 16), torch.randn(1, 16)
+    with torch.inference_mode():
+        got = linear.linear(x, weight)
+    assert not recorded_row_products
+    assert torch.equal(got, F.linear(x, weight))
 
 
 @pytest.mark.parametrize("shape", [(16,), (1, 16), (1, 1, 16), (1, 1, 1, 16)])
