@@ -8,7 +8,6 @@ anyway, and casting once here means one copy instead of one per consumer.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.fused import fused
@@ -69,10 +68,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight  # (a module attribute costs ~0.4 µs a lookup: a decoded token runs 17 norms)
         out_dtype = autocast_dtype(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return RMSNormFunction.apply(x, weight, self.eps, out_dtype)
         # decoding: no autograd overhead; in fp32, torch's rms_norm does the same arithmetic in fewer calls
-        if x.dtype == self.weight.dtype == torch.float32 and out_dtype is None:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return _rms_norm(x, self.weight, self.eps, out_dtype)[0]
+        if out_dtype is None and x.dtype == weight.dtype == torch.float32:
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
+        return _rms_norm(x, weight, self.eps, out_dtype)[0]
