@@ -7,6 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= demo
+# processes the suite runs on (pytest-xdist): its end-to-end tests wait on servers and
+# subprocesses, so two keep two cores busy where one process keeps about one
+TEST_WORKERS ?= 2
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -29,7 +32,7 @@ run: $(STAMP)
 	$(BIN)/tinyseek run --preset $(PRESET)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # the docker-compose topology run natively (PostgreSQL from Debian's packages)
 stack-test: $(STAMP)
