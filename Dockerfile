@@ -26,8 +26,9 @@ COPY . .
 RUN pip install --no-deps -e .
 
 FROM ${PYTHON_IMAGE}
-# Debian packages the final image needs at run time; none by default. The GPU image adds a C
-# compiler because Triton (torch.compile on CUDA) builds its kernel launchers when it runs.
+# Debian packages the final image needs at run time; none by default. The team stack
+# (docker-compose.yml) adds a C++ compiler: torch.compile builds the fused CPU kernels of
+# training with it, and Triton (torch.compile on CUDA) its kernel launchers.
 ARG RUNTIME_PACKAGES=
 RUN if [ -n "$RUNTIME_PACKAGES" ]; then \
       apt-get update && apt-get install -y --no-install-recommends $RUNTIME_PACKAGES && rm -rf /var/lib/apt/lists/*; \

@@ -215,6 +215,17 @@ def test_dockerfile_is_multi_stage_pinned_and_runs_as_a_user():
     assert compose.image_workdir() == "/app"
 
 
+def test_the_stack_image_has_a_cpp_compiler_unless_told_otherwise(raw):
+    """The worker's training builds its fused CPU kernels (model/fused.py) with g++; the GPU
+    override keeps the compiler (Triton needs one) and only the .env can drop it."""
+    args = raw["x-image"]["build"]["args"]
+    assert compose.interpolate(args["RUNTIME_PACKAGES"], {}).split() == ["g++"]
+    assert compose.interpolate(args["RUNTIME_PACKAGES"], {"TINYSEEK_RUNTIME_PACKAGES": ""}) == ""
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["prefect-worker"]
+    assert "RUNTIME_PACKAGES" not in gpu["build"]["args"]
+    assert "RUNTIME_PACKAGES" in (REPO / ".env.example").read_text()
+
+
 def test_gpu_override_reserves_nvidia_gpus_with_a_cuda_torch():
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["prefect-worker"]
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
