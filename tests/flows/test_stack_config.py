@@ -33,6 +33,12 @@ def resolved():
 
 
 @pytest.fixture(scope="module")
+def gpu():
+    """The GPU override's worker service (docker-compose.gpu.yml), as written."""
+    return yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["prefect-worker"]
+
+
+@pytest.fixture(scope="module")
 def translated(tmp_path_factory):
     ports = {port: 20000 + i for i, port in enumerate(compose.exposed_ports(compose.load()).values())}
     state = tmp_path_factory.mktemp("state")
@@ -215,19 +221,17 @@ def test_dockerfile_is_multi_stage_pinned_and_runs_as_a_user():
     assert compose.image_workdir() == "/app"
 
 
-def test_the_stack_image_has_a_cpp_compiler_unless_told_otherwise(raw):
+def test_the_stack_image_has_a_cpp_compiler_unless_told_otherwise(raw, gpu):
     """The worker's training builds its fused CPU kernels (model/fused.py) with g++; the GPU
     override keeps the compiler (Triton needs one) and only the .env can drop it."""
     args = raw["x-image"]["build"]["args"]
     assert compose.interpolate(args["RUNTIME_PACKAGES"], {}).split() == ["g++"]
     assert compose.interpolate(args["RUNTIME_PACKAGES"], {"TINYSEEK_RUNTIME_PACKAGES": ""}) == ""
-    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["prefect-worker"]
     assert "RUNTIME_PACKAGES" not in gpu["build"]["args"]
     assert "RUNTIME_PACKAGES" in (REPO / ".env.example").read_text()
 
 
-def test_gpu_override_reserves_nvidia_gpus_with_a_cuda_torch():
-    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["prefect-worker"]
+def test_gpu_override_reserves_nvidia_gpus_with_a_cuda_torch(gpu):
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     index = compose.interpolate(gpu["build"]["args"]["TORCH_INDEX"], {})
