@@ -454,7 +454,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
     def table(name: str) -> pd.DataFrame:
         return pd.read_parquet(evaluated / f"{name}.parquet")
 
-    counts = refs["pretrain"].counts
+    counts, pretrained = refs["pretrain"].counts, refs["pretrain"].manifest()
     report = write_report(
         run.root / "reports" / run.parent_id,
         title=f"tinyseek run ({cfg.preset} preset)",
@@ -463,8 +463,8 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
                       "drop_reasons": drop_reasons(refs["clean"])},
         model_summary={"parameters (total)": counts.get("params_total"),
                        "parameters (activated per token)": counts.get("params_activated"),
-                       **{k: v for k, v in refs["pretrain"].manifest().get("model_config", {}).items()
-                          if k in REPORTED_MODEL_FIELDS}},
+                       **{k: v for k, v in pretrained.get("model_config", {}).items() if k in REPORTED_MODEL_FIELDS},
+                       **({"pretrained in": pretrained["precision"]} if "precision" in pretrained else {})},
         timings={f"{name} (reused)" if ref.cached else name: 0.0 if ref.cached else ref.manifest().get("seconds", 0.0)
                  for name, ref in refs.items()},
         metrics=run.metrics,

@@ -1,6 +1,7 @@
 """What this machine can do: its matmul peak, measured, so MFU is a fraction of what the
-hardware actually does here rather than of a datasheet number; whether torch.compile
-can build CPU kernels here; and whose CPU it is, which decides how fast MKL's kernels are."""
+hardware actually does here rather than of a datasheet number; which precision trains
+faster here; whether torch.compile can build CPU kernels here; and whose CPU it is, which
+decides how fast MKL's kernels are."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shlex
 import shutil
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +32,28 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048
             torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+class Precision(NamedTuple):
+    name: str  # bf16 or fp32, as training configs spell it
+    reason: str  # why, for the log
+
+
+@functools.cache
+def fast_precision(device: torch.device) -> Precision:
+    """The precision a training step runs faster in on `device`: bf16 autocast on a GPU that
+    has bf16; on a CPU whichever of bf16 and fp32 its matmuls measure faster in here. A CPU
+    with bf16 instructions is not always faster in bf16 (BENCHMARKS.md, "Which precision
+    trains faster"): with AMX its bf16 matmuls run about 6x its fp32 ones, on an AMD EPYC
+    with AVX-512 BF16 2.2x, on an Intel Xeon with AVX-512 BF16 but no AMX 0.5x. Far from
+    1x either way, so a busy machine does not flip the choice."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", "this GPU has bf16")
+        return Precision("fp32", "this GPU has no bf16")
+    rates = {dtype: matmul_peak_flops(device, dtype, size=512, seconds=0.1) for dtype in (torch.bfloat16, torch.float32)}
+    ratio = rates[torch.bfloat16] / rates[torch.float32]
+    return Precision("bf16" if ratio > 1 else "fp32", f"bf16 matmuls run at {ratio:.2f}x fp32's on this CPU")
 
 
 def cpp_compiler() -> str | None:

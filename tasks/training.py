@@ -77,6 +77,7 @@ def train_into(
         "counts": {"steps": trainer.step, "params_total": counts["total"], "params_activated": counts["activated"]},
         "final_metrics": final,
         "model_config": trainer.model.config.to_dict(),
+        "precision": trainer.config.precision,
     }
 
 
@@ -94,6 +95,11 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train in this process, or under torchrun when the stage's `devices` > 1."""
     settings: TrainingConfig = getattr(config, stage)
+    if settings.precision == "auto":  # resolved once, here: every torchrun rank trains in the same one
+        precision = settings.resolved_precision()
+        log(f"{stage}: training in {precision.name} ({stage}.precision auto: {precision.reason})")
+        settings = settings.model_copy(update={"precision": precision.name})
+        config = config.model_copy(update={stage: settings})
     if settings.compile and settings.torch_device().type == "cpu" and cpp_compiler() is None:
         raise StageError(f"{stage}.compile needs a C++ compiler on a CPU and none was found (g++, clang++ or $CXX): "
                          f"install one, or train eagerly with {stage}.compile=false")

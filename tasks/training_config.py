@@ -13,6 +13,7 @@ from tasks.stage import resolve_device
 if TYPE_CHECKING:
     import torch
 
+    from model.perf import Precision
     from model.trainer import TrainConfig
 
 
@@ -40,7 +41,10 @@ class TrainingConfig(BaseModel):
     mtp_lambda: float = Field(
         0.3, ge=0, description="Weight of the multi-token-prediction loss (0: the MTP modules are not run)."
     )
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast (fp32 master weights) or fp32.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16 autocast (fp32 master weights), fp32, or auto: whichever this device's matmuls "
+        "measure faster in (bf16 on a GPU with it and on a CPU with AMX; on some CPUs fp32)."
+    )
     compile: bool = Field(False, description="Compile the model with torch.compile.")
     eval_every: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
     eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
@@ -97,7 +101,8 @@ class TrainingConfig(BaseModel):
             steps=self.steps, micro_batch=self.micro_batch, grad_accum=self.grad_accum(world), lr=self.lr,
             min_lr=self.min_lr, warmup_steps=min(self.warmup_steps, self.steps), schedule=self.schedule,
             decay_fraction=self.decay_fraction, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-            optimizer=self.optimizer, mtp_lambda=self.mtp_lambda, precision=self.precision, compile=self.compile,
+            optimizer=self.optimizer, mtp_lambda=self.mtp_lambda, precision=self.resolved_precision().name,
+            compile=self.compile,
             eval_every=self.eval_every, eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every,
             keep_last=self.keep_last, seed=self.seed,
         )
@@ -105,14 +110,25 @@ class TrainingConfig(BaseModel):
     def torch_device(self) -> torch.device:
         return resolve_device(self.device, "training.device", "'auto' or 'cpu'")
 
+    def resolved_precision(self) -> Precision:
+        """The precision training runs in: `auto` as `model.perf.fast_precision` finds it for
+        this device (measured once per process)."""
+        from model.perf import Precision, fast_precision
+
+        if self.precision == "auto":
+            return fast_precision(self.torch_device())
+        return Precision(self.precision, "as configured")
+
     def identity(self, *ignored: str) -> dict[str, Any]:
         """The settings that decide what a run computes, for its fingerprint. Left out: how it
         runs (threads, how often it checkpoints and how many it keeps) and the process count, whose
         ranks share each step's batch: it counts through the sequences of one optimizer step
         (`global_batch`, which grows with it when batch_tokens is less than one pass of every
-        rank). The device counts as it resolves (`auto` on a machine without a GPU is `cpu`)."""
+        rank). The device and the precision count as they resolve (`auto` on a machine without a
+        GPU is `cpu`; a precision of `auto`, the one it measures faster here)."""
         values = self.model_dump(exclude={"devices", "threads", "checkpoint_every", "keep_last", *ignored})
         values["device"] = self.torch_device().type
+        values["precision"] = self.resolved_precision().name
         values["global_batch"] = self.micro_batch * self.grad_accum(self.devices) * self.devices
         return values
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model import perf
 from model.checkpoint import load_model
 from tasks import distributed, training
 from tasks.clean import clean
@@ -240,6 +241,21 @@ def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
     base_ref = Ref(stage="pretrain", path="/nowhere", fingerprint="0" * 16)
     assert finetune_fingerprint(base_ref, weighed) == finetune_fingerprint(base_ref, no_mtp)
     assert finetune_fingerprint(base_ref, quick("finetune.mtp_lambda=0.5")) != finetune_fingerprint(base_ref, quick())
+
+
+def test_auto_precision_trains_in_the_faster_one_says_so_and_fingerprints_as_it(tokens, monkeypatch):
+    """`auto` counts as the precision it resolves to: the same output as asking for that one."""
+    root, toks = tokens
+    monkeypatch.setattr(perf, "fast_precision", lambda device: perf.Precision("bf16", "bf16 matmuls run faster"))
+    auto = quick("pretrain.precision=auto", "pretrain.steps=2")
+    assert pretrain_fingerprint(toks, auto) == pretrain_fingerprint(toks, quick("pretrain.precision=bf16",
+                                                                                "pretrain.steps=2"))
+    assert pretrain_fingerprint(toks, auto) != pretrain_fingerprint(toks, quick("pretrain.steps=2"))  # tiny: fp32
+    logged = []
+    ref = pretrain(toks, auto, root, log=logged.append)
+    assert "pretrain: training in bf16 (pretrain.precision auto: bf16 matmuls run faster)" in logged
+    assert ref.manifest()["precision"] == "bf16"
+    assert pretrain(toks, quick("pretrain.steps=2"), root, log=lambda m: None).manifest()["precision"] == "fp32"
 
 
 class Interrupted(Exception):
