@@ -30,6 +30,7 @@ from benchmarks.common import (
     training_step,
 )
 from model.hf import WEIGHTS, export_hf
+from model.perf import fast_precision
 from model.transformer import Transformer
 
 MODULE = "benchmarks.train_throughput"
@@ -53,6 +54,10 @@ def worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (both sides import it before the memory baseline)
 
     torch.set_num_threads(args.threads)
+    chosen = ""
+    if args.precision == "auto":
+        args.precision, why = fast_precision(torch.device("cpu"))
+        chosen = f" (auto: {why})"
     setup = named_setup(args.config)
     baseline = peak_rss_bytes()
     model = build(args.side, args.weights, args.config).train()
@@ -77,8 +82,9 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", choices=["demo", "4x"], default="demo",
                         help="the model compared: the demo preset's, or one about four times larger")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="bf16: autocast on both sides; fp32: none")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="bf16: autocast on both sides; fp32: none; auto: the one the demo trains in here "
+                             "(`model.perf.fast_precision`)")
     parser.add_argument("--steps", type=count(1), default=3, help="steps per timed burst")
     parser.add_argument("--rounds", type=count(1), default=4, help="timed bursts per model, alternating")
     parser.add_argument("--warmup", type=count(0), default=2, help="untimed steps per model first")
@@ -99,12 +105,16 @@ def main() -> None:
         parser.error("--compile needs --warmup 2 or more: torch.compile compiles again at the second step")
 
     torch.set_num_threads(args.threads)
+    chosen = ""
+    if args.precision == "auto":
+        args.precision, why = fast_precision(torch.device("cpu"))
+        chosen = f" (auto: {why})"
     setup = named_setup(args.config)
     batch = args.micro_batch or setup.micro_batch
     common = ["--config", args.config, "--precision", args.precision, "--threads", str(args.threads),
               "--micro-batch", str(batch), "--seed", str(args.seed)] + (["--compile"] if args.compile else [])
     print(f"machine: {machine()}")
-    print(f"config {args.config}: batch {batch} x {setup.seq_len} tokens, {args.precision}"
+    print(f"config {args.config}: batch {batch} x {setup.seq_len} tokens, {args.precision}{chosen}"
           f"{', torch.compile' if args.compile else ''}; MTP excluded (num_nextn_predict_layers=0) so both "
           f"models compute the same loss; fused AdamW for both; {args.allocator} allocator for both")
     torch.manual_seed(args.seed)
