@@ -205,7 +205,10 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
         if ref.cached and manifest.get("final_metrics"):  # a reused training run: where it ended
             tracker.log_metrics(child, manifest["final_metrics"], step=ref.counts.get("steps", 0))
         tracker.log_dict(child, manifest, f"{stage}/manifest.json")
-        tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached)})
+        # a training stage's precision as `auto` resolved it (its param says `auto`)
+        trained_in = {"precision": manifest["precision"]} if "precision" in manifest else {}
+        tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached),
+                                 **trained_in})
     except BaseException as exc:
         tracker.end_run(child, ended_status(exc))
         raise

@@ -43,6 +43,9 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     assert {run.data.tags["data_fingerprint"] for run in children} == {parent.data.tags["data_fingerprint"]}
     assert by_name["collect"].data.metrics["docs"] > 0
     assert by_name["pretrain"].data.params["pretrain.steps"] == "20"
+    # the precision each training stage ran in (the tiny preset's fp32); the others train nothing
+    assert {name: run.data.tags.get("precision") for name, run in by_name.items() if name in STAGES} == {
+        "collect": None, "clean": None, "tokenize": None, "pretrain": "fp32", "finetune": "fp32", "evaluate": None}
     assert {"model.rope_theta", "model.n_group", "model.vocab_size"} <= set(by_name["pretrain"].data.params)
     for default in ("model.rope_theta", "model.n_group"):  # not in the preset: the parent logs the defaults too
         assert parent.data.params[default] == by_name["pretrain"].data.params[default], default
@@ -145,6 +148,7 @@ def test_report_has_every_section(built):
         assert heading.lower() in text.lower(), heading
     assert text.count("**drop reasons**") == 1
     assert "| instruction_rows_quarantined | 0 |" in text and "| instruction_examples_test | 88 |" in text
+    assert "| pretrained in | fp32 |" in text  # the tiny preset's precision
     assert "None/" not in text  # the temporary Prefect server has no UI to link to
     assert list(report.parent.glob("*.png"))
 
