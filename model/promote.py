@@ -2,8 +2,10 @@
 
 Under autocast the residual stream stays fp32 while attention and the MLPs return bf16
 (the routed experts' sum is fp32 again). torch adds two dtypes on a CPU in a per-element
-casting loop: 3.1 ms for the demo's [16, 256, 256] fp32 + bf16, against 0.4 ms to cast
-first and add. The values are the same: the narrower dtype widens exactly.
+casting loop: on an AMD EPYC 3.1 ms for the demo's [16, 256, 256] fp32 + bf16, against
+0.4 ms to cast first and add; on an Intel Xeon without AMX (which trains in fp32 unless
+told otherwise) about even, 0.41 ms against 0.46. The values are the same: the narrower
+dtype widens exactly.
 """
 
 import torch
