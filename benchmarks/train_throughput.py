@@ -54,10 +54,6 @@ def worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (both sides import it before the memory baseline)
 
     torch.set_num_threads(args.threads)
-    chosen = ""
-    if args.precision == "auto":
-        args.precision, why = fast_precision(torch.device("cpu"))
-        chosen = f" (auto: {why})"
     setup = named_setup(args.config)
     baseline = peak_rss_bytes()
     model = build(args.side, args.weights, args.config).train()

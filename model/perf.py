@@ -51,8 +51,8 @@ def fast_precision(device: torch.device) -> Precision:
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "this GPU has bf16")
         return Precision("fp32", "this GPU has no bf16")
-    rates = {dtype: matmul_peak_flops(device, dtype, size=512, seconds=0.1) for dtype in (torch.bfloat16, torch.float32)}
-    ratio = rates[torch.bfloat16] / rates[torch.float32]
+    ratio = (matmul_peak_flops(device, torch.bfloat16, size=512, seconds=0.1)
+             / matmul_peak_flops(device, torch.float32, size=512, seconds=0.1))
     return Precision("bf16" if ratio > 1 else "fp32", f"bf16 matmuls run at {ratio:.2f}x fp32's on this CPU")
 
 
