@@ -8,6 +8,13 @@ through the same arithmetic as in torch's loop, and on a CPU the updates are bit
 to `torch.optim.Muon`'s (tests/model/test_muon.py; elsewhere a batched matmul may round
 differently from single ones); the state (one momentum buffer per parameter) and the
 options are torch's too.
+
+The iterations run in bf16, as torch's, unless told to run in fp32 (`ns_dtype`): a model
+that trains in fp32 orthogonalises in fp32 too (`model.trainer`), and precision `auto`
+picks fp32 where bf16 matmuls are the slow ones. There the iterations (11.3 GFLOP per step
+of the demo model's fine-tuning) should take about 0.4x their bf16 time, estimated from
+the matmul rates of an Intel Xeon without AMX (BENCHMARKS.md, "Muon in the training
+precision").
 """
 
 from __future__ import annotations
@@ -19,15 +26,15 @@ from torch.optim._muon import _adjust_lr
 
 
 def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
-                  eps: float, use_addmm: bool = True) -> list[torch.Tensor]:
-    """Newton-Schulz orthogonalisation of each matrix (in bf16, as torch's
+                  eps: float, use_addmm: bool = True, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """Newton-Schulz orthogonalisation of each matrix in `dtype` (bf16 as torch's
     `_zeropower_via_newtonschulz`), batched over the matrices of one shape. `use_addmm`
     picks between torch's two forms of the polynomial (fused multiply-adds, or separate
     products and sums): the same values up to rounding; torch releases that have the
     option call it `use_addmm`, the others use the fused form."""
     a, b, c = coefficients
     tall = [m.shape[0] > m.shape[1] for m in matrices]
-    wide = [m.bfloat16().mT if t else m.bfloat16() for m, t in zip(matrices, tall)]
+    wide = [m.to(dtype).mT if t else m.to(dtype) for m, t in zip(matrices, tall)]
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
     for i, m in enumerate(wide):
         by_shape[m.shape].append(i)
@@ -47,9 +54,13 @@ def orthogonalise(matrices: list[torch.Tensor], coefficients: tuple[float, float
 
 
 class GroupedMuon(torch.optim.Muon):
-    """`torch.optim.Muon` with the orthogonalisation batched by shape (`orthogonalise`);
-    its step is torch's otherwise: Nesterov momentum, decoupled weight decay, the update
-    scaled by `adjust_lr_fn`."""
+    """`torch.optim.Muon` with the orthogonalisation batched by shape (`orthogonalise`) and
+    run in `ns_dtype` (bf16, torch's, or fp32); its step is torch's otherwise: Nesterov
+    momentum, decoupled weight decay, the update scaled by `adjust_lr_fn`."""
+
+    def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -68,7 +79,7 @@ class GroupedMuon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
             updates = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                    group.get("use_addmm", True))
+                                    group.get("use_addmm", True), self.ns_dtype)
             lr = group["lr"]
             for param, update in zip(params, updates):
                 param.mul_(1 - lr * group["weight_decay"])

@@ -128,13 +128,15 @@ def build_optimizer(
     eps: float = 1e-8,
     kind: OptimizerKind = "adamw",
     fused: bool | None = None,
+    muon_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.optim.AdamW | CombinedOptimizer:
     """AdamW with decay / no-decay groups, or Muon for hidden matrices plus AdamW for the rest.
 
     `fused=None` uses the fused AdamW kernel when every parameter is a floating-point
     CPU or CUDA tensor (on the demo model and a 2-core CPU: 3.5 against 23 ms per step)
-    and the multi-tensor (`foreach`) path otherwise. Every parameter group
-    carries a `name` ("decay", "no_decay", "muon") for logging.
+    and the multi-tensor (`foreach`) path otherwise. Muon orthogonalises in `muon_dtype`
+    (`model.muon`). Every parameter group carries a `name` ("decay", "no_decay", "muon")
+    for logging.
     """
     if kind not in ("adamw", "muon"):
         raise ValueError(f"unknown optimizer kind {kind!r}; expected 'adamw' or 'muon'")
@@ -147,7 +149,7 @@ def build_optimizer(
     optimizers: list[torch.optim.Optimizer] = []
     if split.muon:
         muon_group = _group("muon", split.muon, weight_decay)
-        optimizers.append(GroupedMuon([muon_group], lr=lr, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(GroupedMuon([muon_group], lr=lr, adjust_lr_fn="match_rms_adamw", ns_dtype=muon_dtype))
     if groups:
         optimizers.append(_adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused))
     if not optimizers:

@@ -111,15 +111,18 @@ class Trainer:
         self.use_mtp = config.mtp_lambda > 0
         if not self.use_mtp:
             model.mtp.requires_grad_(False)
+        # the dtype the step's matmuls run in: autocast's, Muon's iterations and the MFU's peak
+        matmul_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.optimizer = build_optimizer(
-            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer
+            model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer,
+            muon_dtype=matmul_dtype,
         )
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint written or resumed from (0: none)
         self.net = DistributedDataParallel(model) if self.world > 1 else model
         if config.compile:
             self.net = torch.compile(self.net)
-        self.peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
+        self.peak_flops = matmul_peak_flops(self.device, matmul_dtype)
 
     # ---- checkpoints -------------------------------------------------------------------
 

@@ -42,20 +42,22 @@ def test_updates_are_torchs_bit_for_bit(options):
 
 
 @pytest.mark.parametrize("use_addmm", [True, False])
-def test_orthogonalise_keeps_shapes_and_order(use_addmm):
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_orthogonalise_keeps_shapes_and_order(use_addmm, dtype, atol):
     matrices = params_and_grads(2)[0]
-    out = orthogonalise(matrices, (3.4445, -4.7750, 2.0315), 5, 1e-7, use_addmm)
+    out = orthogonalise(matrices, (3.4445, -4.7750, 2.0315), 5, 1e-7, use_addmm, dtype)
     assert [o.shape for o in out] == [m.shape for m in matrices]
+    assert {o.dtype for o in out} == {dtype}
     a, b, c = (3.4445, -4.7750, 2.0315)
     for m, o in zip(matrices, out):
         # each matrix as the one-at-a-time iteration computes it
-        x = m.bfloat16().mT if m.shape[0] > m.shape[1] else m.bfloat16()
+        x = m.to(dtype).mT if m.shape[0] > m.shape[1] else m.to(dtype)
         x = x / x.norm().clamp(min=1e-7)
         for _ in range(5):
             gram = x @ x.mT
             x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if use_addmm \
                 else a * x + (b * gram + c * gram @ gram) @ x
-        assert torch.allclose(o.float(), (x.mT if m.shape[0] > m.shape[1] else x).float(), atol=1e-2)
+        assert torch.allclose(o.float(), (x.mT if m.shape[0] > m.shape[1] else x).float(), atol=atol)
         # roughly orthogonal: the quintic iteration takes singular values to ~[0.7, 1.2] (those
         # of a nearly singular matrix's smallest directions rise more slowly)
         singular = torch.linalg.svdvals(o.float())
@@ -83,3 +85,27 @@ def test_state_loads_from_torchs_muon():
     reference.step()
     grouped.step()
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+
+
+def test_fp32_iterations_update_with_fp32_orthogonalisation():
+    """With ns_dtype fp32 the step is torch's but for the iterations' dtype: the update is
+    the fp32 orthogonalisation of the Nesterov momentum, which bf16's only approximates."""
+    start, grads = params_and_grads(3)
+    fp32 = [p.clone().requires_grad_() for p in start]
+    bf16 = [p.clone().requires_grad_() for p in start]
+    lr, momentum = 0.02, 0.95
+    optimizers = [GroupedMuon(fp32, lr=lr, momentum=momentum, weight_decay=0.0, adjust_lr_fn="original",
+                              ns_dtype=torch.float32),
+                  GroupedMuon(bf16, lr=lr, momentum=momentum, weight_decay=0.0, adjust_lr_fn="original")]
+    for a, b, grad in zip(fp32, bf16, grads[0]):
+        a.grad, b.grad = grad.clone(), grad.clone()
+    for optimizer in optimizers:
+        optimizer.step()
+    # first step: momentum buffer (1 - m) g, Nesterov update g.lerp(buffer, m)
+    updates = [g.lerp((1 - momentum) * g, momentum) for g in grads[0]]
+    expected = orthogonalise(updates, (3.4445, -4.7750, 2.0315), 5, 1e-7, dtype=torch.float32)
+    for p, start_p, update in zip(fp32, start, expected):
+        scale = lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5  # torch's "original" adjustment
+        assert torch.allclose(p.detach(), start_p - scale * update, atol=1e-6)
+    differences = [(a - b).abs().max().item() for a, b in zip(fp32, bf16)]
+    assert 0 < max(differences) < 0.01

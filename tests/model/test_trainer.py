@@ -60,6 +60,13 @@ def test_loss_falls(tmp_path):
     assert "val_bpb" in seen[-1] and "max_vio" in seen[-1] and seen[-1]["mfu"] > 0
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_muon_orthogonalises_in_the_training_precision(tmp_path, precision, dtype):
+    trainer = make_trainer(tmp_path, steps=1, optimizer="muon", precision=precision)
+    muon = trainer.optimizer.optimizers[0]
+    assert muon.ns_dtype == dtype and muon.param_groups[0]["name"] == "muon"
+
+
 def test_mtp_without_loss_weight_is_not_run_nor_changed(tmp_path):
     trainer = make_trainer(tmp_path, steps=4, mtp_lambda=0.0, checkpoint_every=100)
     assert len(trainer.model.mtp) == 1
