@@ -27,6 +27,7 @@ import torch
 from benchmarks.arguments import count
 from benchmarks.common import machine, named_setup, random_batch, training_step
 from model.perf import matmul_peak_flops
+from model.trainer import matmul_dtype
 from model.transformer import Transformer, flops_per_token
 from tasks.config import presets
 
@@ -131,7 +132,7 @@ def main() -> None:
 
     print(f"machine: {machine() if device.type == 'cpu' else torch.cuda.get_device_name(device)}")
     for precision in precisions:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dtype = matmul_dtype(precision)
         # the peak is measured before and after the steps; the higher counts
         size = 8192 if device.type == "cuda" else 2048
         peak = matmul_peak_flops(device, dtype, size=size, seconds=0.5)

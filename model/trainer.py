@@ -68,9 +68,15 @@ class TrainConfig:
     seed: int = 0
 
 
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype a step of `precision` multiplies in: autocast's, Muon's iterations' and that of
+    the matmul peak its MFU is measured against."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=matmul_dtype(precision))
     return contextlib.nullcontext()
 
 
@@ -111,18 +117,16 @@ class Trainer:
         self.use_mtp = config.mtp_lambda > 0
         if not self.use_mtp:
             model.mtp.requires_grad_(False)
-        # the dtype the step's matmuls run in: autocast's, Muon's iterations and the MFU's peak
-        matmul_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.optimizer = build_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, kind=config.optimizer,
-            muon_dtype=matmul_dtype,
+            muon_dtype=matmul_dtype(config.precision),
         )
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint written or resumed from (0: none)
         self.net = DistributedDataParallel(model) if self.world > 1 else model
         if config.compile:
             self.net = torch.compile(self.net)
-        self.peak_flops = matmul_peak_flops(self.device, matmul_dtype)
+        self.peak_flops = matmul_peak_flops(self.device, matmul_dtype(config.precision))
 
     # ---- checkpoints -------------------------------------------------------------------
 
