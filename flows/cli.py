@@ -13,6 +13,7 @@ user can fix are printed as one line, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import math
@@ -437,7 +438,11 @@ def command_line() -> int:
     """The `tinyseek` command: `main`, then an exit without Python's last garbage collection.
     That collection walks every object torch, MLflow and Prefect made (~2 s after a run); at
     exit the OS frees them all at once. Files, runs and servers are closed before: by the
-    commands themselves and by the exit hooks, which still run."""
+    commands themselves and by the exit hooks, which still run.
+
+    `kill -USR1 PID` prints where each of its threads is, to its stderr, and the command
+    goes on: how to see what a run that seems stuck is doing."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     status = main()
     gc.freeze()
     return status

@@ -42,6 +42,18 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
+def wait_exit(proc: subprocess.Popen, timeout: float, logs: Path) -> None:
+    """Wait for `tinyseek` to exit; past `timeout`, fail with the end of its stderr and the
+    stacks of its threads (`kill -USR1`), which show what it does instead of stopping."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
+        stderr = logs.with_suffix(".err").read_text()
+        raise AssertionError(f"still running {timeout} s later; its stderr ends:\n{stderr[-6000:]}") from None
+
+
 def start_mlflow(store: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -79,7 +91,7 @@ def test_mlflow_outage_fails_the_run_cleanly_and_the_rerun_reuses_finished_stage
     try:
         wait_for(lambda: (ws / "pretrain").is_dir(), "the pretrain stage starts", run)
         kill_group(server)
-        run.wait(timeout=300)
+        wait_exit(run, 300, tmp_path / "outage")
     finally:
         kill_group(server)
         kill_group(run)
@@ -160,13 +172,17 @@ def test_killed_worker_resumes_pretraining_from_the_last_checkpoint(ws, tmp_path
 
 def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the run, and not the temporary
-    Prefect server, must stop, so that the interruption is recorded without retries."""
+    Prefect server, must stop, so that the interruption is recorded without retries.
+    Before it, `kill -USR1` shows where the run is and leaves it running."""
     settings = ["--preset", "tiny", "--workspace", str(ws), "--set", "pretrain.steps=100000"]
     run = run_in_background("run", *settings, logs=tmp_path / "interrupted")
     try:
         wait_for(lambda: any((ws / "pretrain").glob(".*.work/step-*")), "a pretraining checkpoint", run)
+        os.kill(run.pid, signal.SIGUSR1)
+        wait_for(lambda: "most recent call first" in (tmp_path / "interrupted.err").read_text(),
+                 "the stacks of the run's threads", run, timeout=30)
         os.killpg(run.pid, signal.SIGINT)
-        run.wait(timeout=120)
+        wait_exit(run, 120, tmp_path / "interrupted")
     finally:
         kill_group(run)
     stderr = (tmp_path / "interrupted.err").read_text()
