@@ -109,6 +109,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.callback = callback or (lambda step, metrics: None)
         self.warn = on_warning or (lambda message: None)
+        # called after every step, its checkpoint included: where the caller stops a run
+        # whose stop request was lost on the way (`tasks.interrupts`)
+        self.after_step: Callable[[], None] = lambda: None
         self.extra_state = extra_state or {}
         self.device = next(model.parameters()).device
         self.rank, self.world = distributed()
@@ -264,5 +267,6 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or final:
                 self.save()
             last.update(metrics)
+            self.after_step()
         return last
 

@@ -15,11 +15,9 @@ import gc
 import json
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
 import traceback
 import warnings
@@ -53,6 +51,7 @@ from mlflow.utils.validation import (
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
+from tasks.interrupts import interrupts_held
 from tasks.stage import REPO_ROOT, file_lock
 
 DB_FILE = "mlflow.db"
@@ -275,33 +274,6 @@ def _store_lock(uri: str) -> Iterator[None]:
         return
     with file_lock(Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")):
         yield
-
-
-@contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Within the block, a Ctrl-C (SIGINT) is held and raised as KeyboardInterrupt at its end;
-    a second one raises at once. Only where Python's own handler is in place, on the main
-    thread (a handler set by the program, or SIG_IGN, stays as it is)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    held: list[int] = []
-    restoring = False
-
-    def hold(signum: int, frame: object) -> None:
-        if held and not restoring:
-            raise KeyboardInterrupt
-        held.append(signum)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        restoring = True  # a signal pending now is run by the restore: it must not cut it short
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if held:  # also when the block raised: a caller that handles its error still sees the Ctrl-C
-            raise KeyboardInterrupt
 
 
 class _Uninterrupted:

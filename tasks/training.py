@@ -21,6 +21,7 @@ from model.checkpoint import save_model
 from model.perf import cpp_compiler
 from model.trainer import NonFiniteLoss, Trainer
 from model.transformer import parameter_counts
+from tasks.interrupts import interrupts_counted
 from tasks.stage import StageError
 from tasks.training_config import TrainingConfig
 
@@ -67,7 +68,9 @@ def train_into(
         report(step, metrics)
 
     trainer.callback = record
-    final = trainer.fit()
+    with interrupts_counted() as interrupts:
+        trainer.after_step = interrupts.raise_if_dropped
+        final = trainer.fit()
     save_model(trainer.model, out)
     copy_tokenizer(tokenizer_dir, out)
     shutil.move(str(history), str(out / HISTORY))

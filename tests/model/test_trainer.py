@@ -60,6 +60,16 @@ def test_loss_falls(tmp_path):
     assert "val_bpb" in seen[-1] and "max_vio" in seen[-1] and seen[-1]["mfu"] > 0
 
 
+def test_after_step_runs_after_every_step_and_its_checkpoint(tmp_path):
+    """Where the caller stops a run whose KeyboardInterrupt was dropped: after each step,
+    once that step's checkpoint is written."""
+    trainer = make_trainer(tmp_path, steps=7, checkpoint_every=5)
+    seen = []
+    trainer.after_step = lambda: seen.append((trainer.step, trainer.saved_step))
+    trainer.fit()
+    assert seen == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 5), (6, 5), (7, 7)]
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_muon_orthogonalises_in_the_training_precision(tmp_path, precision, dtype):
     trainer = make_trainer(tmp_path, steps=1, optimizer="muon", precision=precision)

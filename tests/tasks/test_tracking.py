@@ -36,7 +36,6 @@ from tasks.tracking import (
     artifact_location,
     flatten,
     git_commit,
-    interrupts_held,
     quiet_mlflow,
     run_tags,
     system_metrics,
@@ -313,34 +312,6 @@ def test_a_cancellation_inside_a_store_call_leaves_the_database_unlocked(tracker
     assert "SELECT" in cut_at and "INSERT" in cut_at  # reads and writes of the call were cut
     assert len(collections) == interruptions  # one per interruption
     assert reader(tracker).get_run(run_id).data.metrics == {"loss": 2.5}  # and an uncut call still writes
-
-
-def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            done.append("after the first")
-    assert done == ["after the first"]
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
-            done.append("after the second")
-    assert done == ["after the first"]
-    with pytest.raises(KeyboardInterrupt) as caught:  # an error of the block, which a caller would handle,
-        with interrupts_held():                        # does not swallow the Ctrl-C
-            signal.raise_signal(signal.SIGINT)
-            raise ValueError("already exists")
-    assert isinstance(caught.value.__context__, ValueError)
-    seen = []
-    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # a handler of the program's own
-    try:
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            assert seen == [signal.SIGINT]  # left in charge
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_system_metrics_for_an_explicit_run(tracker):
