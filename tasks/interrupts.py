@@ -9,7 +9,8 @@ main thread runs next. Two places need more than that:
 - Raised inside a weakref callback or a finalizer, the exception is dropped ("Exception
   ignored in ..."), as by any code that swallows errors: the run goes on as if the Ctrl-C
   never came. While torch.compile builds the fused kernels, its caches drop entries through
-  `WeakValueDictionary` callbacks, and a Ctrl-C sent then was lost in 3 of about 30 tries.
+  `WeakValueDictionary` callbacks, and a Ctrl-C sent then was lost in 4 of about 27 tries
+  (once with that message, the other times without any).
   `interrupts_counted` counts the Ctrl-Cs that arrive during training; after each step the
   trainer's loop, which a raised KeyboardInterrupt would have left, calls `raise_if_dropped`
   (`Trainer.after_step`, set by `tasks.training.train_into`).
