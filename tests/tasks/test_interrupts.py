@@ -2,10 +2,22 @@
 
 import signal
 import weakref
+from contextlib import contextmanager
 
 import pytest
 
 from tasks.interrupts import interrupts_counted, interrupts_held
+
+
+@contextmanager
+def own_handler():
+    """A SIGINT handler of the program's own, recording the signals it gets."""
+    seen = []
+    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
@@ -26,16 +38,9 @@ def test_interrupts_held_until_the_block_ends_and_a_second_one_at_once():
             signal.raise_signal(signal.SIGINT)
             raise ValueError("already exists")
     assert isinstance(caught.value.__context__, ValueError)
-    seen = []
-    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # a handler of the program's own
-    try:
-        with interrupts_held():
-            signal.raise_signal(signal.SIGINT)
-            assert seen == [signal.SIGINT]  # left in charge
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
+    with own_handler() as seen, interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+        assert seen == [signal.SIGINT]  # left in charge
 
 
 class Thing:
@@ -78,12 +83,7 @@ def test_counted_ctrl_cs_raise_as_usual_and_a_held_one_at_the_end_of_its_block()
 
 
 def test_a_handler_of_the_programs_own_is_left_in_charge():
-    seen = []
-    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
-    try:
-        with interrupts_counted() as interrupts:
-            signal.raise_signal(signal.SIGINT)
-            interrupts.raise_if_dropped()  # nothing was counted
+    with own_handler() as seen, interrupts_counted() as interrupts:
+        signal.raise_signal(signal.SIGINT)
+        interrupts.raise_if_dropped()  # nothing was counted
         assert seen == [signal.SIGINT]
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
