@@ -183,7 +183,7 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Training path: expand the latent to per-head keys/values, causal SDPA."""
+        """Training path: expand the latent to per-head keys/values, causal attention (`_attend`)."""
         B, T, _ = x.shape
         q_nope, q_pe = self._queries(x)
         kv, k_pe = self._latent(x)
@@ -197,10 +197,11 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention. On a CPU, bf16/fp16 sequences up to CPU_EXPLICIT_MAX_LEN take
-        `ExplicitCausalAttention`; everything else SDPA, with a value head smaller than the
-        query/key head zero-padded to it: the flash kernels (CPU and CUDA) take a single head
-        size, and other sizes fall back to the unfused kernel. The padding's outputs are dropped."""
+        """Causal attention. On a CPU, sequences up to CPU_EXPLICIT_MAX_LEN in any dtype but
+        fp32 (bf16 and fp16; fp64 too) take `ExplicitCausalAttention`; everything else SDPA,
+        with a value head smaller than the query/key head zero-padded to it: the flash
+        kernels (CPU and CUDA) take a single head size, and other sizes fall back to the
+        unfused kernel. The padding's outputs are dropped."""
         if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] <= CPU_EXPLICIT_MAX_LEN:
             return ExplicitCausalAttention.apply(q, k, v, self.scale)
         if self.v_dim < self.qk_dim:

@@ -212,13 +212,12 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     extra: dict[str, Any],
     keep_last: int = 3,
-    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write `dir/step-{step:06d}/` atomically, then keep only the newest `keep_last` checkpoints.
 
     Checkpoints of later steps than `step` are deleted (see `_prune`).
 
-    `extra` must be JSON-serialisable. `rng` defaults to `capture_rng()` of this process.
+    `extra` must be JSON-serialisable. The RNG states saved are this process's (`capture_rng()`).
     Returns the checkpoint directory.
     """
     if keep_last < 1:
@@ -231,7 +230,7 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_files(tmp, step, model_state, optimizer_state, extra, capture_rng() if rng is None else rng)
+        _write_files(tmp, step, model_state, optimizer_state, extra, capture_rng())
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

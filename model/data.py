@@ -2,10 +2,11 @@
 
 Pretraining reads the flat token files of the tokenize stage (raw uint16/uint32 arrays,
 a BOS token before every document) through numpy memmaps, so memory stays flat however
-large the corpus is. Every window of `seq_len + 1` tokens starts at a document start and
-may run on into the documents after it (packing), so no token is wasted on padding and
-no window opens in the middle of a sentence. Only the index of BOS positions (one int64
-per document) lives in RAM; it is built by scanning each file in chunks.
+large the corpus is. Windows of `seq_len + 1` tokens start at every document start and
+then every `seq_len` tokens further while the document lasts (`_window_starts`); a window
+may run on into the documents after it (packing), so no token is wasted on padding, and
+each document's beginning is seen at a window's start. Only the windows' starts (an int64
+and a file number per window) live in RAM; they are found by scanning each file in chunks.
 
 Both loaders visit their items in a seeded shuffled order that is redrawn each epoch
 (generator seeded with `seed + epoch`). Their whole state is the position
@@ -216,7 +217,8 @@ def eval_batches(
     """Consecutive windows over the files in order, for a validation loss that is the same every time.
 
     Windows step by `seq_len` and overlap by one token, so every token after the first
-    of a file is a target exactly once. The last batch may be smaller than `batch_size`.
+    of a file is a target at most once: a file's last tokens that do not fill a whole
+    window are not scored. The last batch may be smaller than `batch_size`.
     """
     windows = _consecutive_windows(files, _token_dtype(dtype), seq_len)
     for _ in itertools.count() if max_batches is None else range(max_batches):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -97,9 +97,6 @@ class Trainer:
         *,
         validation: Callable[[], Iterable[Batch]] | None = None,
         bytes_per_token: float | None = None,
-        callback: Callback | None = None,
-        on_warning: Callable[[str], None] | None = None,
-        extra_state: dict[str, Any] | None = None,
     ):
         self.model = model
         self.config = config
@@ -107,12 +104,12 @@ class Trainer:
         self.validation = validation
         self.bytes_per_token = bytes_per_token
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.callback = callback or (lambda step, metrics: None)
-        self.warn = on_warning or (lambda message: None)
+        # what the caller sets to see each step's metrics and the warnings of resuming
+        self.callback: Callback = lambda step, metrics: None
+        self.warn: Callable[[str], None] = lambda message: None
         # called after every step, its checkpoint included: where the caller stops a run
         # whose stop request was lost on the way (`tasks.interrupts`)
         self.after_step: Callable[[], None] = lambda: None
-        self.extra_state = extra_state or {}
         self.device = next(model.parameters()).device
         self.rank, self.world = distributed()
         # MTP depths without loss weight are not run, and frozen: neither the optimizer nor
@@ -155,7 +152,7 @@ class Trainer:
             model_state=self.model.state_dict(),
             optimizer_state=self.optimizer.state_dict(),
             extra={"loader": self.train.state_dict(), "train_config": asdict(self.config),
-                   "model_config": self.model.config.to_dict(), **self.extra_state},
+                   "model_config": self.model.config.to_dict()},
             keep_last=self.config.keep_last,
         )
 

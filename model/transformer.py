@@ -280,12 +280,13 @@ class Transformer(nn.Module):
         return [moe.update_bias() for moe in self.moe_layers(mtp)]
 
 
-def parameter_counts(model: Transformer, include_mtp: bool = False) -> dict[str, int]:
-    """Total parameters and those a token activates (shared + top-k of routed experts)."""
+def parameter_counts(model: Transformer) -> dict[str, int]:
+    """Total parameters and those a token activates (shared + top-k of routed experts), of
+    the main model: the MTP modules, which training alone runs, are not counted."""
     config = model.config
     total, inactive = 0, 0
     for name, p in model.named_parameters():
-        if not include_mtp and name.startswith("mtp."):
+        if name.startswith("mtp."):
             continue
         total += p.numel()
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
