@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,20 @@ class PipelineRun:
             get_run_logger().info(f"{len(orphans)} MLflow run(s) left RUNNING by a killed process ended as KILLED")
         # the whole config as params, so that runs compare in the MLflow UI by any setting
         parent = tracker.start_run(name, tags=_tags(config.preset, "pending"), params=config.with_model_defaults())
-        tracker.log_dict(parent, config.model_dump(mode="json"), "config.json")
         return cls(config=config, root=root, tracker=tracker, parent_id=parent)
+
+    @contextmanager
+    def child_run(self, name: str, **details: Any) -> Iterator[str]:
+        """An MLflow child run of this pipeline's run (`details`: start_run's tags and params)
+        that ends FINISHED, or as `ended_status` says when the block raises."""
+        child = self.tracker.start_run(name, parent_id=self.parent_id, **details)
+        self.child_runs[name] = child
+        try:
+            yield child
+        except BaseException as exc:
+            self.tracker.end_run(child, ended_status(exc))
+            raise
+        self.tracker.end_run(child)
 
     def finish(self, status: str) -> None:
         """Close the parent run; after a failure, a tracking error here must not hide the cause."""
@@ -190,13 +203,11 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
     """Run one stage inside its MLflow child run; a reused output finishes as Cached."""
     logger = get_run_logger()
     tracker = run.tracker
-    child = tracker.start_run(stage, parent_id=run.parent_id, params=params, tags=_stage_tags(run))
-    run.child_runs[stage] = child
-    for name, upstream in inputs.items():
-        # the digest names the content where the stage hashes it (MLflow keeps 36 characters)
-        tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.key[:16])
-    metrics = MetricsCallback(tracker, child, every=10)
-    try:
+    with run.child_run(stage, params=params, tags=_stage_tags(run)) as child:
+        for name, upstream in inputs.items():
+            # the digest names the content where the stage hashes it (MLflow keeps 36 characters)
+            tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.key[:16])
+        metrics = MetricsCallback(tracker, child, every=10)
         with system_metrics(tracker, child, interval=system_metrics_interval()):
             ref = work(metrics)
         metrics.close()
@@ -209,10 +220,6 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
         trained_in = {"precision": manifest["precision"]} if "precision" in manifest else {}
         tracker.set_tags(child, {"fingerprint": ref.fingerprint, "output": ref.path, "cached": str(ref.cached),
                                  **trained_in})
-    except BaseException as exc:
-        tracker.end_run(child, ended_status(exc))
-        raise
-    tracker.end_run(child)
     run.refs[stage] = ref
     logger.info(f"{stage}: {'reused' if ref.cached else 'built'} {ref.path} {ref.counts}")
     return Completed(data=ref, name="Cached" if ref.cached else "Completed",
@@ -394,25 +401,22 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     existing = registered_version(tracker, tuned.fingerprint)
     if existing is not None and existing == champion:
         return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion)
-    child = tracker.start_run("register", parent_id=run.parent_id,
-                              tags={**_stage_tags(run), "fingerprint": tuned.fingerprint})
-    run.child_runs["register"] = child
-    if existing is None:
-        logged = log_model(tracker, child, tuned.dir)
-        tracker.log_metrics(child, run.metrics, model_id=logged.removeprefix("models:/"))
-        primary, score = cfg.evaluate.primary_metric, resolve(run.metrics, cfg.evaluate.primary_metric)
-        described = f"{cfg.preset} preset; {primary} = {'not measured' if score is None else f'{score:.4g}'}"
-        version = register(tracker, logged, child, description=f"{described}; pipeline run {run.parent_id}",
-                           tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
-                                 "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
-    else:
-        tracker.log_metrics(child, run.metrics)
-        version = existing
-    promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
-    if promoted:
-        promote(tracker, version)
-    tracker.set_tags(child, {"promoted": str(promoted), "decision": reason, "champion_before": str(champion)})
-    tracker.end_run(child)
+    with run.child_run("register", tags={**_stage_tags(run), "fingerprint": tuned.fingerprint}) as child:
+        if existing is None:
+            logged = log_model(tracker, child, tuned.dir)
+            tracker.log_metrics(child, run.metrics, model_id=logged.removeprefix("models:/"))
+            primary, score = cfg.evaluate.primary_metric, resolve(run.metrics, cfg.evaluate.primary_metric)
+            described = f"{cfg.preset} preset; {primary} = {'not measured' if score is None else f'{score:.4g}'}"
+            version = register(tracker, logged, child, description=f"{described}; pipeline run {run.parent_id}",
+                               tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
+                                     "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
+        else:
+            tracker.log_metrics(child, run.metrics)
+            version = existing
+        promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
+        if promoted:
+            promote(tracker, version)
+        tracker.set_tags(child, {"promoted": str(promoted), "decision": reason, "champion_before": str(champion)})
     model_uri = f"models:/{MODEL_NAME}/{version}"  # as registered: what --model and MLflow's pages take
     run.decision = {"version": version, "model_uri": model_uri, "promoted": promoted, "reason": reason,
                     "champion_before": champion}
@@ -526,6 +530,7 @@ def prefilled_config() -> dict[str, Any] | None:
 def _flow(name: str, steps: Callable[[PipelineRun], Any], config: PipelineConfig, workspace_dir: str | None):
     run = PipelineRun.start(name, switched_preset(config, prefilled_config()), workspace_dir)
     try:
+        run.tracker.log_dict(run.parent_id, run.config.model_dump(mode="json"), "config.json")
         steps(run)
         result = summary(run)
     except BaseException as exc:
