@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from model.config import ConfigError, ModelConfig
 from tasks.clean import CleanConfig
@@ -47,10 +47,11 @@ class PipelineConfig(BaseModel):
         default_factory=dict,
         description="DeepSeek-V3 architecture (HF DeepseekV3Config field names); vocab_size comes from the tokenizer.",
     )
-    pretrain: TrainingConfig = Field(default_factory=TrainingConfig, description="Pretraining on the token shards.")
+    pretrain: TrainingConfig = Field(default_factory=TrainingConfig, validate_default=True,
+                                     description="Pretraining on the token shards.")
     finetune: TrainingConfig = Field(
         default_factory=lambda: TrainingConfig(steps=200, lr=1e-3, min_lr=1e-4, warmup_steps=10),
-        description="Instruction fine-tuning from the pretrained model.",
+        validate_default=True, description="Instruction fine-tuning from the pretrained model.",
     )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="What to measure after training.")
 
@@ -62,6 +63,13 @@ class PipelineConfig(BaseModel):
         if name != "custom" and name not in available:
             raise ValueError(f"unknown preset {name!r}; {_suggest(name, available)}")
         return name
+
+    @field_validator("pretrain", "finetune")
+    @classmethod
+    def _named(cls, section: TrainingConfig, info: ValidationInfo) -> TrainingConfig:
+        """The section knows its name, which its messages use (`pretrain.device`)."""
+        section._section = info.field_name
+        return section
 
     @field_validator("model")
     @classmethod

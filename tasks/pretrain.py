@@ -78,11 +78,6 @@ def build_trainer(tokens: Ref, config: PipelineConfig, checkpoints: Path, rank: 
     data = TokenData(tokens)
     train_cfg = config.pretrain
     model_cfg = config.model_for(data.vocab_size, data.special_ids)
-    if train_cfg.seq_len > model_cfg.max_position_embeddings:
-        raise StageError(
-            f"pretrain.seq_len={train_cfg.seq_len} exceeds model.max_position_embeddings="
-            f"{model_cfg.max_position_embeddings}: lower one or raise the other"
-        )
     torch.manual_seed(train_cfg.seed)
     device = train_cfg.torch_device()
     net = Transformer(model_cfg)

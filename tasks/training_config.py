@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from tasks.stage import resolve_device
 
@@ -21,6 +21,8 @@ class TrainingConfig(BaseModel):
     """How long and how to train; the same form for pretraining and fine-tuning."""
 
     model_config = ConfigDict(extra="forbid")
+    # the section of the pipeline config this is, as messages name its settings (`tasks.config`)
+    _section: str = PrivateAttr("training")
 
     steps: int = Field(300, ge=1, description="Optimizer steps.")
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
@@ -108,7 +110,7 @@ class TrainingConfig(BaseModel):
         )
 
     def torch_device(self) -> torch.device:
-        return resolve_device(self.device, "training.device", "'auto' or 'cpu'")
+        return resolve_device(self.device, f"{self._section}.device", "'auto' or 'cpu'")
 
     def resolved_precision(self) -> Precision:
         """The precision training runs in: `auto` as `model.perf.fast_precision` finds it for

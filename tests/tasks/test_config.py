@@ -2,6 +2,7 @@
 and the fix, not defaults silently taken or a failure after hours of training."""
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from model.schedule import lr_at
@@ -176,3 +177,14 @@ def test_schedule_settings_the_run_cannot_follow_are_said():
         last = lr_at(39, max_lr=settings.lr, min_lr=settings.min_lr, warmup_steps=settings.warmup_steps,
                      total_steps=40, kind="wsd", decay_fraction=settings.decay_fraction)
         assert (last < settings.lr) == decays and (settings.schedule_notes() == []) == decays, overrides
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_a_training_device_that_is_not_here_is_named_by_its_section(section):
+    config = load_config("tiny", overrides=[f"{section}.device=cuda"])
+    settings = getattr(config, section)
+    # also as `tasks.training` copies the section, with the precision `auto` resolved to
+    for copy in settings, settings.model_copy(update={"precision": "fp32"}):
+        with pytest.raises(StageError, match=f"^{section}.device cuda: no CUDA device is available here; use 'auto'"):
+            copy.torch_device()
