@@ -103,18 +103,22 @@ def worker(corpus: Path, root: Path) -> dict[str, Any]:
         "docs": [cleaned.counts["docs_in"], cleaned.counts["docs_out"]],
         "tokens": tokens.counts["train_tokens"] + tokens.counts["validation_tokens"],
         "clean_workers": cleaned.manifest()["workers"],
+        "peak_rss": peak_rss(),
     }
 
 
 def run_size(corpus: Path, root: Path) -> tuple[dict[str, Any], int]:
-    """One size in a fresh process; returns its report and the peak RSS (bytes) of its processes."""
+    """One size in a fresh process; returns its report and the peak RSS (bytes) of its processes,
+    as that process measured it (this one's counter of reaped children would keep the peak of
+    every size run before)."""
     proc = subprocess.run(
         [sys.executable, "-m", MODULE, "--worker", str(corpus), "--workspace", str(root)],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     if proc.returncode:
         raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.splitlines()[-1]), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    measured = json.loads(proc.stdout.splitlines()[-1])
+    return measured, measured["peak_rss"]
 
 
 def minhash_peer(docs: list[dict[str, str]]) -> str:

@@ -11,7 +11,8 @@ Both models are measured the same way, so the effect of fine-tuning is visible:
 - greedy generations for fixed prompts and the most likely next tokens, for people to read.
 
 The output (`evaluate/<fingerprint>/`) holds `metrics.json`, one flat dict whose names end
-in `_base` or `_tuned`, and the tables as Parquet. Whether the fine-tuned model beats the
+in `_base` or `_tuned` but for `max_vio_final` (the MaxVio fine-tuning ended with, when it
+recorded one), and the tables as Parquet. Whether the fine-tuned model beats the
 registered champion is deliberately not part of it: the champion changes independently of
 this stage's inputs, so `compare_with_champion` and `decide_promotion` are cheap pure
 functions the flow calls after `evaluate` on every run, whether the stage was reused or not.

@@ -5,7 +5,8 @@ Two sources feed the finetune and evaluate stages:
 - built-in generators of tasks whose answers are computed, not guessed: unit
   conversions, integer arithmetic and simple string tasks. Conversions use metric
   units by default, so a small model learns one skill (shift the decimal point)
-  rather than memorising imperial factors; `units="all"` adds the rest. They are
+  rather than memorising imperial factors; `units="all"` takes a table with imperial
+  units, minutes to weeks and binary sizes as well (`ALL_UNITS`). They are
   seeded and the held-out test problems are drawn first and excluded from
   training, so no test problem (under any phrasing) is ever trained on;
 - the user's own data: JSONL/JSON/Parquet files, a `datasets.save_to_disk`
@@ -426,8 +427,9 @@ class InstructionConfig(BaseModel):
     digits: int = Field(default=2, ge=1, le=12, description="Digits of each operand in the arithmetic families.")
     units: UnitSet = Field(
         default="metric",
-        description="Units of the conversion families: 'metric' (powers of ten only: km/m/cm/mm, t/kg/g/mg, "
-        "s/ms/μs/ns, kL/L/dL/cL/mL, TB/GB/MB/kB/B) or 'all' (adds imperial units, minutes to weeks, bits, KiB).",
+        description="Units of the conversion families: 'metric' (powers of ten only: km/m/cm/mm/μm, t/kg/g/mg, "
+        "s/ms/μs/ns, kL/L/dL/cL/mL, TB/GB/MB/kB/B) or 'all' (km/m/cm/mm and inches to miles; t/kg/g/mg, ounces, "
+        "pounds; ms/s to weeks; m³/L/dL/cL/mL and US fluid ounces to gallons; bits, B to TB, KiB, MiB).",
     )
     system_prompt: str | None = Field(
         default=None, description="System message put first in every conversation that has none."

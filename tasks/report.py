@@ -267,7 +267,7 @@ def write_report(
     """Write `report.md` and its plots into `out_dir`; returns the report's path.
 
     `data_summary` holds counts (and DataFrames such as drop reasons, shown as tables);
-    `metrics` is the flat evaluate dict (names ending in _base/_tuned); `curves` has columns
+    `metrics` is the flat evaluate dict (names ending in _base/_tuned, and max_vio_final); `curves` has columns
     (step, stage, metric, value); `max_vio` has a `layer` column and one MaxVio column per
     run; `expert_load` (layer, expert, share[, model]) gives the heatmap when present;
     `comparison` is None when there is no champion; `decision` is the promotion verdict.
