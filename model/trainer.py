@@ -28,7 +28,7 @@ from model.data import Batch
 from model.optim import build_optimizer
 from model.perf import matmul_peak_flops
 from model.schedule import lr_at
-from model.transformer import Transformer, flops_per_token
+from model.transformer import Transformer, step_flops
 
 Callback = Callable[[int, dict[str, float]], None]
 
@@ -191,10 +191,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
+        positions = scored = 0  # input positions (padding included), and those with a target
         for micro in range(cfg.grad_accum):
             inputs, targets = self.train.next_batch()
-            tokens += int((targets != -100).sum())
+            positions += inputs.numel()
+            scored += int((targets != -100).sum())
             for key, value in self._micro_step(inputs, targets, micro == cfg.grad_accum - 1).items():
                 sums[key] = sums.get(key, 0) + value / cfg.grad_accum
         if self.world > 1:
@@ -211,13 +212,11 @@ class Trainer:
         max_vio = self._balance_routers()
         self.step += 1
         seconds = time.perf_counter() - started
-        tokens_per_s = tokens * self.world / seconds
-        seq_len = inputs.shape[1]
         metrics.update(
             lr=lr,
             grad_norm=float(grad_norm),
-            tokens_per_s=tokens_per_s,
-            mfu=flops_per_token(self.model, seq_len) * tokens_per_s / (self.peak_flops * self.world),
+            tokens_per_s=positions * self.world / seconds,
+            mfu=step_flops(self.model, inputs.shape[1], positions, scored) / seconds / self.peak_flops,
         )
         for layer, value in enumerate(max_vio):
             metrics[f"max_vio/moe_{layer}"] = value

@@ -306,6 +306,15 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
     return 6.0 * activated + 6.0 * attention
 
 
+def step_flops(model: Transformer, seq_len: int, positions: int, scored: int) -> float:
+    """Training FLOPs of `positions` input positions of which `scored` have a target:
+    `flops_per_token` at every position, but the output head's share only where a loss is
+    computed, as `Transformer._head_loss` runs it (fine-tuning scores the answers alone;
+    pretraining every position)."""
+    head = 6.0 * model.config.vocab_size * model.config.hidden_size
+    return (flops_per_token(model, seq_len) - head) * positions + head * scored
+
+
 def model_summary(model: Transformer) -> str:
     counts = parameter_counts(model)
     return (

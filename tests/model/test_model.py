@@ -6,7 +6,7 @@ import torch
 from model.config import ConfigError, ModelConfig
 from model.generate import compiled_step, generate, stream
 from model.moe import MoE
-from model.transformer import Transformer, flops_per_token, parameter_counts
+from model.transformer import Transformer, flops_per_token, parameter_counts, step_flops
 from tests.model.helpers import BASE, config
 
 
@@ -260,6 +260,10 @@ def test_parameter_counts_and_flops():
     assert counts["total"] - counts["activated"] == moe_layers * expert * (c.n_routed_experts - c.num_experts_per_tok)
     assert counts["total"] == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     assert flops_per_token(model, 32) > 6 * (counts["activated"] - c.vocab_size * c.hidden_size)
+    # a step's FLOPs count the output head only at the positions with a target
+    assert step_flops(model, 32, positions=64, scored=64) == 64 * flops_per_token(model, 32)
+    head = 6 * c.vocab_size * c.hidden_size
+    assert step_flops(model, 32, positions=64, scored=5) == 64 * flops_per_token(model, 32) - 59 * head
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from model.checkpoint import load_latest
 from model.config import ModelConfig
 from model.data import TokenWindows, eval_batches
 from model.trainer import NonFiniteLoss, TrainConfig, Trainer
-from model.transformer import Transformer
+from model.transformer import Transformer, flops_per_token, step_flops
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
@@ -58,6 +58,27 @@ def test_loss_falls(tmp_path):
     trainer.fit()
     assert seen[-1]["loss"] < 0.5 * seen[0]["loss"]
     assert "val_bpb" in seen[-1] and "max_vio" in seen[-1] and seen[-1]["mfu"] > 0
+
+
+def test_throughput_counts_every_position_and_mfu_the_head_only_where_a_loss_is(tmp_path):
+    """Fine-tuning scores the answers alone: tokens/s counts every input position, and the
+    MFU the output head's FLOPs only at the positions with a target (`step_flops`)."""
+    trainer = make_trainer(tmp_path, steps=1, checkpoint_every=100)
+    windows = trainer.train.next_batch
+
+    def answers_only():
+        inputs, targets = windows()
+        targets[:, :-3] = -100
+        return inputs, targets
+
+    trainer.train.next_batch = answers_only
+    metrics = trainer.train_step()
+    positions = trainer.config.grad_accum * 4 * 32
+    scored = trainer.config.grad_accum * 4 * 3
+    # both are per second of the same step: their ratio is the step's positions per FLOP, times the peak
+    flops = step_flops(trainer.model, 32, positions, scored)
+    assert flops < positions * flops_per_token(trainer.model, 32)
+    assert metrics["tokens_per_s"] / metrics["mfu"] == pytest.approx(positions * trainer.peak_flops / flops)
 
 
 def test_after_step_runs_after_every_step_and_its_checkpoint(tmp_path):
