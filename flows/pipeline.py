@@ -113,16 +113,11 @@ class PipelineRun:
 
     @contextmanager
     def child_run(self, name: str, **details: Any) -> Iterator[str]:
-        """An MLflow child run of this pipeline's run (`details`: start_run's tags and params)
-        that ends FINISHED, or as `ended_status` says when the block raises."""
-        child = self.tracker.start_run(name, parent_id=self.parent_id, **details)
-        self.child_runs[name] = child
-        try:
+        """An MLflow child run of this pipeline's run (`details`: its tags and params) that
+        ends FINISHED, or KILLED or FAILED when the block raises, as `ended_status` says."""
+        with self.tracker.run(name, self.parent_id, interruptions=INTERRUPTIONS, **details) as child:
+            self.child_runs[name] = child
             yield child
-        except BaseException as exc:
-            self.tracker.end_run(child, ended_status(exc))
-            raise
-        self.tracker.end_run(child)
 
     def finish(self, status: str) -> None:
         """Close the parent run; after a failure, a tracking error here must not hide the cause."""

@@ -400,13 +400,15 @@ class Tracker:
         parent_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | BaseModel | None = None,
+        interruptions: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
     ) -> Iterator[str]:
-        """A run that ends FINISHED, or FAILED when the block raises."""
+        """A run that ends FINISHED; when the block raises, KILLED if it was interrupted (one
+        of `interruptions`: Ctrl-C, and the caller's own, such as a cancellation), FAILED otherwise."""
         run_id = self.start_run(name, parent_id, tags, params)
         try:
             yield run_id
-        except BaseException:
-            self.end_run(run_id, "FAILED")
+        except BaseException as exc:
+            self.end_run(run_id, "KILLED" if isinstance(exc, interruptions) else "FAILED")
             raise
         self.end_run(run_id)
 
