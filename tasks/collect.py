@@ -35,6 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zlib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -341,7 +342,7 @@ def _read_whole(
 ) -> Iterator[_Item]:
     """A whole file as one document; quarantined as `undecodable` where `decode` fails."""
     limit = 4 * max_doc_chars  # UTF-8 takes at most 4 bytes a character
-    data = stream.read(limit + 1)
+    data = _read_up_to(stream, limit + 1)
     if len(data) > limit:
         yield _Bad(label, "too-long", f"more than {limit} bytes as UTF-8", _sample(data))
         return
@@ -360,6 +361,16 @@ def _read_whole(
         return
     del data
     yield _Doc(text, label)
+
+
+def _read_up_to(stream: io.BufferedIOBase, size: int) -> bytes:
+    """At most `size` bytes, read a MiB at a time: one `read(size)` allocates `size` bytes
+    up front however short the file, which fails for a `max_doc_chars` set huge."""
+    chunks = []
+    while size > 0 and (chunk := stream.read(min(size, 1 << 20))):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
 
 
 def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -385,7 +396,13 @@ def _parse_line(line: bytes, number: int, origin: str) -> tuple[str, Any] | _Bad
         return _Bad(origin, "invalid-utf8", f"line {number}, byte {exc.start}: {exc.reason}", _sample(line))
     except json.JSONDecodeError as exc:
         return _Bad(origin, "malformed-json", f"line {number}, column {exc.colno}: {exc.msg}", _sample(line))
+    except (ValueError, RecursionError) as exc:  # an integer over 4,300 digits; nesting too deep for the parser
+        return _Bad(origin, "malformed-json", f"line {number}: {_json_failure(exc)}", _sample(line))
     return origin, record
+
+
+def _json_failure(exc: ValueError | RecursionError) -> str:
+    return "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc).partition(";")[0]
 
 
 def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -402,6 +419,9 @@ def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
     except json.JSONDecodeError as exc:
         yield _Bad(label, "malformed-json", f"line {exc.lineno}, column {exc.colno}: {exc.msg}", _sample(data))
         return
+    except (ValueError, RecursionError) as exc:
+        yield _Bad(label, "malformed-json", _json_failure(exc), _sample(data))
+        return
     del data
     yield from _records(((f"{label}#{row}", record) for row, record in enumerate(records)), text_field, label)
 
@@ -412,7 +432,10 @@ def _read_csv(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_ch
     csv.field_size_limit(max(csv.field_size_limit(), min(4 * max_doc_chars, 2**31 - 1)))
     reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=""))
     try:
-        _require(label, text_field, reader.fieldnames or [])
+        if reader.fieldnames is None:  # not even a header
+            yield _Bad(label, "empty")
+            return
+        _require(label, text_field, reader.fieldnames)
         for row in reader:
             yield _utf8_row(_value(text_field, row[text_field], f"{label}:{reader.line_num}"), reader.line_num)
     except csv.Error as exc:
@@ -491,7 +514,7 @@ def _read_file(path: Path, label: str, text_field: str, max_doc_chars: int) -> I
                 yield _Bad(label, "binary", f"NUL bytes in the first {BINARY_PROBE} bytes{_utf16_hint(head, fmt)}")
                 return
             yield from READERS[fmt](stream, label, text_field, max_doc_chars)
-    except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as exc:
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException) as exc:
         yield _Bad(label, "unreadable", f"{type(exc).__name__}: {exc}")
 
 
@@ -651,6 +674,13 @@ def _read_urls(source: UrlSource, scratch: Path, max_doc_chars: int) -> Iterator
         local.unlink()
 
 
+def _label(path: Path) -> str:
+    """A file's path as it names the file's documents. Bytes of the name that are not UTF-8
+    are written as \\xNN: as `str(path)` leaves them (lone surrogates), no origin holding
+    them could be stored."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _read_files(files: list[Path], text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     """The documents of a files source. A table or file of records without `text_field` is
     quarantined when another one of the source has it (a folder holding other tables too);
@@ -661,9 +691,10 @@ def _read_files(files: list[Path], text_field: str, max_doc_chars: int) -> Itera
     found = False  # a document from a file of records
     for path in files:
         records = (_format(path) or ("",))[0] in RECORD_FORMATS
+        label = _label(path)
         opening: list[_Item] | None = []
         try:
-            for item in _read_file(path, str(path), text_field, max_doc_chars):
+            for item in _read_file(path, label, text_field, max_doc_chars):
                 if records and isinstance(item, _Bad) and opening is not None and len(opening) < FIELD_PROBE:
                     opening.append(item)
                     continue
@@ -674,7 +705,7 @@ def _read_files(files: list[Path], text_field: str, max_doc_chars: int) -> Itera
             yield from opening or ()
         except _NoField as exc:
             lacking.append(exc)
-            yield _Bad(str(path), "missing-field", f"no field {text_field!r} in its records; fields there: "
+            yield _Bad(label, "missing-field", f"no field {text_field!r} in its records; fields there: "
                        f"{exc.fields}")
     if lacking and not found:
         raise lacking[0]

@@ -310,6 +310,46 @@ def test_bad_files_are_quarantined_and_good_ones_come_through(ws, tmp_path):
     assert ref.counts["quarantined"] == 17
 
 
+def _damaged_gzip() -> bytes:
+    """A gzip file whose header is sound and whose compressed data is not."""
+    data = bytearray(gzip.compress(" ".join(f"word{n}" for n in range(20_000)).encode(), mtime=0))
+    data[40:60] = bytes(range(200, 220))
+    return bytes(data)
+
+
+def test_odd_files_and_records_are_quarantined_without_stopping_the_stage(ws, tmp_path):
+    root = tmp_path / "odd"
+    write(root / "good.txt", "a good document")
+    write(Path(os.fsdecode(bytes(root) + b"/caf\xe9.txt")), "a name in Latin-1")  # not UTF-8
+    write(root / "damaged.txt.gz", _damaged_gzip())
+    write(root / "numbers.jsonl", jsonl({"text": "fine"}) + '{"text": "x", "n": ' + "1" * 5000 + "}\n"
+          + "[" * 100_000 + "\n")
+    write(root / "numbers.json", '[{"text": "y", "n": ' + "1" * 5000 + "}]")
+    write(root / "empty.csv", "")
+
+    ref = run(ws, FilesSource(paths=[str(root)]))
+
+    assert texts(ref) == {f"{root}/good.txt": "a good document", f"{root}/caf\\xe9.txt": "a name in Latin-1",
+                          f"{root}/numbers.jsonl:1": "fine"}
+    assert quarantined(ref) == {
+        f"{root}/damaged.txt.gz": "unreadable",
+        f"{root}/numbers.jsonl:2": "malformed-json",
+        f"{root}/numbers.jsonl:3": "malformed-json",
+        f"{root}/numbers.json": "malformed-json",
+        f"{root}/empty.csv": "empty",
+    }
+    rows = {row["origin"]: row["detail"] for row in pq.read_table(ref.dir / QUARANTINE).to_pylist()}
+    assert rows[f"{root}/numbers.jsonl:2"].startswith("line 2: Exceeds the limit (4300 digits)")
+    assert rows[f"{root}/numbers.jsonl:3"] == "line 3: nested too deep to parse"
+    assert rows[f"{root}/damaged.txt.gz"].startswith("error: Error -3 while decompressing data")
+
+
+def test_a_huge_max_doc_chars_reads_small_files(ws, tmp_path):
+    path = write(tmp_path / "small.txt.gz", gzip.compress(b"a small document"))
+    ref = run(ws, FilesSource(paths=[str(path), str(write(tmp_path / "small.md", "# small"))]), max_doc_chars=1 << 40)
+    assert sorted(texts(ref).values()) == ["# small", "a small document"]
+
+
 def test_csv_byte_that_is_not_utf8_loses_only_its_row(ws, tmp_path):
     rows = [f"row {number} {'x' * 100}" for number in range(200)]  # past the decoder's 8 KB read-ahead
     rows[150] = "caf\xe9"
