@@ -48,6 +48,7 @@ from tasks.dedup import NearDuplicates, Overlap, Words, minhash
 from tasks.stage import Ref, StageError, code_version, cpu_cores, fingerprint, run_stage, workspace
 
 QUARANTINE = "quarantine.parquet"
+SAMPLE_CHARS = 10_000  # of a quarantined sample: enough to judge a filter by; a too_long one is over max_chars
 EMAIL = "<EMAIL>"
 IP = "<IP>"
 BATCH_ROWS = 256
@@ -144,7 +145,9 @@ class CleanConfig(BaseModel):
     val_fraction: float = Field(
         0.05, ge=0, lt=1, description="Fraction of documents (by a stable hash of their id) in the validation split."
     )
-    quarantine_samples: int = Field(20, ge=0, description="Dropped documents kept per reason in quarantine.parquet.")
+    quarantine_samples: int = Field(
+        20, ge=0, description="Dropped documents kept per reason in quarantine.parquet, each cut to its first "
+        f"{SAMPLE_CHARS:,} characters.")
     workers: int = Field(
         0,
         ge=0,
@@ -511,6 +514,9 @@ class _Ledger:
     def _quarantine(self, doc_id: str, source: str, text: str, reason: str, detail: str) -> None:
         self.reasons[reason] += 1
         if self.reasons[reason] <= self.config.quarantine_samples:
+            if len(text) > SAMPLE_CHARS:  # samples are held until the end: each stays small
+                detail = f"{detail}; text cut to its first {SAMPLE_CHARS:,} of {len(text):,} characters"
+                text = text[:SAMPLE_CHARS]
             self.quarantine.append({"id": doc_id, "source": source, "reason": reason, "detail": detail, "text": text})
 
     def summary(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import sys
@@ -75,8 +76,8 @@ class TokenizeConfig(BaseModel):
     train_max_bytes: int | None = Field(
         8_000_000,
         ge=1,
-        description="Train the tokenizer on an even sample of about this many bytes of the train split (all of it when "
-        "empty). Bounds the time and memory of training; merges for vocabularies up to ~32k are well estimated "
+        description="Train the tokenizer on an even sample of the train split that just reaches this many bytes (all "
+        "of it when empty; at least one document). Bounds the time and memory of training; merges for vocabularies up to ~32k are well estimated "
         "from a few MB.",
     )
 
@@ -163,30 +164,48 @@ def _batches(paths: list[Path], columns: list[str]) -> Iterator[list[list[Any]]]
             yield [batch.column(name).to_pylist() for name in columns]
 
 
-def _sampled(doc_id: str, rate: float, purpose: bytes = b"tokenizer") -> bool:
-    """A stable pseudo-random choice of documents, independent of the train/validation hash
-    and of choices made for another `purpose`."""
-    digest = hashlib.blake2b(doc_id.encode(), digest_size=8, person=purpose).digest()
-    return int.from_bytes(digest, "big") < rate * 2**64
+def _rank(doc_id: str, purpose: bytes) -> int:
+    """A stable pseudo-random 64-bit rank of a document, independent of the train/validation
+    hash and of the ranks given for another `purpose`."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8, person=purpose).digest(), "big")
+
+
+def _sampled(doc_id: str, rate: float, purpose: bytes) -> bool:
+    """A stable pseudo-random choice of about `rate` of the documents."""
+    return _rank(doc_id, purpose) < rate * 2**64
+
+
+def _rank_limit(paths: list[Path], max_bytes: int) -> int:
+    """The highest rank the tokenizer's sample takes: the train documents of lowest rank, up
+    to the first whose bytes bring the sample to `max_bytes` (every one when the split is
+    smaller). The sample is so never empty, however few and large the documents; a heap of
+    the chosen ones, largest rank on top, keeps memory to the sample's document count."""
+    chosen: list[tuple[int, int]] = []  # (-rank, bytes)
+    total = 0
+    for ids, texts, splits in _batches(paths, ["id", "text", "split"]):
+        for doc_id, text, split in zip(ids, texts, splits):
+            rank = _rank(doc_id, b"tokenizer")
+            if split != "train" or (total >= max_bytes and rank > -chosen[0][0]):
+                continue
+            size = len(text.encode())
+            heapq.heappush(chosen, (-rank, size))
+            total += size
+            while total - chosen[0][1] >= max_bytes:  # reached without the highest rank
+                total -= heapq.heappop(chosen)[1]
+    return -chosen[0][0] if chosen else -1
 
 
 def _training_texts(paths: list[Path], max_bytes: int | None, used: Counter) -> Iterator[list[str]]:
-    """Batches of train-split texts: all of them, or an even sample of about `max_bytes`.
+    """Batches of train-split texts: all of them, or an even sample of about `max_bytes`
+    (`_rank_limit`).
 
     `used` counts the documents and bytes handed to the trainer."""
-    rate = 1.0
-    if max_bytes is not None:
-        train_bytes = sum(
-            len(text.encode())
-            for texts, splits in _batches(paths, ["text", "split"])
-            for text, split in zip(texts, splits)
-            if split == "train"
-        )
-        rate = min(1.0, max_bytes / max(train_bytes, 1))
+    limit = 2**64 if max_bytes is None else _rank_limit(paths, max_bytes)
     for ids, texts, splits in _batches(paths, ["id", "text", "split"]):
         chosen = [
-            text for doc_id, text, split in zip(ids, texts, splits) if split == "train" and _sampled(doc_id, rate)
-        ]
+            text for doc_id, text, split in zip(ids, texts, splits)
+            if split == "train" and _rank(doc_id, b"tokenizer") <= limit
+        ]  # fmt: skip
         used["documents"] += len(chosen)
         used["bytes"] += sum(len(text.encode()) for text in chosen)
         if chosen:

@@ -16,6 +16,7 @@ import pytest
 from tasks import clean as clean_module
 from tasks.clean import (
     FILTERS,
+    SAMPLE_CHARS,
     CleanConfig,
     clean,
     drop_reasons,
@@ -325,10 +326,15 @@ def test_stage_outputs_manifest_and_quarantine(ws, tmp_path, corpus):
 
 
 def test_quarantine_keeps_a_bounded_sample(ws, tmp_path):
-    docs = [(f"short-{i}", f"Too short {i}.") for i in range(30)] + [("ok", "\n".join(LINES))]
-    ref = clean(write_collect(tmp_path / "collect", docs), CleanConfig(quarantine_samples=5, val_fraction=0), ws)
-    assert ref.manifest()["drop_reasons"] == {"too_short": 30}
-    assert len(quarantine(ref)) == 5
+    long = "\n".join(LINES * 30)
+    docs = [(f"short-{i}", f"Too short {i}.") for i in range(30)] + [("ok", "\n".join(LINES)), ("long", long)]
+    config = CleanConfig(quarantine_samples=5, val_fraction=0, max_chars=SAMPLE_CHARS)
+    ref = clean(write_collect(tmp_path / "collect", docs), config, ws)
+    assert ref.manifest()["drop_reasons"] == {"too_short": 30, "too_long": 1}
+    samples = quarantine(ref).set_index("id")
+    assert len(samples) == 6
+    assert samples.loc["long", "text"] == long[:SAMPLE_CHARS]  # each sample is bounded too
+    assert samples.loc["long", "detail"].endswith(f"; text cut to its first {SAMPLE_CHARS:,} of {len(long):,} characters")
 
 
 def test_decontamination(ws, tmp_path, corpus):

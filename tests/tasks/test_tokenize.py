@@ -190,6 +190,8 @@ def test_train_max_bytes_samples_the_train_split(ws, cleaned):
     assert full["bytes"] // 6 < used["bytes"] < full["bytes"] // 3 * 2
     train_ids = output(cleaned).query("split == 'train'")["id"]
     assert full["documents"] == len(train_ids)
+    one = tokenize(cleaned, SMALL.model_copy(update={"train_max_bytes": 1}), ws).manifest()["tokenizer_training"]
+    assert one["documents"] == 1  # however small the budget, the sample is never empty
 
 
 def test_rerun_is_cached_and_clean_config_reaches_the_fingerprint(ws, collected, cleaned, texts):
