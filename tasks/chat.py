@@ -6,8 +6,15 @@ pipeline speaks the same format:
     <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
 
 Only the assistant's content and its closing <|end|> carry loss in fine-tuning.
+
+Only the pipeline places special tokens, by id. Text that spells one, in the corpus, in
+instruction data or in a prompt, is encoded as the characters it is (`read_tokenizer`), so
+no message can close its turn early or open another; transformers' template, which reads
+such text as the token, differs from `render` only there.
 """
 
+import re
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -57,13 +64,31 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer file, set to encode text that spells a special token as text."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of text, with no special tokens added. A byte that is not UTF-8 in a command
+    line or a typed line reaches Python as a lone surrogate, which the tokenizer refuses:
+    each becomes U+FFFD, as a UTF-8 decoder would make of the byte."""
+    return tokenizer.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+
+
 def render(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of a conversation in the chat format, and a parallel loss mask.
 
     The mask is 1 on each assistant message's content tokens and its closing <|end|>,
     0 elsewhere, so fine-tuning learns to answer and to stop, never to echo prompts.
     Each content piece is encoded on its own, as the tokenizer does between special
-    tokens, so the ids match `CHAT_TEMPLATE` tokenized as one string.
+    tokens, so the ids match `CHAT_TEMPLATE` tokenized as one string (for content that
+    spells no special token: see the module docstring).
     """
     ids = [_special_id(tokenizer, BOS)]
     mask = [0]
@@ -72,7 +97,7 @@ def render(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[list[i
         role = message["role"]
         if role not in ROLES:
             raise ValueError(f"unknown chat role {role!r}; expected one of {sorted(ROLES)}")
-        content = tokenizer.encode(message["content"], add_special_tokens=False).ids
+        content = encode_text(tokenizer, message["content"])
         learn = int(role == "assistant")
         ids += [_special_id(tokenizer, ROLES[role]), *content, end]
         mask += [0] + [learn] * (len(content) + 1)

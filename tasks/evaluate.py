@@ -42,7 +42,7 @@ from model.checkpoint import MODEL_CONFIG_FILE, load_model
 from model.data import eval_batches
 from model.generate import CACHE_DTYPES, generate
 from model.transformer import Transformer
-from tasks.chat import BOS, END, EOS, render_prompt
+from tasks.chat import BOS, END, EOS, encode_text, read_tokenizer, render_prompt
 from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
 from tasks.stage import Ref, StageError, code_version, fingerprint, resolve_device, run_stage, workspace
@@ -163,7 +163,7 @@ def special_ids(tokenizer: Tokenizer, *tokens: str) -> list[int]:
 
 
 def _text_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    return special_ids(tokenizer, BOS) + tokenizer.encode(text, add_special_tokens=False).ids
+    return special_ids(tokenizer, BOS) + encode_text(tokenizer, text)
 
 
 def completions(
@@ -227,7 +227,7 @@ def limit_notes(examples: Sequence[Example], tokenizer: Tokenizer, max_new_token
     of more than `max_new_tokens` tokens is cut before its end and cannot match exactly, and a
     prompt longer than the context leaves beside them loses its first tokens (`completions`)."""
     room = context - max_new_tokens
-    answers = sum(len(tokenizer.encode(e.answer, add_special_tokens=False).ids) > max_new_tokens for e in examples)
+    answers = sum(len(encode_text(tokenizer, e.answer)) > max_new_tokens for e in examples)
     prompts = sum(len(render_prompt(e.messages[:-1], tokenizer)) > room for e in examples)
     notes = []
     if answers:
@@ -435,7 +435,7 @@ def evaluate_model(
 ) -> ModelResults:
     """Measure one finished model directory (weights, config and tokenizer)."""
     net = load_model(model_dir, resolve_device(config.device, "evaluate.device", "'auto' or 'cpu'"))
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = read_tokenizer(model_dir / "tokenizer.json")
     metrics, load = _validation_metrics(net, config, val)
     cache_dtype = CACHE_DTYPES[config.kv_cache_dtype]
     answer = chat_completer(net, tokenizer, config.max_new_tokens, config.batch_size, cache_dtype)
@@ -525,7 +525,7 @@ def evaluate(
         examples = build_examples(instructions)["test"]
         context = json.loads((tuned.dir / MODEL_CONFIG_FILE).read_text())["max_position_embeddings"]
         scored = _first_per_family(examples, config.max_examples_per_family)
-        for note in limit_notes(scored, Tokenizer.from_file(str(tuned.dir / "tokenizer.json")),
+        for note in limit_notes(scored, read_tokenizer(tuned.dir / "tokenizer.json"),
                                 config.max_new_tokens, context):
             log(note)
         results = {name: evaluate_model(ref.dir, config, examples, val) for name, ref in zip(MODELS, (base, tuned))}

@@ -106,7 +106,7 @@ def _validation(examples: list[Rendered], cfg: TrainingConfig, pad: int) -> Call
 
 
 def _tokenizer(pretrained: Ref) -> Tokenizer:
-    return Tokenizer.from_file(str(pretrained.dir / "tokenizer.json"))
+    return tasks.chat.read_tokenizer(pretrained.dir / "tokenizer.json")
 
 
 def cut_examples(rendered: list[Rendered], seq_len: int) -> int:

@@ -44,7 +44,7 @@ from model.generate import CACHE_DTYPES, generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.perf import cpp_compiler
 from model.transformer import Transformer
-from tasks.chat import BOS, END, EOS, PAD, hf_tokenizer_files, render_prompt
+from tasks.chat import BOS, END, EOS, PAD, encode_text, hf_tokenizer_files, read_tokenizer, render_prompt
 from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import byte_of_char
 from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri, workspace_move
@@ -324,7 +324,7 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     if not (directory / TOKENIZER_FILE).is_file():
         raise StageError(f"{directory} has no {TOKENIZER_FILE}: a model directory carries its tokenizer")
     try:
-        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
     except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
         raise StageError(f"cannot load the tokenizer in {directory} ({_first_line(exc)})") from None
     return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype], compile)
@@ -337,7 +337,7 @@ def prompt_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[int]:
     """Chat: one user turn in the chat format, ending with the assistant cue. Raw: BOS + the text."""
     if chat:
         return render_prompt([{"role": "user", "content": prompt}], loaded.tokenizer)
-    return [loaded.token_id(BOS), *loaded.tokenizer.encode(prompt, add_special_tokens=False).ids]
+    return [loaded.token_id(BOS), *encode_text(loaded.tokenizer, prompt)]
 
 
 def check_fits(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int = 0) -> None:

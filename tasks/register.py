@@ -31,11 +31,10 @@ from mlflow.pyfunc import PythonModel, PythonModelContext, save_model
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.version import Version
-from tokenizers import Tokenizer
 
 from model.checkpoint import load_model
 from model.generate import CACHE_DTYPES, generate
-from tasks.chat import BOS, END, EOS, render_prompt
+from tasks.chat import BOS, END, EOS, encode_text, read_tokenizer, render_prompt
 from tasks.tracking import Tracker
 
 MODEL_NAME = "tinyseek"
@@ -86,7 +85,7 @@ class TinyseekModel(PythonModel):
         model_dir = Path(context.artifacts["model"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model_dir, device)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.tokenizer = read_tokenizer(model_dir / TOKENIZER_FILE)
         self.stop_ids = [self.tokenizer.token_to_id(END), self.tokenizer.token_to_id(EOS)]
 
     def _encode(self, prompt: str, chat: bool, budget: int) -> list[int]:
@@ -94,7 +93,7 @@ class TinyseekModel(PythonModel):
         if chat:
             ids = render_prompt([{"role": "user", "content": prompt}], self.tokenizer)
         else:
-            ids = [self.tokenizer.token_to_id(BOS), *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
+            ids = [self.tokenizer.token_to_id(BOS), *encode_text(self.tokenizer, prompt)]
         return ids[-budget:]
 
     def predict(

@@ -129,7 +129,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 def load_tokenizer(ref_or_dir: Ref | str | Path) -> Tokenizer:
     """The tokenizer of a tokenize output (a `Ref` or its directory)."""
     directory = ref_or_dir.dir if isinstance(ref_or_dir, Ref) else Path(ref_or_dir)
-    return Tokenizer.from_file(str(directory / TOKENIZER))
+    return chat.read_tokenizer(directory / TOKENIZER)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
