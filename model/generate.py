@@ -30,7 +30,10 @@ def sample_next(
     """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the largest made 0 first: a tiny temperature then sends the others to -inf rather than
+    # the largest to inf, which softmax would turn into NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

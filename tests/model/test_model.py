@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import ConfigError, ModelConfig
-from model.generate import compiled_step, generate, stream
+from model.generate import compiled_step, generate, sample_next, stream
 from model.moe import MoE
 from model.transformer import Transformer, flops_per_token, parameter_counts, step_flops
 from tests.model.helpers import BASE, config
@@ -170,6 +170,8 @@ def test_generation_stops_and_samples_reproducibly():
     a = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
     b = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
     assert a == b
+    for temperature in (1e-39, 1e-45):  # a temperature this small samples the most likely token
+        assert sample_next(torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.0, -1.0]]), temperature).tolist() == [1, 0]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 60], max_new_tokens=10)
     for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(temperature=float("inf")),
