@@ -97,6 +97,7 @@ class PipelineRun:
     refs: dict[str, Ref] = field(default_factory=dict)
     child_runs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    measured_on: dict[str, str] = field(default_factory=dict)  # `tasks.evaluate.measured_on` of the metrics
     decision: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -341,6 +342,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     _log_examples(run, "evaluate", tuned, "test", "eval")
     child = run.child_runs["evaluate"]
     run.metrics = metrics_of(ref)
+    run.measured_on = ref.manifest().get("measured_on", {})
     run.tracker.log_metrics(child, run.metrics)
     run.tracker.log_metrics(run.parent_id, run.metrics)  # the scores on the run people compare
     for table in sorted(ref.dir.glob("*.parquet")):
@@ -348,13 +350,19 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
     return run.metrics
 
 
-def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | None]:
-    """The champion's version and the evaluation metrics recorded with it."""
+MEASURED_ON_TAG = "measured_on."  # + a score kind: the tags of a register run that say what its metrics measured
+
+
+def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | None, dict[str, str]]:
+    """The champion's version, the evaluation metrics recorded with it and what they were
+    measured on (empty for a version registered before that was recorded)."""
     version = champion_version(tracker)
     if version is None:
-        return None, None
-    run_id = tracker.client.get_model_version(MODEL_NAME, str(version)).run_id
-    return version, dict(tracker.client.get_run(run_id).data.metrics)
+        return None, None, {}
+    run = tracker.client.get_run(tracker.client.get_model_version(MODEL_NAME, str(version)).run_id)
+    measured = {key.removeprefix(MEASURED_ON_TAG): value for key, value in run.data.tags.items()
+                if key.startswith(MEASURED_ON_TAG)}
+    return version, dict(run.data.metrics), measured
 
 
 def registered_version(tracker: Tracker, fp: str) -> int | None:
@@ -387,7 +395,7 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
 def _register(run: PipelineRun) -> dict[str, Any]:
     cfg = run.config
     tracker, tuned = run.tracker, run.refs["finetune"]
-    champion, previous = champion_metrics(tracker)
+    champion, previous, previous_measured_on = champion_metrics(tracker)
     if cfg.evaluate.kv_cache_dtype != "auto":
         # served models decode with their own dtype's cache: their recorded scores must be those
         return _not_promoted(run, None, f"not registered: evaluated with evaluate.kv_cache_dtype="
@@ -396,7 +404,8 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     existing = registered_version(tracker, tuned.fingerprint)
     if existing is not None and existing == champion:
         return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion)
-    with run.child_run("register", tags={**_stage_tags(run), "fingerprint": tuned.fingerprint}) as child:
+    measured = {f"{MEASURED_ON_TAG}{kind}": digest for kind, digest in run.measured_on.items()}
+    with run.child_run("register", tags={**_stage_tags(run), "fingerprint": tuned.fingerprint, **measured}) as child:
         if existing is None:
             logged = log_model(tracker, child, tuned.dir)
             tracker.log_metrics(child, run.metrics, model_id=logged.removeprefix("models:/"))
@@ -408,7 +417,8 @@ def _register(run: PipelineRun) -> dict[str, Any]:
         else:
             tracker.log_metrics(child, run.metrics)
             version = existing
-        promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric)
+        promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric, run.measured_on,
+                                            previous_measured_on)
         if promoted:
             promote(tracker, version)
         tracker.set_tags(child, {"promoted": str(promoted), "decision": reason, "champion_before": str(champion)})

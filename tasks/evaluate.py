@@ -16,10 +16,13 @@ recorded one), and the tables as Parquet. Whether the fine-tuned model beats the
 registered champion is deliberately not part of it: the champion changes independently of
 this stage's inputs, so `compare_with_champion` and `decide_promotion` are cheap pure
 functions the flow calls after `evaluate` on every run, whether the stage was reused or not.
+Scores compare only when measured on the same things: the manifest's `measured_on` holds a
+digest per kind of score (`measured_on`), which the registry keeps beside them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -368,17 +371,60 @@ def compare_with_champion(
     return table.iloc[primary_first.argsort(kind="stable")].reset_index(drop=True)
 
 
+def score_kind(metric: str) -> str | None:
+    """Which `measured_on` digest a metric's value depends on (None: the model's own, as max_vio_final)."""
+    if "exact_match" in metric:
+        return "exact_match"
+    return "validation" if metric.startswith("val_") else None
+
+
+MEASURED_ON = {"exact_match": "instruction problems or answer budget (evaluate.max_new_tokens)",
+               "validation": "validation tokens or windows (a new tokenizer or corpus, evaluate.seq_len, "
+                             "val_batches or batch_size)"}
+
+
+def measured_on(scored: Sequence[Example], val: Validation, config: EvaluateConfig) -> dict[str, str]:
+    """A digest of what each kind of score is measured on (`score_kind`): the problems scored and
+    the answer budget; the validation tokens and the windows taken from them."""
+    problems = [(e.family, e.messages, e.answer) for e in scored]
+    tokens = hashlib.sha256()
+    for path in val.files:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                tokens.update(chunk)
+    windows = {"dtype": val.dtype, "seq_len": config.seq_len, "batches": config.val_batches,
+               "batch_size": config.batch_size, "tokens": tokens.hexdigest()}
+    return {"exact_match": _digest({"problems": problems, "max_new_tokens": config.max_new_tokens}),
+            "validation": _digest(windows)}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def decide_promotion(
-    metrics: dict[str, Any], champion_metrics: dict[str, Any] | None, primary_metric: str
+    metrics: dict[str, Any], champion_metrics: dict[str, Any] | None, primary_metric: str,
+    ours_measured_on: dict[str, str] | None = None, champion_measured_on: dict[str, str] | None = None,
 ) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger is strictly better on the primary metric."""
+    """Promote when there is no champion, or the challenger is strictly better on the primary
+    metric. A champion without the metric is beaten; one whose value was measured on other
+    things (`measured_on`, where both record it) is not compared, nor is a value that is not
+    a finite number (a diverged run) promoted."""
     ours = resolve(metrics, primary_metric)
     if ours is None:
+        recorded = [metrics[key] for key in (primary_metric, f"{primary_metric}_tuned") if key in metrics]
+        if recorded:
+            return False, f"not promoted: {primary_metric} is {recorded[0]}, not a finite number"
         known = ", ".join(_candidate_names(metrics))
         raise StageError(f"evaluate.primary_metric={primary_metric!r} is not an evaluation metric; use one of: {known}")
     direction = "lower" if lower_is_better(primary_metric) else "higher"
-    if not champion_metrics:
+    if champion_metrics is None:
         return True, f"no champion yet; {primary_metric} = {ours:.4g}"
+    kind = score_kind(primary_metric)
+    ours_on, theirs_on = (ours_measured_on or {}).get(kind), (champion_measured_on or {}).get(kind)
+    if ours_on and theirs_on and ours_on != theirs_on:
+        return False, (f"not compared: the champion's {primary_metric} was measured on other {MEASURED_ON[kind]}; "
+                       f"this model's is {ours:.4g}. Set the champion alias in MLflow to serve it anyway")
     theirs = resolve(champion_metrics, primary_metric)
     if theirs is None:
         return True, f"the champion has no {primary_metric}; {primary_metric} = {ours:.4g}"
@@ -536,7 +582,7 @@ def evaluate(
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         tables = _write_tables(out, results, base, tuned)
         counts = {"examples": len(results["tuned"].examples), "families": len(tables["exact_match"])}
-        return {"counts": counts, "metrics": metrics}
+        return {"counts": counts, "metrics": metrics, "measured_on": measured_on(scored, val, config)}
 
     return run_stage(
         "evaluate", fp, build, root=root,

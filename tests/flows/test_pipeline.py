@@ -2,8 +2,10 @@
 cached rerun, serving, and using the model (generate, next-token, export-hf)."""
 
 import contextlib
+import json
 import sqlite3
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -75,6 +77,11 @@ def test_mlflow_holds_parent_children_metrics_and_a_registered_model(built):
     scores = {m.key: m.value for m in c.get_logged_model(output.model_id).metrics}
     assert scores["exact_match_mean_tuned"] == summary["metrics"]["exact_match_mean_tuned"]
     assert c.get_model_version_by_alias("tinyseek", "champion").version == version.version  # first one wins
+    # what its scores were measured on, beside them, so that a later run compares like with like
+    evaluated = json.loads((Path(summary["stages"]["evaluate"]["path"]) / "manifest.json").read_text())
+    assert set(evaluated["measured_on"]) == {"exact_match", "validation"}
+    assert {key: value for key, value in c.get_run(version.run_id).data.tags.items()
+            if key.startswith("measured_on.")} == {f"measured_on.{k}": v for k, v in evaluated["measured_on"].items()}
 
 
 def test_second_run_reuses_every_stage(built):

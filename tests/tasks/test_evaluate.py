@@ -25,8 +25,10 @@ from tasks.evaluate import (
     exact_match_by_family,
     expert_load_table,
     generations_table,
+    Validation,
     limit_notes,
     max_vio_table,
+    measured_on,
     metrics_of,
     next_token_table,
     readable_token,
@@ -34,7 +36,7 @@ from tasks.evaluate import (
     validation_loss,
 )
 from tasks.evaluate_config import EvaluateConfig
-from tasks.instructions import InstructionConfig, build_examples
+from tasks.instructions import Example, InstructionConfig, build_examples
 from tasks.stage import StageError, run_stage
 from tests.model.helpers import config as model_config
 
@@ -216,8 +218,38 @@ def test_decide_promotion():
     champion = {"exact_match_mean_base": 0.2, "exact_match_mean_tuned": 0.0}
     assert not decide_promotion(ours, champion, "exact_match_mean_base")[0]
     assert decide_promotion(ours, {"val_loss_tuned": 1.0}, "val_bpb")[0]  # champion lacks the metric
+    # a diverged run is not promoted, and is told so
+    promote, reason = decide_promotion({**ours, "val_bpb_tuned": float("nan")}, None, "val_bpb")
+    assert not promote and reason == "not promoted: val_bpb is nan, not a finite number"
     with pytest.raises(StageError, match="exact_match_mean"):
         decide_promotion(ours, None, "accuracy")
+
+
+def test_scores_measured_on_other_things_are_not_compared(tmp_path):
+    examples = [Example(messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                        family=family, answer=f"a{i}") for i in range(3) for family in ("add", "convert_mass")]
+    (tmp_path / "validation.bin").write_bytes(bytes(range(100)))
+    val = Validation([tmp_path / "validation.bin"], "uint16", 3.0)
+    config = EvaluateConfig()
+    on = measured_on(examples, val, config)
+    assert on == measured_on(list(examples), val, config.model_copy(update={"device": "cpu", "primary_metric": "val_bpb"}))
+    fewer = measured_on(examples[:4], val, config)
+    longer = measured_on(examples, val, config.model_copy(update={"max_new_tokens": 8}))
+    windows = measured_on(examples, val, config.model_copy(update={"val_batches": 2}))
+    assert fewer["exact_match"] != on["exact_match"] and fewer["validation"] == on["validation"]
+    assert longer["exact_match"] != on["exact_match"] and windows["validation"] != on["validation"]
+    assert windows["exact_match"] == on["exact_match"]
+    (tmp_path / "validation.bin").write_bytes(bytes(range(1, 101)))  # retokenized
+    assert measured_on(examples, val, config)["validation"] != on["validation"]
+
+    ours, theirs = {"exact_match_mean_tuned": 0.9, "val_bpb_tuned": 2.0}, {"exact_match_mean_tuned": 0.6}
+    promote, reason = decide_promotion(ours, theirs, "exact_match_mean", fewer, on)
+    assert not promote and reason.startswith("not compared: the champion's exact_match_mean was measured on other "
+                                             "instruction problems")
+    assert decide_promotion(ours, theirs, "exact_match_mean", windows, on)[0]  # only validation differs
+    assert decide_promotion(ours, theirs, "exact_match_mean", on, {})[0]  # a champion from before the record
+    assert decide_promotion(ours, {"val_bpb_tuned": 3.0}, "val_bpb", fewer, on)[0]
+    assert not decide_promotion(ours, {"val_bpb_tuned": 3.0}, "val_bpb", windows, on)[0]
 
 
 def test_compare_with_champion_lists_shared_metrics_primary_first():
