@@ -158,13 +158,29 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def _micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+    def _micro_step(self, inputs: torch.Tensor, targets: torch.Tensor, last: bool,
+                    weight: float) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch, its mean losses scaled by `weight` (its share
+        of the step's scored tokens) and the balance loss by 1/grad_accum; those scaled losses."""
         sync = contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync()
         with sync, autocast(self.device, self.config.precision):
             out = self.net(inputs.to(self.device), targets.to(self.device), mtp=self.use_mtp)
-            total = out.loss + self.config.mtp_lambda * out.mtp_loss + out.aux_loss
-            (total / self.config.grad_accum).backward()
-        return {"loss": out.loss.detach(), "mtp_loss": out.mtp_loss.detach(), "balance_loss": out.aux_loss.detach()}
+            losses = {"loss": out.loss * weight, "mtp_loss": out.mtp_loss * weight,
+                      "balance_loss": out.aux_loss / self.config.grad_accum}
+            (losses["loss"] + self.config.mtp_lambda * losses["mtp_loss"] + losses["balance_loss"]).backward()
+        return {key: value.detach() for key, value in losses.items()}
+
+    def _token_shares(self, targets: list[torch.Tensor]) -> list[float]:
+        """Each micro-batch's weight: its scored tokens over the mean a rank scores in the step.
+        Fine-tuning's micro-batches hold different numbers of answer tokens; so weighted, the
+        step's loss and gradient are the mean over all its tokens however the batch is split
+        into micro-batches and ranks (DDP averages the ranks' gradients: hence the mean)."""
+        counts = [int((t != -100).sum()) for t in targets]
+        total = torch.tensor(float(sum(counts)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        per_rank = max(float(total), 1.0) / self.world
+        return [count / per_rank for count in counts]
 
     def _balance_routers(self) -> list[float]:
         if self.world > 1:
@@ -191,13 +207,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
+        batches = [self.train.next_batch() for _ in range(cfg.grad_accum)]
+        shares = self._token_shares([targets for _, targets in batches])
         positions = scored = 0  # input positions (padding included), and those with a target
-        for micro in range(cfg.grad_accum):
-            inputs, targets = self.train.next_batch()
+        for micro, ((inputs, targets), share) in enumerate(zip(batches, shares)):
             positions += inputs.numel()
             scored += int((targets != -100).sum())
-            for key, value in self._micro_step(inputs, targets, micro == cfg.grad_accum - 1).items():
-                sums[key] = sums.get(key, 0) + value / cfg.grad_accum
+            for key, value in self._micro_step(inputs, targets, micro == cfg.grad_accum - 1, share).items():
+                sums[key] = sums.get(key, 0) + value
         if self.world > 1:
             stacked = torch.stack([sums[k] for k in sorted(sums)])
             dist.all_reduce(stacked, op=dist.ReduceOp.AVG)

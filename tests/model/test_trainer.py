@@ -81,6 +81,25 @@ def test_throughput_counts_every_position_and_mfu_the_head_only_where_a_loss_is(
     assert metrics["tokens_per_s"] / metrics["mfu"] == pytest.approx(positions * trainer.peak_flops / flops)
 
 
+def test_every_scored_token_weighs_alike_however_the_batch_is_split(tmp_path):
+    """Fine-tuning's micro-batches hold different numbers of answer tokens: accumulated, the
+    step's loss and gradient are still the mean over all of the step's scored tokens."""
+    torch.manual_seed(1)
+    inputs = torch.randint(3, 60, (4, 32))
+    targets = inputs.roll(-1, 1)
+    targets[:2, :-2] = -100  # two scored tokens in each of the first two rows, 32 in the others
+    results = []
+    for micro in (4, 2, 1):
+        trainer = make_trainer(tmp_path, steps=1, micro_batch=micro, grad_accum=4 // micro, checkpoint_every=100)
+        batches = iter([(inputs[i:i + micro], targets[i:i + micro]) for i in range(0, 4, micro)])
+        trainer.train.next_batch = lambda: next(batches)
+        metrics = trainer.train_step()
+        results.append((metrics["loss"], metrics["grad_norm"]))
+    whole = results[0]
+    for split in results[1:]:
+        assert split == pytest.approx(whole, rel=1e-4)
+
+
 def test_after_step_runs_after_every_step_and_its_checkpoint(tmp_path):
     """Where the caller stops a run whose KeyboardInterrupt was dropped: after each step,
     once that step's checkpoint is written."""
