@@ -129,15 +129,25 @@ class _ShuffledOrder:
         return picked
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": self.size}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": self.size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state` left off. Written with another number of ranks, the position
+        is the same count of the epoch's items on all ranks together (rank r takes every
+        world_size-th item), so a run resumed on more or fewer processes goes on with the
+        items it had not reached; with length grouping, the batches of the one length window
+        it stopped in are dealt again differently, so a few of its items may repeat or be skipped."""
         if state["seed"] != self.seed or state["size"] != self.size:
             raise ValueError(
                 f"loader state is for seed {state['seed']} over {state['size']} items, "
                 f"this loader has seed {self.seed} over {self.size}: the data or seed changed"
             )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        dealt = int(state["index"]) * int(state.get("world_size", self.world_size))
+        if dealt % self.world_size:
+            raise ValueError(f"loader state is {dealt} items into its epoch, which {self.world_size} ranks cannot "
+                             "share evenly: resume with the number of processes that wrote it")
+        self.epoch, self.index = int(state["epoch"]), dealt // self.world_size
 
 
 class _Resumable:

@@ -120,6 +120,25 @@ def test_resume_continues_with_the_same_batches(shards):
     assert resumed.epoch == 1
 
 
+def test_a_run_resumed_on_another_number_of_ranks_goes_on_with_the_items_it_had_not_reached(shards):
+    files, _ = shards
+    make = lambda batch, rank=0, world=1: TokenWindows(  # noqa: E731
+        files, "uint16", seq_len=8, bos_id=BOS, batch_size=batch, seed=5, rank=rank, world_size=world)
+    single = make(8)
+    for _ in range(3):
+        single.next_batch()
+    state = single.state_dict()
+    expected = [sorted(map(tuple, single.next_batch()[0].tolist())) for _ in range(2)]
+    ranks = [make(4, rank, 2) for rank in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    for want in expected:  # the two ranks' batches make up the batch one process would have taken
+        got = [row for loader in ranks for row in map(tuple, loader.next_batch()[0].tolist())]
+        assert sorted(got) == want
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        make(8, 0, 3).load_state_dict({**state, "index": 8})
+
+
 def test_state_from_other_data_or_seed_is_refused(shards):
     files, _ = shards
     state = TokenWindows(files, "uint16", seq_len=8, bos_id=BOS, batch_size=2, seed=5).state_dict()
