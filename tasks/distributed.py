@@ -26,6 +26,7 @@ METRICS = "ddp-metrics.jsonl"
 RESULT = "ddp-result.json"
 ERROR = "ddp-error.txt"
 STDERR = "ddp-stderr.log"
+STOP_SECONDS = 30  # for torchrun to stop its ranks on SIGTERM before it is killed
 
 
 def _follow(path: Path, offset: int, callback: Callable[[int, dict[str, float]], None] | None) -> int:
@@ -41,6 +42,16 @@ def _follow(path: Path, offset: int, callback: Callable[[int, dict[str, float]],
                 record = json.loads(line)
                 callback(record["step"], record["metrics"])
     return offset
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End torchrun, which passes SIGTERM on to its ranks; kill it if it has not ended in time."""
+    proc.terminate()
+    try:
+        proc.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def launch(
@@ -71,11 +82,15 @@ def launch(
     log(f"launching {devices} training processes: {' '.join(command[2:])}")
     with open(out / STDERR, "w+") as stderr:
         proc = subprocess.Popen(command, stderr=stderr)
-        offset = 0
-        while proc.poll() is None:
-            offset = _follow(out / METRICS, offset, callback)
-            time.sleep(0.5)
-        _follow(out / METRICS, offset, callback)
+        try:
+            offset = 0
+            while proc.poll() is None:
+                offset = _follow(out / METRICS, offset, callback)
+                time.sleep(0.5)
+            _follow(out / METRICS, offset, callback)
+        except BaseException:
+            _stop(proc)  # cancelled, or the callback failed: no rank goes on training unseen
+            raise
         if proc.returncode != 0 and (out / ERROR).exists():
             raise StageError((out / ERROR).read_text())
         stderr.seek(0)

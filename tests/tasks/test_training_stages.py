@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -167,6 +169,25 @@ def test_two_devices_train_under_torchrun(tokens):
     assert [step for step, _ in logged] == list(range(1, 7))
     assert ref.counts["steps"] == 6 and (ref.dir / "model.safetensors").exists()
     assert not list(ref.dir.glob("ddp-*"))
+
+
+def test_a_failed_or_cancelled_parent_stops_torchrun(tmp_path, monkeypatch):
+    started = []
+
+    def popen(command, **options):  # torchrun stands in as a process that would train for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **options))
+        return started[-1]
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(distributed.subprocess, "Popen", popen)
+    (tmp_path / distributed.METRICS).write_text(json.dumps({"step": 1, "metrics": {"loss": 1.0}}) + "\n")
+
+    def callback(step, metrics):
+        raise KeyboardInterrupt  # as a cancelled flow run's signal, or a tracking error, would arrive here
+
+    with pytest.raises(KeyboardInterrupt):
+        distributed.launch("pretrain", {}, quick("pretrain.devices=2"), tmp_path, tmp_path / "ckpt", callback, print)
+    assert started[0].poll() is not None  # stopped, not left training
 
 
 @pytest.mark.parametrize("devices", [1, 2])
