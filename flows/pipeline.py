@@ -203,10 +203,10 @@ def run_stage_task(stage: str, work: StageWork, run: PipelineRun, params: dict[s
         for name, upstream in inputs.items():
             # the digest names the content where the stage hashes it (MLflow keeps 36 characters)
             tracker.log_dataset(child, name, upstream.path, upstream.dir, context="input", digest=upstream.key[:16])
-        metrics = MetricsCallback(tracker, child, every=10)
-        with system_metrics(tracker, child, interval=system_metrics_interval()):
+        # a failed or interrupted stage logs its last steps too: they show how it ended
+        with (MetricsCallback(tracker, child, every=10) as metrics,
+              system_metrics(tracker, child, interval=system_metrics_interval())):
             ref = work(metrics)
-        metrics.close()
         tracker.log_metrics(child, {k: v for k, v in ref.counts.items() if isinstance(v, (int, float))})
         manifest = ref.manifest()
         if ref.cached and manifest.get("final_metrics"):  # a reused training run: where it ended

@@ -22,7 +22,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +371,12 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=self._tag_values(all_tags))
         run_id = run.info.run_id
         if params:
-            self.log_params(run_id, params)
+            try:
+                self.log_params(run_id, params)
+            except BaseException:  # not left RUNNING by a run that never started its work
+                with suppress(Exception):
+                    self.end_run(run_id, "FAILED")
+                raise
         return run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -408,7 +413,8 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            self.end_run(run_id, "KILLED" if isinstance(exc, interruptions) else "FAILED")
+            with suppress(Exception):  # the block's error is the one to report; the next run's sweep ends it
+                self.end_run(run_id, "KILLED" if isinstance(exc, interruptions) else "FAILED")
             raise
         self.end_run(run_id)
 
@@ -537,5 +543,9 @@ class MetricsCallback:
     def __enter__(self) -> MetricsCallback:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with suppress(Exception):  # the error that ended the block is the one to report
+            self.close()

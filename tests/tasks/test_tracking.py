@@ -174,6 +174,29 @@ def test_run_context_ends_finished_or_failed(tracker):
     assert client.get_run(broken).info.status == "FAILED"
 
 
+def test_a_run_whose_params_or_end_fail_is_not_left_running_nor_hides_the_error(tracker, monkeypatch):
+    client = reader(tracker)
+    runs = lambda: {r.info.run_name: r.info.status for r in client.search_runs([tracker.experiment_id])}  # noqa: E731
+    def fail(*args):
+        raise OSError("store gone")
+
+    monkeypatch.setattr(tracker, "log_params", fail)
+    with pytest.raises(OSError, match="store gone"):
+        tracker.start_run("no-params", params={"a": 1})
+    assert runs()["no-params"] == "FAILED"
+    monkeypatch.setattr(tracker, "end_run", fail)
+    with pytest.raises(ValueError, match="the real cause"), tracker.run("ending-fails"):
+        raise ValueError("the real cause")
+
+
+def test_metrics_callback_logs_what_it_holds_when_its_block_fails(tracker):
+    run_id = tracker.start_run("diverged")
+    with pytest.raises(ValueError), MetricsCallback(tracker, run_id, every=10) as callback:
+        callback(1, {"loss": 2.0})
+        raise ValueError("not finite")
+    assert [m.value for m in reader(tracker).get_metric_history(run_id, "loss")] == [2.0]
+
+
 def test_tables_dicts_texts_and_artifacts(tracker, tmp_path):
     run_id = tracker.start_run("clean")
     drops = pd.DataFrame({"reason": ["too_short", "duplicate"], "docs": [3, 5]})
