@@ -71,6 +71,9 @@ def train_into(
     with interrupts_counted() as interrupts:
         trainer.after_step = interrupts.raise_if_dropped
         final = trainer.fit()
+    if not final and trainer.step:  # resumed at its last step, saved before the output was: its record
+        records = read_history(trainer.checkpoint_dir)
+        final = {key: value for key, value in records[-1].items() if key != "step"} if records else {}
     save_model(trainer.model, out)
     copy_tokenizer(tokenizer_dir, out)
     shutil.move(str(history), str(out / HISTORY))

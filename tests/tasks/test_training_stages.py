@@ -161,6 +161,23 @@ def test_a_half_written_history_record_is_dropped_on_resume_and_skipped_when_rea
     assert read_history(tmp_path / "out") == [{"step": 2}]  # a finished output written before the fix
 
 
+def test_a_run_resumed_at_its_last_step_keeps_its_final_metrics(tokens, tmp_path):
+    """Stopped after its last checkpoint but before its output was written, a rerun trains nothing
+    more: the final metrics are still those of its last step."""
+    root, toks = tokens
+    first = tmp_path / "first"
+    first.mkdir()
+    done = train_into(first, build_trainer(toks, quick("pretrain.steps=3"), tmp_path / "ckpt"), toks.dir,
+                      log=lambda m: None)
+    assert {"loss", "val_loss", "max_vio"} <= set(done["final_metrics"])
+    shutil.copytree(first / "checkpoints", tmp_path / "left")  # as the work directory was left
+    shutil.copy(first / "history.jsonl", tmp_path / "left")
+    (tmp_path / "again").mkdir()
+    resumed = build_trainer(toks, quick("pretrain.steps=3"), tmp_path / "left")
+    again = train_into(tmp_path / "again", resumed, toks.dir, log=lambda m: None)
+    assert again["counts"]["steps"] == 3 and again["final_metrics"] == done["final_metrics"]
+
+
 def test_two_devices_train_under_torchrun(tokens):
     root, toks = tokens
     logged = []
