@@ -53,7 +53,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 import tasks.files
 from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
-from tasks.stage import Ref, StageError, canonical_json, code_version, fingerprint, run_stage, workspace
+from tasks.stage import Ref, StageError, code_version, fingerprint, json_digest, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
 RECORD_FORMATS = (".jsonl", ".json", ".csv", ".parquet")  # the formats whose text is in a field
@@ -738,10 +738,6 @@ def _identity(source: Source, files: list[Path]) -> dict[str, Any]:
     return {}  # remote: named by the config; `refresh` fetches again
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
-
-
 def _strings(kind: pa.DataType, values: list[bytes]) -> pa.Array:
     """A string column over UTF-8 values, built without a second copy of the text."""
     offsets = np.zeros(len(values) + 1, dtype=np.int64 if pa.types.is_large_string(kind) else np.int32)
@@ -879,10 +875,10 @@ def collect(config: CollectConfig | None = None, root: str | os.PathLike | None 
     files = {source.name: _match(source) for source in config.sources if isinstance(source, FilesSource)}
     identities = {source.name: _identity(source, files.get(source.name, [])) for source in config.sources}
     settings = config.model_dump(mode="json")
-    fp = fingerprint("collect", settings, [_digest(identities)], code_version(sys.modules[__name__], tasks.files))
+    fp = fingerprint("collect", settings, [json_digest(identities)], code_version(sys.modules[__name__], tasks.files))
     inputs = {
         source.name: {"kind": source.kind, "files": len(identities[source.name].get("files", [])),
-                      "identity": _digest(identities[source.name])}
+                      "identity": json_digest(identities[source.name])}
         for source in config.sources
     }  # fmt: skip
     return run_stage("collect", fp, lambda out: _build(config, files, out), root=root, inputs=inputs, config=settings)

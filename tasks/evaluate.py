@@ -22,7 +22,6 @@ digest per kind of score (`measured_on`), which the registry keeps beside them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -48,7 +47,7 @@ from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, encode_text, read_tokenizer, render_prompt
 from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
-from tasks.stage import Ref, StageError, code_version, fingerprint, resolve_device, run_stage, workspace
+from tasks.stage import Ref, StageError, code_version, fingerprint, json_digest, resolve_device, run_stage, workspace
 
 MODELS = ("base", "tuned")
 METRICS_FILE = "metrics.json"
@@ -387,19 +386,10 @@ def measured_on(scored: Sequence[Example], val: Validation, config: EvaluateConf
     """A digest of what each kind of score is measured on (`score_kind`): the problems scored and
     the answer budget; the validation tokens and the windows taken from them."""
     problems = [(e.family, e.messages, e.answer) for e in scored]
-    tokens = hashlib.sha256()
-    for path in val.files:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                tokens.update(chunk)
     windows = {"dtype": val.dtype, "seq_len": config.seq_len, "batches": config.val_batches,
-               "batch_size": config.batch_size, "tokens": tokens.hexdigest()}
-    return {"exact_match": _digest({"problems": problems, "max_new_tokens": config.max_new_tokens}),
-            "validation": _digest(windows)}
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+               "batch_size": config.batch_size, "tokens": tasks.files.content_digest(val.files)}
+    return {"exact_match": json_digest({"problems": problems, "max_new_tokens": config.max_new_tokens}),
+            "validation": json_digest(windows)}
 
 
 def decide_promotion(

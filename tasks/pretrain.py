@@ -30,11 +30,12 @@ import model.transformer
 import model.workspace
 import tasks.training
 import tasks.training_config
-from model.checkpoint import load_model
+from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
 from model.data import TokenWindows, eval_batches
 from model.trainer import Trainer
 from model.transformer import Transformer
 from tasks.config import PipelineConfig
+from tasks.files import content_digest
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.tokenize import TokenData
 from tasks.training import train_stage, work_dir
@@ -48,8 +49,20 @@ TRAINING_CODE = (model.attention, model.config, model.data, model.fused, model.l
 def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
     # length_window regroups fine-tuning examples; pretraining windows are all one length
     train = config.training_identity("pretrain", "length_window")
+    if train["init_from"]:  # the model it starts from, by content: not how its path is written
+        train["init_from"] = _model_digest(Path(train["init_from"]))
     settings = {"model": config.model, "train": train}
     return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *TRAINING_CODE))
+
+
+def _model_digest(directory: Path) -> str | None:
+    """A hash of a model directory's weights and config (None where it has none: the stage then
+    says what is wrong with the directory). A model trained again or exported anew at the same
+    path changes it."""
+    try:
+        return content_digest([directory / MODEL_FILE, directory / MODEL_CONFIG_FILE])
+    except OSError:
+        return None
 
 
 def tokenizer_dir(tokens: Ref) -> Path:

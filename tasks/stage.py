@@ -131,6 +131,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def json_digest(obj: Any) -> str:
+    """A short hash of a JSON-able value, the same for equal values however their dicts are ordered."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
 def code_version(*modules: Any) -> str:
     """Hash of the source files of the given modules: editing a stage's code reruns it."""
     digest = hashlib.sha256()
@@ -140,8 +145,7 @@ def code_version(*modules: Any) -> str:
 
 
 def fingerprint(stage: str, config: Any, upstream: list[str] | tuple[str, ...] = (), code: str = "") -> str:
-    payload = canonical_json({"stage": stage, "config": config, "upstream": list(upstream), "code": code})
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_digest({"stage": stage, "config": config, "upstream": list(upstream), "code": code})
 
 
 def tool_versions() -> dict[str, str]:

@@ -225,6 +225,18 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_a_clear_error(tokens, monk
         pretrain(toks, quick("pretrain.compile=true", "pretrain.device=cpu"), root)
 
 
+def test_the_model_pretraining_continues_from_counts_by_content_not_by_path(tokens, tmp_path, monkeypatch):
+    root, toks = tokens
+    base = pretrain(toks, quick(), root, log=lambda m: None)
+    model = tmp_path / "models" / "base"
+    shutil.copytree(base.dir, model)
+    monkeypatch.chdir(tmp_path)
+    fp = lambda path: pretrain_fingerprint(toks, quick(f"pretrain.init_from={path}"))  # noqa: E731
+    assert fp(model) == fp("models/base") == fp("./models//base/") == fp(base.dir)  # a copy counts the same
+    (model / "model.safetensors").write_bytes((base.dir / "model.safetensors").read_bytes()[:-1] + b"\0")
+    assert fp(model) != fp(base.dir)  # a model trained again at the same path starts a new run
+
+
 def test_pretraining_can_continue_from_a_model_of_the_same_tokenizer_and_shape(tokens, tmp_path):
     root, toks = tokens
     base = pretrain(toks, quick(), root, log=lambda m: None)
