@@ -109,7 +109,7 @@ def train_stage(
     if settings.compile and settings.torch_device().type == "cpu" and cpp_compiler() is None:
         raise StageError(f"{stage}.compile needs a C++ compiler on a CPU and none was found (g++, clang++ or $CXX): "
                          f"install one, or train eagerly with {stage}.compile=false")
-    for note in settings.schedule_notes():
+    for note in [*settings.batch_notes(), *settings.schedule_notes()]:
         log(f"{stage}: {note}")
     if settings.compile:
         log(f"{stage}: compiling the model with torch.compile first; its first step takes a minute or more")

@@ -92,6 +92,17 @@ class TrainingConfig(BaseModel):
         return [f"decay_fraction={self.decay_fraction:g} of {self.steps} steps after warmup_steps={self.warmup_steps} "
                 f"leaves no step to decay: the learning rate stays at lr; {fix}"]
 
+    def batch_notes(self) -> list[str]:
+        """A batch_tokens that whole passes of every process cannot make, said before training:
+        each step takes the nearest whole number of them (at least one)."""
+        per_pass = self.micro_batch * self.seq_len * self.devices
+        trained = per_pass * self.grad_accum(self.devices)
+        if trained == self.batch_tokens:
+            return []
+        return [f"batch_tokens={self.batch_tokens} is trained as {trained} tokens a step: whole passes of "
+                f"micro_batch x seq_len x devices = {per_pass} tokens; set a multiple of {per_pass} to train "
+                "the batch you mean"]
+
     def grad_accum(self, world: int = 1) -> int:
         per_pass = self.micro_batch * self.seq_len * world
         return max(1, round(self.batch_tokens / per_pass))

@@ -154,6 +154,16 @@ def test_settings_that_would_fail_or_be_ignored_in_training_are_refused_first(ov
         load_config("tiny", overrides=overrides)
 
 
+def test_a_batch_that_whole_passes_cannot_make_is_said():
+    for preset in ("tiny", "demo", "gpu-small"):
+        assert load_config(preset).pretrain.batch_notes() == load_config(preset).finetune.batch_notes() == []
+    assert load_config("demo", None, ["pretrain.batch_tokens=6100"]).pretrain.batch_notes() == [
+        "batch_tokens=6100 is trained as 4096 tokens a step: whole passes of micro_batch x seq_len x devices = 4096 "
+        "tokens; set a multiple of 4096 to train the batch you mean"]
+    assert load_config("demo", None, ["pretrain.batch_tokens=100", "pretrain.devices=2"]).pretrain.batch_notes()[0] \
+        .startswith("batch_tokens=100 is trained as 8192 tokens a step")
+
+
 def test_schedule_settings_the_run_cannot_follow_are_said():
     def notes(*overrides):
         return load_config("tiny", None, ["pretrain.schedule=wsd", *overrides]).pretrain.schedule_notes()
