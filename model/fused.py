@@ -81,6 +81,16 @@ def fused(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
+def compile_afresh() -> None:
+    """Forget every kernel torch.compile built in this process, fused or a compiled model's.
+    One built for dynamic shapes serves every later size but keeps the code tuned to the sizes
+    it first saw, and its reductions round accordingly: a stage that took over the kernels of
+    the stage before it in one process (the pipeline pretrains, fine-tunes and evaluates in
+    one) computed other values than the same stage run alone. Each such stage calls this first;
+    the kernels come back from torch's on-disk cache in seconds."""
+    torch._dynamo.reset()
+
+
 def _give_up(exc: Exception) -> None:
     """Turn fused kernels off for the rest of the process, saying why once."""
     global _failure

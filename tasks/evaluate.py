@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+import model.fused
 import model.generate
 import tasks.chat
 import tasks.files
@@ -558,6 +559,7 @@ def evaluate(
     fp = evaluate_fingerprint(base, tuned, config, instructions, val)
 
     def build(out: Path) -> dict[str, Any]:
+        model.fused.compile_afresh()  # as when evaluated alone, not with the kernels training compiled
         examples = build_examples(instructions)["test"]
         context = json.loads((tuned.dir / MODEL_CONFIG_FILE).read_text())["max_position_embeddings"]
         scored = _first_per_family(examples, config.max_examples_per_family)

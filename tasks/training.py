@@ -121,6 +121,7 @@ def train_stage(
 
         return distributed.launch(stage, upstream, config, out, checkpoints, callback, log)
     settings.apply_threads()
+    fused.compile_afresh()
     trainer = build_trainer(**upstream, config=config, checkpoints=checkpoints, **trainer_options)
     trainer.callback = callback or trainer.callback
     trainer.warn = log

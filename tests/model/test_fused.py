@@ -69,6 +69,22 @@ def test_a_fused_function_compiles_once_on_first_use(monkeypatch):
     assert len(calls) == 1
 
 
+def test_compiling_afresh_builds_the_next_kernels_for_the_sizes_they_see(monkeypatch):
+    """A kernel compiled for one stage's sizes serves the next stage's too, but rounds as tuned for
+    the first (the demo's fine-tuning ended on other weights after pretraining in the same process
+    than alone): after `compile_afresh` the next call compiles again."""
+    monkeypatch.setenv("TINYSEEK_FUSED_KERNELS", "1")
+    half = fused.fused(lambda x: (x * 0.5).sum(-1))
+    with torch.no_grad():
+        half(torch.ones(64, 32))
+        graphs = counters["stats"]["unique_graphs"]
+        half(torch.ones(50, 32))  # another size: the kernel compiled for the first one serves it
+        assert counters["stats"]["unique_graphs"] == graphs
+        fused.compile_afresh()
+        half(torch.ones(50, 32))
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_decoding_compiles_no_fused_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn) or fn)

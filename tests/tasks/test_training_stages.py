@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import perf
+from model import fused, perf
 from model.checkpoint import load_model
 from tasks import distributed, training
 from tasks.clean import clean
@@ -47,6 +47,16 @@ def test_other_held_out_examples_that_decontaminate_nothing_reuse_the_tokens(tok
 def quick(*overrides):
     return load_config("tiny", None, ["pretrain.steps=6", "pretrain.checkpoint_every=3", "finetune.steps=4",
                                       *overrides])
+
+
+def test_each_training_stage_compiles_its_kernels_afresh(tokens, tmp_path, monkeypatch):
+    """As when it runs alone: the pipeline trains both stages in one process (`fused.compile_afresh`)."""
+    _, toks = tokens
+    steps, afresh = [], []
+    monkeypatch.setattr(fused, "compile_afresh", lambda: afresh.append(len(steps)))
+    base = pretrain(toks, quick(), tmp_path, callback=lambda step, metrics: steps.append(step), log=lambda m: None)
+    finetune(base, quick(), tmp_path, callback=lambda step, metrics: steps.append(step), log=lambda m: None)
+    assert afresh == [0, 6]  # each before its first step
 
 
 def test_pretrain_then_finetune_write_models_histories_and_checkpoints(tokens):
