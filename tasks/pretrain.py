@@ -50,7 +50,7 @@ def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
     # length_window regroups fine-tuning examples; pretraining windows are all one length
     train = config.training_identity("pretrain", "length_window")
     if train["init_from"]:  # the model it starts from, by content: not how its path is written
-        train["init_from"] = _model_digest(Path(train["init_from"]))
+        train["init_from"] = {"model": _model_digest(Path(train["init_from"]))}
     settings = {"model": config.model, "train": train}
     return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *TRAINING_CODE))
 
