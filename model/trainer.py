@@ -170,12 +170,11 @@ class Trainer:
             (losses["loss"] + self.config.mtp_lambda * losses["mtp_loss"] + losses["balance_loss"]).backward()
         return {key: value.detach() for key, value in losses.items()}
 
-    def _token_shares(self, targets: list[torch.Tensor]) -> list[float]:
-        """Each micro-batch's weight: its scored tokens over the mean a rank scores in the step.
-        Fine-tuning's micro-batches hold different numbers of answer tokens; so weighted, the
-        step's loss and gradient are the mean over all its tokens however the batch is split
+    def _token_shares(self, counts: list[int]) -> list[float]:
+        """Each micro-batch's weight: its scored tokens (`counts`) over the mean a rank scores in
+        the step. Fine-tuning's micro-batches hold different numbers of answer tokens; so weighted,
+        the step's loss and gradient are the mean over all its tokens however the batch is split
         into micro-batches and ranks (DDP averages the ranks' gradients: hence the mean)."""
-        counts = [int((t != -100).sum()) for t in targets]
         total = torch.tensor(float(sum(counts)), device=self.device)
         if self.world > 1:
             dist.all_reduce(total)
@@ -208,11 +207,10 @@ class Trainer:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
         batches = [self.train.next_batch() for _ in range(cfg.grad_accum)]
-        shares = self._token_shares([targets for _, targets in batches])
-        positions = scored = 0  # input positions (padding included), and those with a target
+        counts = [int((targets != -100).sum()) for _, targets in batches]  # positions with a target
+        shares = self._token_shares(counts)
+        positions, scored = sum(inputs.numel() for inputs, _ in batches), sum(counts)  # (padding included)
         for micro, ((inputs, targets), share) in enumerate(zip(batches, shares)):
-            positions += inputs.numel()
-            scored += int((targets != -100).sum())
             for key, value in self._micro_step(inputs, targets, micro == cfg.grad_accum - 1, share).items():
                 sums[key] = sums.get(key, 0) + value
         if self.world > 1:

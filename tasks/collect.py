@@ -35,10 +35,10 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zlib
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from importlib.util import decode_source

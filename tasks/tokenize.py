@@ -76,9 +76,9 @@ class TokenizeConfig(BaseModel):
     train_max_bytes: int | None = Field(
         8_000_000,
         ge=1,
-        description="Train the tokenizer on an even sample of the train split that just reaches this many bytes (all "
-        "of it when empty; at least one document). Bounds the time and memory of training; merges for vocabularies up to ~32k are well estimated "
-        "from a few MB.",
+        description="Train the tokenizer on an even sample of the train split that just reaches this many bytes "
+        "(all of it when empty; at least one document). Bounds the time and memory of training; merges for "
+        "vocabularies up to ~32k are well estimated from a few MB.",
     )
 
 

@@ -374,14 +374,19 @@ class Tracker:
             try:
                 self.log_params(run_id, params)
             except BaseException:  # not left RUNNING by a run that never started its work
-                with suppress(Exception):
-                    self.end_run(run_id, "FAILED")
+                self._end_failed(run_id, "FAILED")
                 raise
         return run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status)
+
+    def _end_failed(self, run_id: str, status: str) -> None:
+        """End a run whose work raised; a store error here is not raised over that error (the
+        next run's sweep of orphaned runs ends it then)."""
+        with suppress(Exception):
+            self.end_run(run_id, status)
 
     def end_orphaned_runs(self) -> list[str]:
         """End as KILLED the runs left RUNNING by a process of this machine that is gone: one
@@ -413,8 +418,7 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            with suppress(Exception):  # the block's error is the one to report; the next run's sweep ends it
-                self.end_run(run_id, "KILLED" if isinstance(exc, interruptions) else "FAILED")
+            self._end_failed(run_id, "KILLED" if isinstance(exc, interruptions) else "FAILED")
             raise
         self.end_run(run_id)
 
