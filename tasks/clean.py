@@ -41,10 +41,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import rensa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tasks import dedup
 from tasks.dedup import NearDuplicates, Overlap, Words, minhash
+from tasks.settings import Settings
 from tasks.stage import Ref, StageError, code_version, cpu_cores, fingerprint, run_stage, workspace
 
 QUARANTINE = "quarantine.parquet"
@@ -59,7 +60,7 @@ BULLETS = ("-", "*", "\u2022", "\u2023", "\u25e6", "\u2043")
 ELLIPSES = ("...", "\u2026")
 
 
-class CleanConfig(BaseModel):
+class CleanConfig(Settings):
     """Thresholds of the clean stage.
 
     Quality defaults start from Gopher (Rae et al. 2021) and are loosened where short,
@@ -69,8 +70,6 @@ class CleanConfig(BaseModel):
     language filter: no language-identification library with an offline model is a
     dependency.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     min_chars: int = Field(48, ge=0, description="Drop documents shorter than this many characters.")
     max_chars: int = Field(1_000_000, ge=1, description="Drop documents longer than this many characters.")

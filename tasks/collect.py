@@ -49,10 +49,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 import tasks.files
 from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
+from tasks.settings import Settings
 from tasks.stage import Ref, StageError, code_version, fingerprint, json_digest, run_stage, workspace
 
 FORMATS = (".txt", ".md", ".py", ".jsonl", ".json", ".csv", ".parquet")
@@ -86,11 +87,7 @@ def _text_field() -> Any:
                  "unless other files of the same files source have it: then the file is quarantined.")
 
 
-class _Source(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StdlibSource(_Source):
+class StdlibSource(Settings):
     """Docstrings of the running Python's standard library: one document per module."""
 
     kind: Literal["stdlib"] = "stdlib"
@@ -99,7 +96,7 @@ class StdlibSource(_Source):
     max_files: int | None = Field(None, ge=1, description="Read only the first N modules in sorted order.")
 
 
-class FilesSource(_Source):
+class FilesSource(Settings):
     """Local files: one document per .txt/.md/.py file, per JSON record, per CSV or Parquet row."""
 
     kind: Literal["files"] = "files"
@@ -112,7 +109,7 @@ class FilesSource(_Source):
     text_field: str = _text_field()
 
 
-class HFSource(_Source):
+class HFSource(Settings):
     """A Hugging Face dataset: streamed from the hub, or a directory written by `save_to_disk`."""
 
     kind: Literal["hf"] = "hf"
@@ -139,7 +136,7 @@ def _fetchable(url: str) -> str:
     return url
 
 
-class UrlSource(_Source):
+class UrlSource(Settings):
     """Files fetched over http(s), then read like local files."""
 
     kind: Literal["url"] = "url"
@@ -162,10 +159,8 @@ class UrlSource(_Source):
 Source = Annotated[StdlibSource | FilesSource | HFSource | UrlSource, Field(discriminator="kind")]
 
 
-class CollectConfig(BaseModel):
+class CollectConfig(Settings):
     """Where the raw documents come from and how they are sharded."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sources: list[Source] = Field(
         default_factory=lambda: [StdlibSource()],

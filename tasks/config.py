@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from model.config import ConfigError, ModelConfig
 from tasks.clean import CleanConfig
 from tasks.collect import CollectConfig
 from tasks.evaluate_config import EvaluateConfig, metric_names
 from tasks.instructions import InstructionConfig
+from tasks.settings import Settings, refuse_bool
 from tasks.stage import REPO_ROOT, StageError
 from tasks.tokenize import TokenizeConfig
 from tasks.training_config import TrainingConfig
@@ -31,10 +32,9 @@ FROM_TOKENIZER = {"vocab_size": "set tokenize.vocab_size instead", "bos_token_id
                   "eos_token_id": "the tokenizer's <eos> sets it", "pad_token_id": "the tokenizer's <pad> sets it"}
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Settings):
     """Everything one `build-llm` run needs, stage by stage."""
 
-    model_config = ConfigDict(extra="forbid")
 
     preset: str = Field("custom", description="Name of the preset these values came from.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Where the corpus comes from.")
@@ -141,8 +141,8 @@ def presets() -> list[str]:
 
 def model_section(values: dict[str, Any]) -> dict[str, Any]:
     """The model section with each value of the type `ModelConfig` declares, read as the other
-    sections' values are ('256' from a --set becomes 256, '1e-6' a float, 32.5 for an integer is
-    an error); an integer stays as written where a float is wanted. Unknown names, and the
+    sections' values are ('256' from a --set becomes 256, '1e-6' a float, 32.5 or true for an
+    integer is an error); an integer stays as written where a float is wanted. Unknown names, and the
     fields the tokenizer decides, are errors."""
     types = typing.get_type_hints(ModelConfig)
     out: dict[str, Any] = {}
@@ -152,9 +152,11 @@ def model_section(values: dict[str, Any]) -> dict[str, Any]:
         if name not in types:
             raise ValueError(f"unknown model field {name!r}; {_suggest(name, list(types))}")
         try:
-            typed = TypeAdapter(types[name]).validate_python(value)
+            typed = TypeAdapter(types[name]).validate_python(refuse_bool(value, types[name]))
         except ValidationError as exc:
             raise ValueError(f"model.{name}={value!r}: {exc.errors()[0]['msg']}") from None
+        except ValueError as exc:  # true or false for a number
+            raise ValueError(f"model.{name} {exc}") from None
         keep = isinstance(value, int) and not isinstance(value, bool) and isinstance(typed, float)
         out[name] = value if keep else typed
     return out

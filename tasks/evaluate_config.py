@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tasks.settings import Settings
 
 # what `tasks.evaluate` measures on each model (written with a _base and a _tuned suffix), and
 # on the fine-tuning run (written as is)
@@ -21,10 +23,9 @@ def metric_names(families: Sequence[str]) -> list[str]:
     return [*(f"{name}{suffix}" for name in per_model for suffix in ("", "_tuned", "_base")), *RUN_METRICS]
 
 
-class EvaluateConfig(BaseModel):
+class EvaluateConfig(Settings):
     """What to measure on the base and fine-tuned models, and how much of it."""
 
-    model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(32, ge=1, description="Most tokens generated for one answer or sample.")
     batch_size: int = Field(32, ge=1, description="Prompts or validation windows per forward pass.")

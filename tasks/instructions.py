@@ -37,10 +37,11 @@ from string import ascii_lowercase
 from typing import Annotated, Any, BinaryIO, Literal, get_args
 
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from tasks.chat import ROLES
 from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
+from tasks.settings import Settings
 from tasks.stage import StageError
 
 Family = Literal[
@@ -380,10 +381,9 @@ def _generate(family: str, config: InstructionConfig) -> dict[str, list[Problem]
 # Configuration and the common example representation
 
 
-class UserDataSource(BaseModel):
+class UserDataSource(Settings):
     """A set of the user's own instruction examples."""
 
-    model_config = ConfigDict(extra="forbid")
 
     path: str = Field(
         description="A .jsonl, .json or .parquet file, a directory saved by datasets' save_to_disk, "
@@ -408,10 +408,9 @@ class UserDataSource(BaseModel):
     )
 
 
-class InstructionConfig(BaseModel):
+class InstructionConfig(Settings):
     """Which instruction examples to build for fine-tuning and evaluation."""
 
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(default=1234, description="Seed of the generated tasks; the same seed gives the same examples.")
     families: list[Family] = Field(

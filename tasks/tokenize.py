@@ -36,11 +36,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow.parquet as pq
 import tiktoken
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks import chat
 from tasks.clean import read_batches, shards
+from tasks.settings import Settings
 from tasks.stage import Ref, StageError, code_version, cpu_cores, fingerprint, run_stage, workspace
 
 SPLITS = ("train", "validation")
@@ -60,10 +61,9 @@ log = logging.getLogger(__name__)
 MAX_VOCAB = 2**20  # four times the largest vocabularies in use (about 256k)
 
 
-class TokenizeConfig(BaseModel):
+class TokenizeConfig(Settings):
     """How the tokenizer is trained and the corpus encoded."""
 
-    model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(
         4096,

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
+from tasks.settings import Settings
 from tasks.stage import resolve_device
 
 if TYPE_CHECKING:
@@ -17,10 +18,9 @@ if TYPE_CHECKING:
     from model.trainer import TrainConfig
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(Settings):
     """How long and how to train; the same form for pretraining and fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid")
     # the section of the pipeline config this is, as messages name its settings (`tasks.config`)
     _section: str = PrivateAttr("training")
 

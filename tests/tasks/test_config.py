@@ -36,6 +36,22 @@ def test_model_values_take_the_model_fields_types():
         load_config("tiny", overrides=["model.rope_scaling=abc"])
 
 
+@pytest.mark.parametrize(
+    "assignment, says",
+    [("pretrain.steps=true", "config pretrain: steps must be a number, not true"),
+     ("finetune.lr=false", "config finetune: lr must be a number, not false"),
+     ("collect.sources=[{kind: stdlib, max_files: yes}]", r"config collect.sources.0.stdlib: max_files must be a "
+                                                          "number, not true"),
+     ("model.hidden_size=true", "config: model.hidden_size must be a number, not true"),
+     ("model.rms_norm_eps=false", "config: model.rms_norm_eps must be a number, not false")],
+)
+def test_true_or_false_is_not_taken_for_a_number(assignment, says):
+    """pydantic would read them as 1 and 0: `pretrain.steps=true` trained one step."""
+    with pytest.raises(StageError, match=f"^{says}$"):
+        load_config("tiny", overrides=[assignment])
+    assert load_config("tiny", overrides=["pretrain.compile=1"]).pretrain.compile is True  # a number for a switch
+
+
 @pytest.mark.parametrize("field, says", [("vocab_size", "set tokenize.vocab_size"), ("pad_token_id", "<pad>")])
 def test_fields_the_tokenizer_decides_are_refused(field, says):
     with pytest.raises(StageError, match=f"model.{field} comes from the tokenizer: .*{says}"):
