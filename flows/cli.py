@@ -323,6 +323,9 @@ def up_command(args: argparse.Namespace) -> None:
     up(root, args.prefect_port, args.mlflow_port, args.host, serve_args)
 
 
+DEBUG_HELP = "show tracebacks for errors"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyseek",
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "collect -> clean -> tokenize -> pretrain -> finetune -> evaluate -> register, "
         "orchestrated by Prefect and tracked in MLflow.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in FLOW_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -399,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="write into --out even if it holds files, overwriting them")
     add_workspace(sub)
     sub.set_defaults(handler=export_hf_command)
+    for sub in commands.choices.values():  # after the command too (`tinyseek run --debug`), not overriding one before it
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

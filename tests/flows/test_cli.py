@@ -61,6 +61,17 @@ def test_a_config_error_is_found_without_loading_torch(tmp_path):
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_error_itself_written_before_or_after_the_command(tmp_path, where):
+    from flows.cli import main
+    from tasks.stage import StageError
+
+    command = ["data", "--set", "pretrain.steps=-1", "--workspace", str(tmp_path)]
+    with pytest.raises(StageError, match="pretrain.steps"):
+        main(["--debug", *command] if where == "before" else [*command, "--debug"])
+    assert main(command) == 2  # without it, the one-line message
+
+
 def test_workspace_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
