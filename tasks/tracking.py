@@ -56,6 +56,7 @@ from tasks.stage import REPO_ROOT, file_lock
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+SERVER_LOCK = ".tracking.lock"  # in the workspace, when the store is a server (`store_lock`)
 EXPERIMENT = "tinyseek"
 DATASET_SAMPLE_ROWS = 1000
 
@@ -268,11 +269,13 @@ def _parquet_sample(path: Path) -> pd.DataFrame | None:
 
 
 @contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    with file_lock(Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")):
+def store_lock(uri: str, root: Path) -> Iterator[None]:
+    """Hold the tracking store against the other processes of the workspace `root`: a SQLite
+    store beside its database; a server in the workspace (`SERVER_LOCK`), since each of its
+    calls is atomic but a read, decide, write sequence of them is not (the runs `tinyseek up`
+    serves share one workspace and one server)."""
+    sqlite = uri.startswith("sqlite:///")
+    with file_lock(Path(uri.removeprefix("sqlite:///")).with_suffix(".lock") if sqlite else root / SERVER_LOCK):
         yield
 
 
@@ -334,7 +337,7 @@ class Tracker:
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
         # the first use of a SQLite store creates and migrates it: one process at a time
-        with _store_lock(self.uri):
+        with store_lock(self.uri, self.root):
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             self.client = _Uninterrupted(client) if self.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)
@@ -343,9 +346,9 @@ class Tracker:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold a SQLite store for the block: a read, decide, write sequence that another
-        process on the workspace must not interleave. A server orders its own writes."""
-        with _store_lock(self.uri):
+        """Hold the store for the block: a read, decide, write sequence (registering reads the
+        champion, then sets the aliases) that another process on the workspace must not interleave."""
+        with store_lock(self.uri, self.root):
             yield
 
     def _experiment(self, name: str) -> str:
@@ -490,7 +493,8 @@ class Tracker:
         tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
         entry = DatasetInput(dataset._to_mlflow_entity(), tags)
         # MLflow looks a dataset up, then inserts it: two runs logging the same dataset at
-        # once collide on its unique key. Serialise on SQLite; elsewhere the retry finds it.
+        # once collide on its unique key. Serialised in the workspace; for runs of other
+        # workspaces on one server, the retry finds it.
         for attempt in range(2):
             try:
                 with self.exclusive():

@@ -38,6 +38,7 @@ from tasks.tracking import (
     git_commit,
     quiet_mlflow,
     run_tags,
+    store_lock,
     system_metrics,
     tracking_uri,
 )
@@ -359,3 +360,25 @@ def test_quiet_mlflow_sets_defaults_and_keeps_user_choices(monkeypatch):
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert os.environ["GIT_PYTHON_REFRESH"] == "warn"
     assert get_telemetry_client() is None
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "sqlite:///{root}/mlflow.db"])
+def test_registering_runs_of_one_workspace_take_turns_with_a_server_too(tmp_path, uri):
+    """Registering reads the champion, then sets the aliases: two flow runs of one workspace
+    (as `tinyseek up` serves them, against its MLflow server) must not interleave."""
+    uri = uri.format(root=tmp_path)
+    holding, order = threading.Event(), []
+
+    def first() -> None:
+        with store_lock(uri, tmp_path):
+            holding.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait()
+    with store_lock(uri, tmp_path):
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]
