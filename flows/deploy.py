@@ -142,21 +142,23 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
     from tasks.tracking import relocate_store  # (MLflow's import is slow: only here)
 
     relocate_store(f"sqlite:///{root / 'mlflow.db'}")  # the server reads the store's locations as they are
-    prefect = subprocess.Popen([_executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
-                               env=env, start_new_session=True)
-    mlflow = subprocess.Popen(
-        [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
-         "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
-        # its web stack warns of a deprecated starlette module in each worker, at every start
-        env={**env, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"},
-        start_new_session=True,
-    )
-    procs = [prefect, mlflow]
+    procs: list[subprocess.Popen] = []  # each stopped below if a later one fails to start
     try:
-        wait_healthy(f"http://{host}:{prefect_port}/api/health", "the Prefect server", prefect)
-        wait_healthy(f"http://{host}:{mlflow_port}/health", "the MLflow server", mlflow)
+        procs.append(subprocess.Popen(
+            [_executable("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+            env=env, start_new_session=True,
+        ))
+        procs.append(subprocess.Popen(
+            [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
+             "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
+            # its web stack warns of a deprecated starlette module in each worker, at every start
+            env={**env, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"},
+            start_new_session=True,
+        ))
+        wait_healthy(f"http://{host}:{prefect_port}/api/health", "the Prefect server", procs[0])
+        wait_healthy(f"http://{host}:{mlflow_port}/health", "the MLflow server", procs[1])
     except BaseException:
         stop(procs)
         raise
@@ -206,19 +208,23 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     procs = start_servers(root, prefect_port, mlflow_port, host)
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://{host}:{mlflow_port}"}
-    print(f"Prefect UI: http://{host}:{prefect_port}")
-    print(f"MLflow UI:  http://{host}:{mlflow_port}")
-    print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); Ctrl-C stops everything")
-    serving = subprocess.Popen([_executable("tinyseek"), "serve", *serve_args], env=env, start_new_session=True)
-    code = 0
-    try:
+    serving, code = None, 0
+    try:  # from here on, whatever happens stops the servers
+        print(f"Prefect UI: http://{host}:{prefect_port}")
+        print(f"MLflow UI:  http://{host}:{mlflow_port}")
+        print("serving the deployments (build-llm, data, pretrain, finetune, evaluate, retrain); "
+              "Ctrl-C stops everything")
+        # this interpreter's own CLI: no `tinyseek` script needs to be on the PATH
+        serving = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *serve_args], env=env,
+                                   start_new_session=True)
         code = serving.wait()
     except KeyboardInterrupt:
         for sig in STOP_SIGNALS:  # the shutdown below runs to its end
             signal.signal(sig, signal.SIG_IGN)
         print("stopping: flow runs in progress are cancelled first", flush=True)
     finally:
-        stop_serving(serving)
+        if serving is not None:
+            stop_serving(serving)
         stop(procs)
         print("stopped the deployments, the Prefect server and the MLflow server")
     if code:

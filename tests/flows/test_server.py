@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows import deploy
 from flows.deploy import stop_serving
 from tasks.tracking import TAG_PROCESS, Tracker
 
@@ -183,6 +184,31 @@ def processes_mentioning(text: str) -> list[str]:
         if text in args:
             found.append(args)
     return found
+
+
+@pytest.mark.parametrize("failing", ["serve", "mlflow"])
+def test_servers_started_are_stopped_when_what_follows_cannot_start(tmp_path, monkeypatch, failing):
+    """The servers run in sessions of their own: if starting the next process fails, nothing
+    else would stop those already started."""
+    started, popen = [], subprocess.Popen
+    handlers = {sig: signal.getsignal(sig) for sig in deploy.STOP_SIGNALS}  # `up` installs its own
+
+    def start(args, **options):
+        if failing in (Path(arg).name for arg in args):  # the mlflow executable, or the serve command
+            raise FileNotFoundError(f"no {failing} here")
+        started.append(popen(["sleep", "60"], start_new_session=True))
+        return started[-1]
+
+    monkeypatch.setattr(deploy.subprocess, "Popen", start)
+    monkeypatch.setattr(deploy, "wait_healthy", lambda *args: None)
+    try:
+        with pytest.raises(FileNotFoundError, match=f"no {failing} here"):
+            deploy.up(tmp_path, free_port(), free_port(), "127.0.0.1", [])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert len(started) == (2 if failing == "serve" else 1)
+    assert [proc.poll() for proc in started] == [-signal.SIGTERM] * len(started)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
