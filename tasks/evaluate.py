@@ -49,6 +49,7 @@ from tasks.chat import BOS, END, EOS, encode_text, read_tokenizer, render_prompt
 from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples, normalize_answer
 from tasks.stage import Ref, StageError, code_version, fingerprint, json_digest, resolve_device, run_stage, workspace
+from tasks.tokenize import show_token
 
 MODELS = ("base", "tuned")
 METRICS_FILE = "metrics.json"
@@ -297,15 +298,6 @@ def generations_table(
     )
 
 
-def readable_token(tokenizer: Tokenizer, token_id: int) -> str:
-    """One token as text, with line breaks and other invisible characters escaped ("\\n", "\\x00").
-
-    A token holding part of a multi-byte character shows as U+FFFD, as in any byte-level decoder.
-    """
-    text = tokenizer.decode([token_id], skip_special_tokens=False)
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 @torch.no_grad()
 def next_token_table(net: Transformer, tokenizer: Tokenizer, prompt: str, k: int = 5) -> pd.DataFrame:
     """(rank, token, token_id, probability): the `k` most likely tokens after BOS + `prompt`."""
@@ -316,7 +308,7 @@ def next_token_table(net: Transformer, tokenizer: Tokenizer, prompt: str, k: int
     return pd.DataFrame(
         {
             "rank": range(1, len(token_ids) + 1),
-            "token": [readable_token(tokenizer, t) for t in token_ids],
+            "token": [show_token(tokenizer, t) for t in token_ids],
             "token_id": token_ids,
             "probability": top.values.tolist(),
         }

@@ -46,7 +46,7 @@ from model.perf import cpp_compiler
 from model.transformer import Transformer
 from tasks.chat import BOS, END, EOS, PAD, encode_text, hf_tokenizer_files, read_tokenizer, render_prompt
 from tasks.stage import StageError, resolve_device, user_cache
-from tasks.tokenize import byte_of_char
+from tasks.tokenize import show_token
 from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri, workspace_move
 
 DEFAULT_REF = "models:/tinyseek@champion"
@@ -496,24 +496,6 @@ def chat_loop(
 
 
 # --- looking inside --------------------------------------------------------------------
-
-
-def show_token(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token as a reader can see it: special tokens as they are, text quoted with escapes
-    (so spaces and newlines show), bytes that are only part of a character as bytes."""
-    token = tokenizer.id_to_token(token_id)
-    if token is None:
-        return f"<unknown id {token_id}>"
-    if token_id in tokenizer.get_added_tokens_decoder():
-        return token
-    alphabet = byte_of_char()
-    if not all(char in alphabet for char in token):
-        return repr(tokenizer.decode([token_id]))
-    raw = bytes(alphabet[char] for char in token)
-    try:
-        return repr(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return repr(raw)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ The caller passes plain dicts and DataFrames; this module knows nothing of MLflo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ NONE = "_none_"
 # Markdown
 
 
+# what Markdown would read as markup inside a table cell: a prompt `def __init__(self` would
+# show "init" in bold, `<module>` would vanish as HTML; each is written backslash-escaped. An
+# underscore inside a word (too_short) is no markup and stays as it is.
+MARKUP = re.compile(r"[\\|*`\[\]<>&~]|(?<![^\W_])_|_(?![^\W_])")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
@@ -47,7 +54,7 @@ def _cell(value: Any) -> str:
         return "" if math.isnan(value) else f"{float(value):.4g}"
     if value is None or (isinstance(value, str) and not value):
         return ""
-    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    text = MARKUP.sub(r"\\\g<0>", str(value))
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 

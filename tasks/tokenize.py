@@ -221,6 +221,24 @@ def byte_of_char() -> dict[str, int]:
     return {chr(byte): byte for byte in printable} | {chr(256 + i): byte for i, byte in enumerate(others)}
 
 
+def show_token(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as a reader can see it: special tokens as they are, text quoted with escapes
+    (so spaces and newlines show), bytes that are only part of a character as bytes."""
+    token = tokenizer.id_to_token(token_id)
+    if token is None:
+        return f"<unknown id {token_id}>"
+    if token_id in tokenizer.get_added_tokens_decoder():
+        return token
+    alphabet = byte_of_char()
+    if not all(char in alphabet for char in token):
+        return repr(tokenizer.decode([token_id]))
+    raw = bytes(alphabet[char] for char in token)
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
 def tiktoken_encoding(tokenizer: Tokenizer) -> tiktoken.Encoding:
     """The trained BPE as a tiktoken encoding with the same pre-tokenisation and ids.
 

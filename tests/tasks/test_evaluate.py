@@ -31,13 +31,13 @@ from tasks.evaluate import (
     measured_on,
     metrics_of,
     next_token_table,
-    readable_token,
     routed_load,
     validation_loss,
 )
 from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples
 from tasks.stage import StageError, run_stage
+from tasks.tokenize import show_token
 from tests.model.helpers import config as model_config
 
 TEXTS = ["def main():\n    return the value\n", "Convert 3 kilometers to meters.", "What is 12 + 7? 19"]
@@ -180,18 +180,7 @@ def test_next_token_table_is_sorted_and_a_distribution(net, tokenizer):
     assert table["rank"].tolist() == [1, 2, 3, 4, 5]
     probs = table["probability"].to_numpy()
     assert (np.diff(probs) <= 0).all() and (probs > 0).all() and probs.sum() <= 1.0
-    assert table["token"].tolist() == [readable_token(tokenizer, i) for i in table["token_id"]]
-
-
-def test_readable_token_escapes_invisible_characters(tokenizer):
-    def token(text):
-        (token_id,) = tokenizer.encode(text, add_special_tokens=False).ids
-        return readable_token(tokenizer, token_id)
-
-    assert token("\n") == "\\n"
-    assert token("\x00") == "\\x00"
-    assert token(" ") == " "
-    assert readable_token(tokenizer, tokenizer.token_to_id(END)) == END
+    assert table["token"].tolist() == [show_token(tokenizer, i) for i in table["token_id"]]
 
 
 def test_next_token_table_of_a_uniform_model(tokenizer):

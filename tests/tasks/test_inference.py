@@ -32,11 +32,11 @@ from tasks.inference import (
     next_token,
     prompt_ids,
     resolve_model,
-    show_token,
     stream_reply,
     trim_history,
 )
 from tasks.stage import StageError
+from tasks.tokenize import show_token
 from tasks.tracking import Tracker
 
 CORPUS = [

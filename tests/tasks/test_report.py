@@ -109,3 +109,13 @@ def test_markdown_table_formats_and_escapes():
         "| x\\ny | 5 |  | no |",
     ]
     assert markdown_table(pd.DataFrame()) == "_none_"
+
+
+def test_code_in_a_table_shows_as_written():
+    """Prompts, completions and tokens are Python: Markdown would read `__init__` as bold and
+    `<module>` as HTML. A token keeps its quotes, so its spaces show."""
+    table = pd.DataFrame({"prompt": ["def __init__(self", "<module> & [x](y) *a* ~b~ `c`"], "token": ["' m'", "'\\n'"]})
+    assert markdown_table(table).splitlines()[2:] == [
+        "| def \\_\\_init\\_\\_(self | ' m' |",
+        "| \\<module\\> \\& \\[x\\](y) \\*a\\* \\~b\\~ \\`c\\` | '\\\\n' |",
+    ]
