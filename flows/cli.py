@@ -272,7 +272,8 @@ def export_hf_command(args: argparse.Namespace) -> None:
         raise UserError(f"{out} already holds files: choose another --out, or add --force to overwrite them")
     inference, loaded = load_model(args)
     out = inference.export_hf(loaded, out)
-    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+          "(transformers 5 or later)")
 
 
 def prune_command(args: argparse.Namespace) -> None:
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(sub)
     sub.set_defaults(handler=prune_command)
 
-    text = "write a directory that HF transformers loads"
+    text = "write a directory that HF transformers (5 or later) loads"
     sub = commands.add_parser("export-hf", help=text, description=text)
     add_model_option(sub)
     sub.add_argument("--out", required=True, help="output directory (new or empty)")

@@ -1,6 +1,10 @@
 """HF interchange: write a directory that transformers loads as `DeepseekV3ForCausalLM`,
 and read such a directory back.
 
+The layout is transformers 5's (`rope_parameters`, each layer's experts as two stacked
+tensors). transformers 4 loads it without an error but with the routed experts left at random
+and the rope settings at their defaults: its export needs transformers 5 or later.
+
 Our parameter names are HF's without the `model.` prefix, so export is a rename.
 MTP modules have no HF counterpart and are left out (`num_mtp_layers: 0`).
 """
@@ -90,12 +94,15 @@ def export_hf(model: Transformer, out_dir: str | Path) -> Path:
     return out
 
 
-def import_hf(directory: str | Path, **overrides) -> Transformer:
-    """Load an exported directory back into our model (MTP modules freshly initialised)."""
+def import_hf(directory: str | Path) -> Transformer:
+    """Load an exported directory back into our model (MTP modules freshly initialised). The
+    rope settings are read in transformers 5's form (`rope_parameters`) or in the older one
+    (`rope_theta` and `rope_scaling`, whose YaRN says `type` or `rope_type`)."""
     src = Path(directory)
     hf = json.loads((src / "config.json").read_text())
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
+    kind = rope.get("rope_type", rope.get("type"))
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
     moe = hf["first_k_dense_replace"] < hf["num_hidden_layers"]
     config = ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -121,12 +128,11 @@ def import_hf(directory: str | Path, **overrides) -> Transformer:
         initializer_range=hf.get("initializer_range", 0.02),
         rms_norm_eps=hf["rms_norm_eps"],
         rope_theta=rope["rope_theta"],
-        rope_scaling={"type": "yarn", **scaling} if rope.get("rope_type") == "yarn" else None,
+        rope_scaling={"type": "yarn", **scaling} if kind == "yarn" else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         bos_token_id=hf["bos_token_id"],
         eos_token_id=hf["eos_token_id"],
         pad_token_id=hf["pad_token_id"],
-        **overrides,
     )
     model = Transformer(config)
     weights = {

@@ -1,5 +1,7 @@
 """Our forward pass against transformers' DeepseekV3ForCausalLM on exported weights."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -36,6 +38,25 @@ def test_import_round_trip(tmp_path):
     perturb_router_bias(ours)
     export_hf(ours, tmp_path)
     back = import_hf(tmp_path).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["type", "rope_type"])
+def test_import_reads_the_older_rope_settings(tmp_path, key):
+    """Configs written before transformers 5 keep rope_theta and rope_scaling at the top."""
+    torch.manual_seed(2)
+    ours = Transformer(config("yarn")).eval()
+    export_hf(ours, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    rope = written.pop("rope_parameters")
+    assert rope["rope_type"] == "yarn"
+    written["rope_theta"] = rope.pop("rope_theta")
+    written["rope_scaling"] = {key: rope.pop("rope_type"), **rope}
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    back = import_hf(tmp_path).eval()
+    assert back.config.rope_scaling == ours.config.rope_scaling and back.config.rope_theta == ours.config.rope_theta
     ids = torch.randint(0, ours.config.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=0, rtol=0)
