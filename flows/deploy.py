@@ -9,6 +9,7 @@ workspace), waits until both answer, serves the deployments and stops it all on 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -120,15 +121,17 @@ def _executable(name: str) -> str:
 
 
 def check_free(host: str, port: int, option: str) -> None:
-    """Refuse a port another process listens on, naming the option that moves it."""
+    """Refuse a port another process listens on, naming the option that moves it, and a host
+    the servers cannot listen on (not this machine's, or not IPv4), naming --host."""
     with socket.socket() as probe:
         # as the servers bind: connections of a server stopped moments ago (TIME_WAIT) do not count
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise StageError(f"cannot listen on {host}:{port} ({exc.strerror}): pass {option} with a free port") \
-                from None
+            fix = (f"pass {option} with a free port" if exc.errno == errno.EADDRINUSE else
+                   "pass --host with an IPv4 address or host name of this machine")
+            raise StageError(f"cannot listen on {host}:{port} ({exc.strerror}): {fix}") from None
 
 
 def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:

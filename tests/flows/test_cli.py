@@ -72,6 +72,15 @@ def test_debug_shows_the_error_itself_written_before_or_after_the_command(tmp_pa
     assert main(command) == 2  # without it, the one-line message
 
 
+@pytest.mark.parametrize("host", ["::1", "203.0.113.9"])  # IPv6; an address of no interface here
+def test_up_names_the_host_option_for_a_host_it_cannot_listen_on(host):
+    from flows.deploy import check_free
+    from tasks.stage import StageError
+
+    with pytest.raises(StageError, match=r"pass --host with an IPv4 address or host name of this machine$"):
+        check_free(host, free_port(), "--prefect-port")
+
+
 def test_workspace_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
