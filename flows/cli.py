@@ -13,13 +13,14 @@ user can fix are printed as one line, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gc
 import json
 import math
 import os
 import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def print_stacks(signum: int, frame: Any) -> None:
+    """Each thread's stack, most recent call last as in a traceback, to stderr (`kill -USR1`).
+
+    Python runs this in the main thread between bytecodes, holding the GIL, so the other
+    threads' frames stand still while they are read: faulthandler's dump reads them while
+    they run, and a run crashed (SIGSEGV) in it. The price: a main thread inside one long
+    C call (a training step) answers when the call returns. Written with one os.write, as
+    a write through sys.stderr may be what the main thread was doing."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines = []
+    for ident, top in sys._current_frames().items():
+        top = frame if ident == threading.get_ident() else top  # where the signal found it, not here
+        lines.append(f"Thread 0x{ident:x} ({names.get(ident, 'unnamed')}; most recent call last):")
+        lines += [f'  File "{f.filename}", line {f.lineno}, in {f.name}' for f in traceback.extract_stack(top)]
+    os.write(2, ("\n".join(lines) + "\n").encode(errors="backslashreplace"))
+
+
 def command_line() -> int:
     """The `tinyseek` command: `main`, then an exit without Python's last garbage collection.
     That collection walks every object torch, MLflow and Prefect made (~2 s after a run); at
@@ -448,7 +466,7 @@ def command_line() -> int:
 
     `kill -USR1 PID` prints where each of its threads is, to its stderr, and the command
     goes on: how to see what a run that seems stuck is doing."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGUSR1, print_stacks)
     status = main()
     gc.freeze()
     return status

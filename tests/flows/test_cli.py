@@ -1,5 +1,6 @@
 """Errors a user can meet are one clear line (exit code 2), never a traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -79,6 +80,37 @@ def test_up_names_the_host_option_for_a_host_it_cannot_listen_on(host):
 
     with pytest.raises(StageError, match=r"pass --host with an IPv4 address or host name of this machine$"):
         check_free(host, free_port(), "--prefect-port")
+
+
+def test_usr1_prints_every_threads_stack_and_the_process_goes_on(capfd):
+    """Read under the GIL: faulthandler's dump of running threads once crashed a run."""
+    import signal
+    import threading
+
+    from flows.cli import print_stacks
+
+    stop, started = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        started.set()
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=busy, name="busy-worker")
+    before = signal.signal(signal.SIGUSR1, print_stacks)
+    try:
+        worker.start()
+        started.wait()
+        for _ in range(20):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        stop.set()
+        worker.join()
+    err = capfd.readouterr().err
+    assert err.count("(MainThread; most recent call last):") == 20
+    assert err.count("(busy-worker; most recent call last):") == 20
+    assert "in busy" in err and "print_stacks" not in err
 
 
 def test_workspace_that_is_a_file(tmp_path):

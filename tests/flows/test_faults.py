@@ -179,7 +179,7 @@ def test_ctrl_c_stops_the_run_at_once_and_marks_it_interrupted(ws, tmp_path):
     try:
         wait_for(lambda: any((ws / "pretrain").glob(".*.work/step-*")), "a pretraining checkpoint", run)
         os.kill(run.pid, signal.SIGUSR1)
-        wait_for(lambda: "most recent call first" in (tmp_path / "interrupted.err").read_text(),
+        wait_for(lambda: "most recent call last" in (tmp_path / "interrupted.err").read_text(),
                  "the stacks of the run's threads", run, timeout=30)
         os.killpg(run.pid, signal.SIGINT)
         wait_exit(run, 120, tmp_path / "interrupted")
