@@ -36,6 +36,7 @@ from pathlib import Path
 from string import ascii_lowercase
 from typing import Annotated, Any, BinaryIO, Literal, get_args
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
@@ -509,10 +510,10 @@ def _to_example(row: Any, fmt: str) -> Example:
         raise row
     if not isinstance(row, dict):
         raise BadRow("row is not an object")
-    if fmt == "auto":
-        if "messages" in row:
+    if fmt == "auto":  # by the fields a row fills: a table's rows have every column, null where unused
+        if row.get("messages") is not None:
             fmt = "messages"
-        elif "instruction" in row or "output" in row:
+        elif row.get("instruction") is not None or row.get("output") is not None:
             fmt = "alpaca"
         else:
             raise BadRow("neither 'messages' nor 'instruction'/'output'")
@@ -524,7 +525,11 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     that is not UTF-8 is a bad row, like one that is not JSON; the rows around it are kept.
     A byte-order mark (as some Windows editors write) is skipped, and a UTF-16 file read
     (see `_as_utf8`)."""
-    with open(path, "rb") as file, _as_utf8(file, path) as handle:
+    try:
+        opened = open(path, "rb")
+    except OSError as exc:
+        raise StageError(f"{path}: cannot be read ({exc.strerror})") from None
+    with opened as file, _as_utf8(file, path) as handle:
         is_array = path.suffix.lower() == ".json" and starts_json_array(handle.read(4096))
         handle.seek(0)
         if is_array:
@@ -578,11 +583,16 @@ def _refuse_one_object(path: Path, handle: BinaryIO) -> None:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet file, numbered from 1. A file pyarrow cannot read (not Parquet, cut
+    short, unreadable) is an error naming it, as a whole-file problem of the other formats is."""
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (OSError, pa.ArrowException) as exc:
+        raise StageError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
 
 
 def _dataset_rows(source: UserDataSource, path: Path) -> Iterator[tuple[int, Any]]:

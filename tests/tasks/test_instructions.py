@@ -537,6 +537,24 @@ def test_parquet_json_array_and_saved_dataset_sources(tmp_path):
         load_user_data(UserDataSource(path=str(tmp_path / "saved"), split="test"))
 
 
+def test_a_table_mixing_both_formats_reads_each_row_by_the_fields_it_fills(tmp_path):
+    """A table has every column in every row: an alpaca row's `messages` is null there."""
+    rows = [{**ALPACA_LINES[0], "messages": None}, {**MESSAGES_LINES[0], "instruction": None, "output": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    examples, quarantine = load_user_data(UserDataSource(path=str(tmp_path / "mixed.parquet")))
+    assert [e.answer for e in examples] == ["Blue", "Paris"] and quarantine == []
+
+
+def test_a_parquet_file_that_cannot_be_read_is_a_one_line_error(tmp_path):
+    pq.write_table(pa.Table.from_pylist(MESSAGES_LINES[:2]), tmp_path / "whole.parquet")
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.parquet").write_text("not parquet at all")
+    for name in ("cut.parquet", "text.parquet"):
+        with pytest.raises(StageError, match=f"{name}: not a readable Parquet file \\(.+\\)$"):
+            load_user_data(UserDataSource(path=str(tmp_path / name)))
+
+
 def test_a_file_with_no_usable_row_is_a_one_line_error(tmp_path):
     path = _write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"instruction": "x"}, {"instruction": "y"}])
     with pytest.raises(StageError) as error:
