@@ -400,7 +400,8 @@ class UserDataSource(Settings):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="Share of the rows held out for evaluation, chosen by a stable hash of each prompt.",
+        description="Share of the rows held out for evaluation, chosen by a stable hash of each prompt; "
+        "a prompt an earlier source asked stays on the side it took there.",
     )
     keep_duplicates: bool = Field(
         default=False,
@@ -733,9 +734,11 @@ def build_examples(
 ) -> dict[str, list[Example]]:
     """Training and held-out test examples: generated families first, then user data.
 
-    User rows go to training except a `test_fraction` of each source; a row repeating an
-    earlier one of any source, or asking a generated example's prompt across the split, is
-    dropped (see `load_user_data`). When a list is passed as `quarantine`, the user rows
+    User rows go to training except a `test_fraction` of each source; a row asking a question
+    an earlier source asked goes to that row's side, whatever its own source's fraction, so
+    that no question is both trained on and tested. A row repeating an earlier one of any
+    source, or asking a generated example's prompt across the split, is dropped (see
+    `load_user_data`). When a list is passed as `quarantine`, the user rows
     dropped are appended to it as {source, line, reason}. When a list is passed as `notes`,
     a source whose `test_fraction` held out none of its rows is said there.
     """
@@ -746,11 +749,13 @@ def build_examples(
                 splits[split] += [_example(p.prompt, p.answer, family) for p in problems]
     generated = {_prompt_key(e): (split, e.family) for split in ("train", "test") for e in splits[split]}
     seen: dict[str, tuple[str, int]] = {}
+    placed: dict[str, bool] = {}  # each user question's side, as the first source to ask it chose
     for source in config.user_data:
         examples, bad = load_user_data(source, seen, generated)
         if quarantine is not None:
             quarantine += [{"source": source.path, **entry} for entry in bad]
-        held = [_held_out(example, source.test_fraction) for example in examples]
+        held = [placed.setdefault(_prompt_key(example), _held_out(example, source.test_fraction))
+                for example in examples]
         for example, test in zip(examples, held):
             splits["test" if test else "train"].append(example)
         if notes is not None and source.test_fraction > 0 and examples and not any(held):

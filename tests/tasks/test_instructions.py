@@ -692,3 +692,16 @@ def test_one_pretty_printed_json_object_is_named_as_such(tmp_path):
         load_user_data(UserDataSource(path=str(tmp_path / "wrapped.json")))
     (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one row on one line is JSON Lines
     assert len(load_user_data(UserDataSource(path=str(tmp_path / "one.jsonl")))[0]) == 1
+
+
+def test_a_question_two_sources_ask_stays_on_the_side_the_first_chose(tmp_path):
+    """Each source holds out its own fraction: without this, a question trained on from one
+    source could be tested from another (with another answer, or repeated on purpose)."""
+    rows = [{"instruction": f"Repeat {i}.", "output": str(i)} for i in range(40)]
+    first = UserDataSource(path=str(_write_jsonl(tmp_path / "a.jsonl", rows)), test_fraction=0.0)
+    other_answers = [{**row, "output": row["output"] + "!"} for row in rows]
+    second = UserDataSource(path=str(_write_jsonl(tmp_path / "b.jsonl", other_answers)), test_fraction=0.5)
+    again = UserDataSource(path=str(tmp_path / "a.jsonl"), test_fraction=0.5, keep_duplicates=True)
+    for later in (second, again):
+        data = build_examples(InstructionConfig(families=[], user_data=[first, later]))
+        assert data["test"] == [] and len(data["train"]) == 80
