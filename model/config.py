@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A model config that cannot work; the message names the field and the fix."""
 
 
+# the YaRN settings `model.rope` follows (DeepSeek-V3's); "type" or HF's "rope_type" names it
+YARN_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim"})
+
+
 @dataclass
 class ModelConfig:
     # vocabulary and width
@@ -94,8 +99,9 @@ class ModelConfig:
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
              "RoPE rotates pairs of dimensions: use a positive even number")
         need(self.q_lora_rank >= 0, "q_lora_rank", "use 0 for a plain query projection or a positive rank")
-        need(self.intermediate_size > 0 or self.first_k_dense_replace == 0, "intermediate_size",
-             "dense layers need a positive intermediate_size")
+        need(self.intermediate_size > 0 or (self.first_k_dense_replace == 0 and self.n_routed_experts > 0),
+             "intermediate_size", "dense layers (the first first_k_dense_replace, or every one without routed "
+             "experts) need a positive intermediate_size")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"must be between 0 and num_hidden_layers={self.num_hidden_layers}")
         need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0 (0 makes every layer dense)")
@@ -130,6 +136,13 @@ class ModelConfig:
             need(isinstance(factor, (int, float)) and factor >= 1, "rope_scaling", "yarn needs factor >= 1")
             need(int(self.rope_scaling.get("original_max_position_embeddings", 0)) > 0, "rope_scaling",
                  "yarn needs original_max_position_embeddings (the context length trained before scaling)")
+            # what `model.rope` reads; others (transformers' truncate, attention_factor) would be
+            # exported for transformers to follow while this model ignored them
+            unknown = sorted(set(self.rope_scaling) - YARN_KEYS)
+            need(not unknown, "rope_scaling", f"unsupported yarn setting(s) {', '.join(unknown)}; supported: "
+                 f"{', '.join(sorted(YARN_KEYS))}")
+            need(all(self.rope_scaling.get(key) is not None for key in ("beta_fast", "beta_slow")
+                     if key in self.rope_scaling), "rope_scaling", "beta_fast and beta_slow must be numbers")
 
     @property
     def softmax_scale(self) -> float:

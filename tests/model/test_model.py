@@ -282,6 +282,12 @@ def test_parameter_counts_and_flops():
         ({"hidden_size": 0}, "hidden_size"),
         ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
         ({"pad_token_id": 500}, "pad_token_id"),
+        # transformers follows these and the model would not: the export would compute otherwise
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "truncate": False}},
+         "rope_scaling"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "beta_fast": None}},
+         "rope_scaling"),
+        ({"n_routed_experts": 0, "first_k_dense_replace": 0, "intermediate_size": 0}, "intermediate_size"),
     ],
 )
 def test_impossible_configs_fail_naming_the_field(overrides, field):
