@@ -141,8 +141,8 @@ class ModelConfig:
             unknown = sorted(set(self.rope_scaling) - YARN_KEYS)
             need(not unknown, "rope_scaling", f"unsupported yarn setting(s) {', '.join(unknown)}; supported: "
                  f"{', '.join(sorted(YARN_KEYS))}")
-            need(all(self.rope_scaling.get(key) is not None for key in ("beta_fast", "beta_slow")
-                     if key in self.rope_scaling), "rope_scaling", "beta_fast and beta_slow must be numbers")
+            betas = [self.rope_scaling[key] for key in ("beta_fast", "beta_slow") if key in self.rope_scaling]
+            need(None not in betas, "rope_scaling", "beta_fast and beta_slow must be numbers")
 
     @property
     def softmax_scale(self) -> float:

@@ -35,7 +35,6 @@ FROM_TOKENIZER = {"vocab_size": "set tokenize.vocab_size instead", "bos_token_id
 class PipelineConfig(Settings):
     """Everything one `build-llm` run needs, stage by stage."""
 
-
     preset: str = Field("custom", description="Name of the preset these values came from.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Where the corpus comes from.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Normalisation, filters, dedup, decontamination.")
@@ -151,12 +150,11 @@ def model_section(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"model.{name} comes from the tokenizer: {FROM_TOKENIZER[name]}")
         if name not in types:
             raise ValueError(f"unknown model field {name!r}; {_suggest(name, list(types))}")
+        refuse_bool(value, types[name], f"model.{name}")
         try:
-            typed = TypeAdapter(types[name]).validate_python(refuse_bool(value, types[name]))
+            typed = TypeAdapter(types[name]).validate_python(value)
         except ValidationError as exc:
             raise ValueError(f"model.{name}={value!r}: {exc.errors()[0]['msg']}") from None
-        except ValueError as exc:  # true or false for a number
-            raise ValueError(f"model.{name} {exc}") from None
         keep = isinstance(value, int) and not isinstance(value, bool) and isinstance(typed, float)
         out[name] = value if keep else typed
     return out

@@ -26,7 +26,6 @@ def metric_names(families: Sequence[str]) -> list[str]:
 class EvaluateConfig(Settings):
     """What to measure on the base and fine-tuned models, and how much of it."""
 
-
     max_new_tokens: int = Field(32, ge=1, description="Most tokens generated for one answer or sample.")
     batch_size: int = Field(32, ge=1, description="Prompts or validation windows per forward pass.")
     max_examples_per_family: int = Field(

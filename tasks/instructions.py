@@ -385,7 +385,6 @@ def _generate(family: str, config: InstructionConfig) -> dict[str, list[Problem]
 class UserDataSource(Settings):
     """A set of the user's own instruction examples."""
 
-
     path: str = Field(
         description="A .jsonl, .json or .parquet file, a directory saved by datasets' save_to_disk, "
         "or a Hugging Face hub dataset name (needs the hub to be reachable)."
@@ -412,7 +411,6 @@ class UserDataSource(Settings):
 
 class InstructionConfig(Settings):
     """Which instruction examples to build for fine-tuning and evaluation."""
-
 
     seed: int = Field(default=1234, description="Seed of the generated tasks; the same seed gives the same examples.")
     families: list[Family] = Field(

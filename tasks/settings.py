@@ -20,10 +20,11 @@ def wants_number(annotation: Any) -> bool:
     return bool({int, float} & set(kinds)) and bool not in kinds
 
 
-def refuse_bool(value: Any, annotation: Any) -> Any:
-    """`value`, unless it is true or false where `annotation` wants a number."""
+def refuse_bool(value: Any, annotation: Any, name: str) -> Any:
+    """`value`, unless it is true or false where `annotation` wants a number (the error names
+    the setting `name`)."""
     if isinstance(value, bool) and wants_number(annotation):
-        raise ValueError(f"must be a number, not {str(value).lower()}")
+        raise ValueError(f"{name} must be a number, not {str(value).lower()}")
     return value
 
 
@@ -38,8 +39,5 @@ class Settings(BaseModel):
         if isinstance(data, dict):
             for name, field in cls.model_fields.items():
                 if name in data:
-                    try:
-                        refuse_bool(data[name], field.annotation)
-                    except ValueError as exc:
-                        raise ValueError(f"{name} {exc}") from None
+                    refuse_bool(data[name], field.annotation, name)
         return data

@@ -64,7 +64,6 @@ MAX_VOCAB = 2**20  # four times the largest vocabularies in use (about 256k)
 class TokenizeConfig(Settings):
     """How the tokenizer is trained and the corpus encoded."""
 
-
     vocab_size: int = Field(
         4096,
         ge=MIN_VOCAB + 1,
