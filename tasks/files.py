@@ -1,8 +1,10 @@
 """Local input files: which a folder holds, and what identifies their current content.
 
 Collect reads a corpus from such files and fine-tuning reads the user's instruction data;
-both fingerprint the same file states, so an edited, added or removed file builds again,
-and both read UTF-16 files through `Utf16AsUtf8`.
+both fingerprint the files' states, so an edited, added or removed file builds again, and
+both read UTF-16 files through `Utf16AsUtf8`. A corpus, which may run to gigabytes, is known
+by each file's size and modification time (`file_states`); instruction data, small and
+costly to train on again, by its bytes (`file_digests`): a copy or a `touch` leaves it the same.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def file_states(paths: list[Path]) -> list[list[Any]]:
         else:
             states.append([str(path), stat.st_size, stat.st_mtime_ns])
     return states
+
+
+def file_digests(paths: list[Path]) -> list[list[Any]]:
+    """Path and `content_digest` of each file; one that cannot be read has none, and reading
+    it reports it."""
+    digests = []
+    for path in paths:
+        try:
+            digests.append([str(path), content_digest([path])])
+        except OSError:
+            digests.append([str(path), None])
+    return digests
 
 
 def content_digest(paths: list[Path]) -> str:

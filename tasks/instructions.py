@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.chat import ROLES
-from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_digests, starts_json_array, walk
 from tasks.settings import Settings
 from tasks.stage import StageError
 
@@ -632,11 +632,12 @@ def _rows(source: UserDataSource) -> Iterator[tuple[int, Any]]:
 
 
 def user_data_state(config: InstructionConfig) -> list[list[Any]]:
-    """Path, size and modification time of every local file of the user's data (a hub dataset
-    is named by its config alone): with the config, what decides the examples, so that the
-    stages built from them (fine-tuning, evaluation) are built again when a file changes."""
+    """Path and content digest of every local file of the user's data (a hub dataset is named
+    by its config alone): with the config, what decides the examples, so that the stages built
+    from them (fine-tuning, evaluation) are built again when a file's content changes, and
+    only then."""
     paths = [Path(source.path).expanduser() for source in config.user_data]
-    return file_states([file for path in paths if path.exists() for file in walk(path)])
+    return file_digests([file for path in paths if path.exists() for file in walk(path)])
 
 
 def load_user_data(

@@ -379,7 +379,9 @@ def test_a_byte_order_mark_utf16_and_an_upper_case_ending_are_read(tmp_path):
 
 
 def test_an_edited_user_data_file_makes_new_fine_tuning_and_evaluation(tmp_path):
-    """The stages built from the user's examples are keyed by the files, not only by their path."""
+    """The stages built from the user's examples are keyed by the files' content: not only by
+    their path, and not by their times (an edit keeping size and time still counts; a `touch`
+    or the same bytes written again do not)."""
     import os
 
     from tasks.config import load_config
@@ -399,8 +401,12 @@ def test_an_edited_user_data_file_makes_new_fine_tuning_and_evaluation(tmp_path)
 
     before = fingerprints()
     assert fingerprints() == before
-    _write_jsonl(path, [*ALPACA_LINES, {"instruction": "Name a shape.", "output": "Circle"}])
-    os.utime(path, ns=(1, 1))  # a different time too, whatever the clock's resolution
+    os.utime(path, ns=(1, 1))
+    _write_jsonl(path, ALPACA_LINES)
+    assert fingerprints() == before
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"Blue", b"Pink"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and time
     after = fingerprints()
     assert after[0] != before[0] and after[1] != before[1]
 
