@@ -278,16 +278,20 @@ def _format(path: Path) -> tuple[str, str] | None:
 
 
 def _expand(entry: str) -> list[Path]:
+    """The files an entry of a files source names, as absolute paths: documents are named, and
+    their ids (so the validation split) drawn, from their paths, which are then the same
+    however the entry spells them (`corpus/`, `./corpus`, `/home/me/corpus`)."""
+    absolute = os.path.abspath(os.path.expanduser(entry))
     if any(char in entry for char in "*?["):
-        matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+        matches = sorted(glob.glob(absolute, recursive=True))
         if not matches:
             raise StageError(f"no files match {entry!r}")
         return [path for match in matches for path in walk(Path(match))]
-    path = Path(entry).expanduser()
+    path = Path(absolute)
     if path.is_dir():
         return walk(path)
     if not path.is_file():
-        where = "" if path.is_absolute() else f" (relative to the current directory: {path.resolve()})"
+        where = "" if Path(entry).expanduser().is_absolute() else f" (relative to the current directory: {path})"
         raise StageError(f"input path does not exist: {entry}{where}")
     if _format(path) is None:
         raise StageError(f"unsupported file type: {entry}; supported: {SUPPORTED}")
@@ -579,13 +583,13 @@ def _hf_disk(source: HFSource) -> Iterator[_Item]:
     import datasets  # a heavy import, paid only when a dataset source is configured
 
     try:
-        dataset, label = datasets.load_from_disk(source.path), source.path
+        dataset, label = datasets.load_from_disk(source.path), os.path.abspath(source.path)  # as `_expand`'s
     except FileNotFoundError as exc:
         raise StageError(f"{source.path} is not a dataset written by save_to_disk: {exc}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if source.split not in dataset:
             raise StageError(f"{source.path} has no split {source.split!r}; splits: {', '.join(dataset)}")
-        dataset, label = dataset[source.split], f"{source.path}:{source.split}"
+        dataset, label = dataset[source.split], f"{label}:{source.split}"
     _require(label, source.text_field, dataset.column_names)
     batches = dataset.select_columns([source.text_field]).iter(batch_size=BATCH_ROWS)
     values = (value for batch in batches for value in batch[source.text_field])

@@ -663,6 +663,20 @@ def test_shards_roll_over_and_stream_in_order(ws, tmp_path):
     assert ref.counts == {"docs": 5, "bytes": 50, "shards": 3, "quarantined": 0}
 
 
+def test_documents_are_named_alike_however_their_path_is_spelled(ws, tmp_path, monkeypatch):
+    """Ids (and so the split) come from the files' absolute paths, and a file two entries name is read once."""
+    for n in range(3):
+        write(tmp_path / "docs" / f"{n}.txt", f"document {n}")
+    monkeypatch.chdir(tmp_path)
+    spellings = [["docs"], ["./docs/", "docs/1.txt"], [str(tmp_path / "docs")], ["../" + tmp_path.name + "/docs/*.txt"]]
+    seen = []
+    for paths in spellings:
+        ref = run(ws, FilesSource(name="notes", paths=paths))
+        seen.append([(doc["id"], doc["origin"]) for doc in iter_documents(ref)])
+    assert seen[0] == seen[1] == seen[2] == seen[3]
+    assert [origin for _, origin in seen[0]] == [str(tmp_path / "docs" / f"{n}.txt") for n in range(3)]
+
+
 def test_config_validation():
     assert [source.kind for source in CollectConfig().sources] == ["stdlib"]
     with pytest.raises(ValidationError, match="source names must be unique"):
