@@ -14,6 +14,7 @@ to `champion`. Everything goes through the tracker's client with explicit run id
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.pyfunc import PythonModel, PythonModelContext, save_model
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -50,8 +51,9 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pa
 # Inference params and their defaults; `chat` renders each prompt as one user turn,
 # `kv_cache_dtype` names the decode cache's element type (`model.generate.CACHE_DTYPES`), and
 # `compile` decodes through torch.compile (the first such request compiles; later ones reuse it).
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "chat": True,
-                                  "kv_cache_dtype": "auto", "compile": False}
+# `seed` (none: unseeded) makes sampling repeatable.
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
+                                  "chat": True, "kv_cache_dtype": "auto", "compile": False}
 
 # the file MLflow runs to rebuild `TinyseekModel` where it is loaded ("models from code")
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
@@ -66,6 +68,8 @@ SIGNATURE = ModelSignature(
         ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
         ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
         ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
+        ParamSpec("top_k", "long", DEFAULT_PARAMS["top_k"]),
+        ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
         ParamSpec("chat", "boolean", DEFAULT_PARAMS["chat"]),
         ParamSpec("kv_cache_dtype", "string", DEFAULT_PARAMS["kv_cache_dtype"]),
         ParamSpec("compile", "boolean", DEFAULT_PARAMS["compile"]),
@@ -79,7 +83,7 @@ def _prompt_column(frame: pd.DataFrame) -> list[str]:
 
 
 class TinyseekModel(PythonModel):
-    """Prompts in, completions out, with greedy or nucleus sampling."""
+    """Prompts in, completions out, greedy or sampled (temperature, top-k, top-p, seed)."""
 
     def load_context(self, context: PythonModelContext) -> None:
         model_dir = Path(context.artifacts["model"])
@@ -88,24 +92,29 @@ class TinyseekModel(PythonModel):
         self.tokenizer = read_tokenizer(model_dir / TOKENIZER_FILE)
         self.stop_ids = [self.tokenizer.token_to_id(END), self.tokenizer.token_to_id(EOS)]
 
-    def _encode(self, prompt: str, chat: bool, budget: int) -> list[int]:
-        """A prompt's ids, keeping its last `budget` tokens so prompt + completion fit the context."""
+    def _encode(self, prompt: str, chat: bool) -> list[int]:
+        """A prompt's ids: one user turn in the chat format, or BOS and the text."""
         if chat:
-            ids = render_prompt([{"role": "user", "content": prompt}], self.tokenizer)
-        else:
-            ids = [self.tokenizer.token_to_id(BOS), *encode_text(self.tokenizer, prompt)]
-        return ids[-budget:]
+            return render_prompt([{"role": "user", "content": prompt}], self.tokenizer)
+        return [self.tokenizer.token_to_id(BOS), *encode_text(self.tokenizer, prompt)]
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
-        """Completions for the `prompt` column (or the only column) of the frame MLflow builds from the input."""
+        """Completions for the `prompt` column (or the only column) of the frame MLflow builds from the input.
+
+        Params out of range, and a prompt that leaves no room for `max_new_tokens` in the
+        model's context, are refused with a message the scoring server answers with (HTTP 400),
+        as the CLI refuses them: cutting the prompt would drop its beginning or its chat markup."""
         options = {**DEFAULT_PARAMS, **(params or {})}
-        if options["kv_cache_dtype"] not in CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype={options['kv_cache_dtype']!r}: use one of {', '.join(CACHE_DTYPES)}")
         max_new_tokens = int(options["max_new_tokens"])
-        budget = max(1, self.model.config.max_position_embeddings - max_new_tokens)
-        prompts = [self._encode(p, bool(options["chat"]), budget) for p in _prompt_column(model_input)]
+        _check_params(options, self.model.config.max_position_embeddings)
+        prompts = [self._encode(p, bool(options["chat"])) for p in _prompt_column(model_input)]
+        for number, ids in enumerate(prompts, start=1):
+            if len(ids) + max_new_tokens > self.model.config.max_position_embeddings:
+                raise _refused(f"prompt {number} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                               f"exceeds the model's context of {self.model.config.max_position_embeddings} "
+                               "tokens: shorten the prompt or lower max_new_tokens")
         if not prompts:
             return []
         completions = generate(
@@ -113,12 +122,34 @@ class TinyseekModel(PythonModel):
             prompts,
             max_new_tokens=max_new_tokens,
             temperature=float(options["temperature"]),
+            top_k=int(options["top_k"]),
             top_p=float(options["top_p"]),
             stop_ids=self.stop_ids,
+            seed=None if options["seed"] is None else int(options["seed"]),
             cache_dtype=CACHE_DTYPES[options["kv_cache_dtype"]],
             compile=bool(options["compile"]),
         )
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+
+
+def _refused(message: str) -> MlflowException:
+    """An error whose message MLflow's scoring server returns (HTTP 400); any other exception
+    it answers with a generic message, the reason buried in a stack trace."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _check_params(options: Mapping[str, Any], context: int) -> None:
+    if options["kv_cache_dtype"] not in CACHE_DTYPES:
+        raise _refused(f"kv_cache_dtype={options['kv_cache_dtype']!r}: use one of {', '.join(CACHE_DTYPES)}")
+    if not 1 <= int(options["max_new_tokens"]) < context:
+        raise _refused(f"max_new_tokens={options['max_new_tokens']}: use 1 to {context - 1} (the model's context "
+                       f"is {context} tokens, prompt included)")
+    if not 0 <= float(options["temperature"]) < math.inf:
+        raise _refused(f"temperature={options['temperature']}: use 0 (greedy) or more")
+    if not 0 < float(options["top_p"]) <= 1:
+        raise _refused(f"top_p={options['top_p']}: use a value above 0 and at most 1")
+    if int(options["top_k"]) < 0:
+        raise _refused(f"top_k={options['top_k']}: use 0 (off) or more")
 
 
 def _requirements() -> list[str]:

@@ -18,6 +18,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from tokenizers import Tokenizer
 
@@ -144,8 +145,25 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
     raw_ids = [tokenizer.token_to_id(BOS), *tokenizer.encode("hello world", add_special_tokens=False).ids]
     assert raw == [expected_completion(model_dir, raw_ids, 5)]
 
-    long_prompt = model.predict([{"prompt": "the cat sat on the mat " * 40}], params={"max_new_tokens": 4})
-    assert len(long_prompt) == 1 and isinstance(long_prompt[0], str)  # cut to fit the context
+    # refused as the CLI refuses them, by the message MLflow's server answers with
+    too_long = r"prompt 2 is \d+ tokens; with max_new_tokens=4 that exceeds the model's context of 128 tokens"
+    with pytest.raises(MlflowException, match=too_long) as refused:
+        model.predict(["hi", "the cat sat on the mat " * 40], params={"max_new_tokens": 4})
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    for params, message in [({"max_new_tokens": 0}, "max_new_tokens=0: use 1 to 127"),
+                            ({"max_new_tokens": 128}, "max_new_tokens=128: use 1 to 127"),
+                            ({"top_p": 0.0}, "top_p=0.0: use a value above 0"),
+                            ({"temperature": -1.0}, "temperature=-1.0: use 0"),
+                            ({"top_k": -1}, "top_k=-1: use 0")]:
+        with pytest.raises(MlflowException, match=message):
+            model.predict(["hi"], params=params)
+
+    # top_k and seed are taken: the single likeliest token is greedy whatever the temperature,
+    # and a seed repeats a sample
+    assert model.predict(["hi"], params={"max_new_tokens": 6, "temperature": 5.0, "top_k": 1}) == answers[:1]
+    sampled = [model.predict(["hi", "2+2"], params={"max_new_tokens": 8, "temperature": 5.0, "seed": seed})
+               for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
 
     cache_dtypes = []
     new_caches = Transformer.new_caches
@@ -155,7 +173,7 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
         narrow = model.predict(["hi"], params={"max_new_tokens": 12, "kv_cache_dtype": "fp8"})
     assert cache_dtypes == [torch.float8_e4m3fn]
     assert narrow == [expected_completion(model_dir, chat_ids, 12, torch.float8_e4m3fn)]
-    with pytest.raises(Exception, match="kv_cache_dtype='fp4': use one of auto, bf16, fp8"):
+    with pytest.raises(MlflowException, match="kv_cache_dtype='fp4': use one of auto, bf16, fp8"):
         model.predict(["hi"], params={"kv_cache_dtype": "fp4"})
 
     stepped = []  # `compile` sends decoding through the compiled step (a recording stand-in here)
@@ -204,6 +222,14 @@ def test_serve_champion(champion_env, tmp_path):
         with urllib.request.urlopen(request, timeout=30) as response:
             predictions = json.loads(response.read())["predictions"]
         assert len(predictions) == 1 and isinstance(predictions[0], str)
+        body = json.dumps({"inputs": ["hello"], "params": {"max_new_tokens": 500}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "Error: max_new_tokens=500: use 1 to 127" in json.loads(refused.value.read())["message"]
     finally:
         stop(server)
 
