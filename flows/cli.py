@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -419,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args)
+        sys.stdout.flush()  # a reader gone shows here, not at exit
+    except BrokenPipeError:
+        if not stdout_gone():
+            raise
+        # the output was piped into a reader that stopped (`| head -1`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return 141  # 128 + SIGPIPE, the status of a tool that signal ended
     except (UserError, *user_errors()) as exc:
         if args.debug:
             raise
@@ -439,6 +447,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
+
+
+def stdout_gone() -> bool:
+    """Whether nothing reads standard output any more: a pipe or socket whose reader has
+    closed reports an error condition when polled."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a replaced sys.stdout)
+        return False
 
 
 def print_stacks(signum: int, frame: Any) -> None:

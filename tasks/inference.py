@@ -44,7 +44,8 @@ from model.generate import CACHE_DTYPES, generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.perf import cpp_compiler
 from model.transformer import Transformer
-from tasks.chat import BOS, END, EOS, PAD, encode_text, hf_tokenizer_files, read_tokenizer, render_prompt
+from tasks.chat import (BOS, END, EOS, PAD, SPECIAL_TOKENS, encode_text, hf_tokenizer_files, read_tokenizer,
+                        render_prompt)
 from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import show_token
 from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri, workspace_move
@@ -295,10 +296,8 @@ class LoadedModel:
     compile: bool = False
 
     def token_id(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
-            raise StageError(f"the tokenizer in {self.directory} has no special token {token}")
-        return token_id
+        """The id of a special token (`load` makes sure the tokenizer has each)."""
+        return self.tokenizer.token_to_id(token)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -327,7 +326,15 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
         tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
     except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
         raise StageError(f"cannot load the tokenizer in {directory} ({_first_line(exc)})") from None
-    return LoadedModel(load_model(directory, device), tokenizer, directory, CACHE_DTYPES[kv_cache_dtype], compile)
+    model = load_model(directory, device)
+    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise StageError(f"the tokenizer in {directory} lacks the special tokens {', '.join(missing)}: it is not "
+                         "one the pipeline trained")
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise StageError(f"the tokenizer in {directory} has {tokenizer.get_vocab_size()} tokens and the model "
+                         f"{model.config.vocab_size}: they come from different runs")
+    return LoadedModel(model, tokenizer, directory, CACHE_DTYPES[kv_cache_dtype], compile)
 
 
 # --- generating ------------------------------------------------------------------------

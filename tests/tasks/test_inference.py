@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -38,6 +40,7 @@ from tasks.inference import (
 from tasks.stage import StageError
 from tasks.tokenize import show_token
 from tasks.tracking import Tracker
+from tests.flows.helpers import cli_env
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -123,6 +126,41 @@ def test_a_missing_path_says_what_a_ref_can_be(ws):
 def test_a_directory_without_a_model_is_refused(ws):
     with pytest.raises(StageError, match="not a model directory: it needs model.safetensors"):
         resolve_model(str(ws), ws)
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_at_loading(model_dir, tmp_path):
+    """Without the chat tokens, chat would fail at the first prompt; with more tokens than the
+    model's vocabulary, the first prompt holding one would index past the embedding."""
+    from tokenizers import models
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    plain = Tokenizer(models.BPE())
+    plain.add_tokens(["a", "b"])
+    plain.save(str(other / "tokenizer.json"))
+    with pytest.raises(StageError, match=r"lacks the special tokens <\|pad\|>, <\|bos\|>, .*: it is not one the"):
+        load(str(other), tmp_path)
+    larger = tokenize.train_tokenizer(iter([CORPUS]), tokenize.TokenizeConfig(vocab_size=400, min_frequency=1))
+    larger.save(str(other / "tokenizer.json"))
+    assert larger.get_vocab_size() > train_tokenizer().get_vocab_size()
+    with pytest.raises(StageError, match=rf"has {larger.get_vocab_size()} tokens and the model "
+                                         rf"{train_tokenizer().get_vocab_size()}: they come from different runs"):
+        load(str(other), tmp_path)
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hello"], ["chat"]])
+def test_output_into_a_reader_that_has_stopped_ends_quietly(model_dir, tmp_path, command):
+    """As in `tinyseek generate ... | head -c 1`: status 141 (SIGPIPE's), and no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *command, "--model", str(model_dir),
+                                 "--workspace", str(tmp_path), "--max-new-tokens", "8"],
+                                input="hi\n", stdout=write, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                                timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
 
 
 def test_no_store_yet_says_run_first(ws, monkeypatch):
