@@ -79,7 +79,7 @@ class PipelineConfig(Settings):
     def _consistent(self) -> PipelineConfig:
         """What can be checked before any stage runs, so that a run does not fail after hours
         of training: the model's shape (with a placeholder vocabulary), the sequence lengths
-        against its context, and the promotion metric against the metrics evaluate writes."""
+        and evaluation's answer length against its context, and the promotion metric against the metrics evaluate writes."""
         model = self._placeholder_model()
         if self.finetune.init_from is not None:
             raise ValueError("finetune.init_from: fine-tuning starts from this run's pretrained model; to start from "
@@ -89,6 +89,10 @@ class PipelineConfig(Settings):
             if seq_len > model.max_position_embeddings:
                 raise ValueError(f"{stage}.seq_len={seq_len} exceeds model.max_position_embeddings="
                                  f"{model.max_position_embeddings}: lower one or raise the other")
+        if self.evaluate.max_new_tokens >= model.max_position_embeddings:
+            raise ValueError(f"evaluate.max_new_tokens={self.evaluate.max_new_tokens} leaves no room for a prompt "
+                             f"within model.max_position_embeddings={model.max_position_embeddings}: lower one or "
+                             "raise the other")
         families = [*self.instructions.families, *(["user"] if self.instructions.user_data else [])]
         metric, known = self.evaluate.primary_metric, metric_names(families)
         if metric not in known:

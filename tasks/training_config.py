@@ -52,7 +52,7 @@ class TrainingConfig(Settings):
     eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
-    seed: int = Field(0, description="Seed for initialisation and data order.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed for initialisation and data order (0 to 2**63 - 1).")
     length_window: int = Field(
         1, ge=1, description="Fine-tuning: regroup each run of this many shuffled batches by example length "
         "(less padding, but a batch holds fewer kinds of example; 1: batches as shuffled). Pretraining windows "

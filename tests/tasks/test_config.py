@@ -62,6 +62,16 @@ def test_sequences_longer_than_the_context_fail_before_training():
     with pytest.raises(StageError, match="finetune.seq_len=4096 exceeds model.max_position_embeddings="):
         load_config("tiny", overrides=["finetune.seq_len=4096"])
     load_config("tiny", overrides=["finetune.seq_len=4096", "model.max_position_embeddings=4096"])
+    with pytest.raises(StageError, match="evaluate.max_new_tokens=256 leaves no room for a prompt within "
+                                         "model.max_position_embeddings=256"):
+        load_config("tiny", overrides=["evaluate.max_new_tokens=256"])
+    load_config("tiny", overrides=["evaluate.max_new_tokens=255"])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_training_seed_torch_and_numpy_cannot_take_is_refused(seed):
+    with pytest.raises(StageError, match="pretrain.seed"):
+        load_config("tiny", overrides=[f"pretrain.seed={seed}"])
 
 
 def test_the_promotion_metric_is_one_evaluate_writes():
