@@ -118,6 +118,15 @@ class PipelineConfig(Settings):
         model = self._placeholder_model().to_dict()
         return {**self.model_dump(mode="json"), "model": {k: v for k, v in model.items() if k not in FROM_TOKENIZER}}
 
+    def model_identity(self) -> dict[str, Any]:
+        """The model section as it decides the network, for fingerprints: every setting (a
+        default restated builds the same model), and an integer where a float is wanted as the
+        float (rope_theta 10000 and 10000.0 are one model)."""
+        types = typing.get_type_hints(ModelConfig)
+        model = self.with_model_defaults()["model"]
+        return {name: float(value) if types[name] is float and isinstance(value, int) else value
+                for name, value in model.items()}
+
     def training_identity(self, stage: str, *ignored: str) -> dict[str, Any]:
         """`TrainingConfig.identity` of the pretrain or finetune section, for its fingerprint;
         without MTP modules in the model `mtp_lambda` weighs nothing and is left out too."""

@@ -51,7 +51,7 @@ def pretrain_fingerprint(tokens: Ref, config: PipelineConfig) -> str:
     train = config.training_identity("pretrain", "length_window")
     if train["init_from"]:  # the model it starts from, by content: not how its path is written
         train["init_from"] = {"model": _model_digest(Path(train["init_from"]))}
-    settings = {"model": config.model, "train": train}
+    settings = {"model": config.model_identity(), "train": train}
     return fingerprint("pretrain", settings, [tokens.fingerprint], code_version(sys.modules[__name__], *TRAINING_CODE))
 
 

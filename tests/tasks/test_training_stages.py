@@ -283,6 +283,15 @@ def test_every_model_module_training_runs_is_in_the_training_fingerprint():
     assert loaded - outside | {"tasks.training", "tasks.training_config"} <= {m.__name__ for m in TRAINING_CODE}
 
 
+def test_a_model_written_another_way_keeps_its_fingerprint(tokens):
+    """A default restated, or an integer for a float, builds the same network: the output is reused."""
+    _, toks = tokens
+    base = pretrain_fingerprint(toks, quick())
+    for same in (["model.rope_theta=10000"], ["model.rope_theta=10000.0"], ["model.rms_norm_eps=1e-6"]):
+        assert pretrain_fingerprint(toks, quick(*same)) == base, same
+    assert pretrain_fingerprint(toks, quick("model.rope_theta=5000")) != base
+
+
 def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
     """Checkpoint cadence, threads and a device choice that resolves the same build the same
     model: the output is reused. The process count counts, at least where it changes the batch."""
