@@ -150,6 +150,8 @@ def _check_params(options: Mapping[str, Any], context: int) -> None:
         raise _refused(f"top_p={options['top_p']}: use a value above 0 and at most 1")
     if int(options["top_k"]) < 0:
         raise _refused(f"top_k={options['top_k']}: use 0 (off) or more")
+    if options["seed"] is not None and not 0 <= int(options["seed"]) < 2**63:
+        raise _refused(f"seed={options['seed']}: use a whole number from 0 to 2**63 - 1")
 
 
 def _requirements() -> list[str]:

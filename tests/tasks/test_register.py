@@ -154,7 +154,8 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
                             ({"max_new_tokens": 128}, "max_new_tokens=128: use 1 to 127"),
                             ({"top_p": 0.0}, "top_p=0.0: use a value above 0"),
                             ({"temperature": -1.0}, "temperature=-1.0: use 0"),
-                            ({"top_k": -1}, "top_k=-1: use 0")]:
+                            ({"top_k": -1}, "top_k=-1: use 0"),
+                            ({"seed": -1}, "seed=-1: use a whole number from 0")]:
         with pytest.raises(MlflowException, match=message):
             model.predict(["hi"], params=params)
 
