@@ -122,8 +122,18 @@ def test_scrub_pii_replaces_and_counts():
 
 
 def test_scrub_pii_leaves_lookalikes_alone():
-    text = "@property\nversion 3.11, 999.1.1.1, at 12:30:45, slice a[1::2], C++ std::vector, e.g.::"
+    text = ("@property\nversion 3.11, 999.1.1.1, at 12:30:45, slice a[1::2], data[4096::16], buf[1024::2], "
+            "C++ std::vector, e.g.::")
     assert scrub_pii(text) == (text, {"email": 0, "ip": 0})
+
+
+def test_scrub_pii_finds_addresses_inside_long_runs_of_their_characters():
+    """The patterns are bounded as addresses are: a long run of such characters (a percent-
+    encoded URL) costs a bounded scan per position, and the address in it is still found."""
+    url = "https://example.org/" + "%E4%B8%AD" * 2000
+    text = f"{url} mail john.doe+x@mail.example.co.uk and 2001:db8::1 or 2001::10:20\tend\t\t\t\nnext"
+    assert scrub_pii(text) == (f"{url} mail <EMAIL> and <IP> or <IP>\tend\t\t\t\nnext", {"email": 1, "ip": 2})
+    assert normalize("a" + "\t" * 5000 + "b  \t\nc") == "a" + "\t" * 5000 + "b\nc"
 
 
 # --- quality filters --------------------------------------------------------------------
