@@ -783,8 +783,9 @@ THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def normalize_answer(text: str) -> str:
-    """The form answers are compared in: case, spacing, a final period and
-    thousands separators do not matter ("45,000 m." == "45000 M")."""
-    text = " ".join(text.split()).lower()
+    """The form answers are compared in: spacing, a final period and thousands separators do
+    not matter ("45,000 m." == "45000 m"); case does, as it tells units apart (B and b, Mm and
+    mm) and is the answer of the `upper` family."""
+    text = " ".join(text.split())
     text = text.removesuffix(".").rstrip()
     return THOUSANDS.sub("", text)

@@ -84,7 +84,7 @@ def write_tokens(path, tokens, bos_id=1, docs=6, length=40):
 
 
 def test_exact_match_compares_normalized_answers():
-    assert exact_match(["45,000 m.", "12", " Stone "], ["45000 M", "13", "stone"]) == pytest.approx(2 / 3)
+    assert exact_match(["45,000 m.", "12", " Stone ", "stone"], ["45000 m", "13", "Stone", "STONE"]) == 0.5
     assert exact_match([], []) == 0.0
     with pytest.raises(ValueError):
         exact_match(["a"], [])

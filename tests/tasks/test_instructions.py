@@ -607,14 +607,14 @@ def test_user_data_joins_training_with_a_stable_test_fraction(tmp_path):
 
 @pytest.mark.parametrize(
     "a, b",
-    [("45,000 m", "45000 m"), ("  Paris. ", "paris"), ("HELLO", "hello"), ("1,234,567", "1234567"),
-     ("a  b\n c", "a b c"), ("7.", "7"), ("0.045 km", "0.045 KM")],
+    [("45,000 m", "45000 m"), ("  Paris. ", "Paris"), ("1,234,567", "1234567"), ("a  b\n c", "a b c"), ("7.", "7")],
 )  # fmt: skip
 def test_normalize_answer_equal(a, b):
     assert normalize_answer(a) == normalize_answer(b)
 
 
-@pytest.mark.parametrize("a, b", [("45,00 m", "4500 m"), ("1.5", "15"), ("85", "58"), ("tenalp", "planet")])
+@pytest.mark.parametrize("a, b", [("45,00 m", "4500 m"), ("1.5", "15"), ("85", "58"), ("tenalp", "planet"),
+                                  ("fire", "FIRE"), ("400,000 b", "400,000 B"), ("0.39 Mm", "0.39 mm")])
 def test_normalize_answer_different(a, b):
     assert normalize_answer(a) != normalize_answer(b)
 
