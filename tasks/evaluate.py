@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,16 @@ def _first_per_family(examples: Sequence[Example], limit: int | None) -> list[Ex
             taken[example.family] = taken.get(example.family, 0) + 1
             chosen.append(example)
     return chosen
+
+
+def validation_window(seq_len: int, context: int, val: Validation) -> int:
+    """Tokens per validation window: `seq_len` within the model's context, and shorter than the
+    longest validation file. Windows do not cross files, so a window longer than every file
+    (a small corpus's validation split) would score nothing, and the validation metrics would
+    be missing without a word."""
+    itemsize = np.dtype(val.dtype).itemsize
+    longest = max((file.stat().st_size // itemsize for file in val.files), default=0)
+    return max(1, min(seq_len, context, longest - 1))
 
 
 def limit_notes(examples: Sequence[Example], tokenizer: Tokenizer, max_new_tokens: int, context: int) -> list[str]:
@@ -558,7 +569,12 @@ def evaluate(
         for note in limit_notes(scored, read_tokenizer(tuned.dir / "tokenizer.json"),
                                 config.max_new_tokens, context):
             log(note)
-        results = {name: evaluate_model(ref.dir, config, examples, val) for name, ref in zip(MODELS, (base, tuned))}
+        window = validation_window(config.seq_len, context, val)
+        if window < min(config.seq_len, context):
+            log(f"evaluate: no validation file holds more than {window + 1} tokens: validation windows of {window} "
+                f"tokens instead of evaluate.seq_len={config.seq_len}")
+        measured = config.model_copy(update={"seq_len": window})
+        results = {name: evaluate_model(ref.dir, measured, examples, val) for name, ref in zip(MODELS, (base, tuned))}
         metrics = {f"{key}_{name}": value for name, r in results.items() for key, value in r.metrics.items()}
         final_vio = tuned.manifest().get("final_metrics", {}).get("max_vio")
         if final_vio is not None:
@@ -566,7 +582,7 @@ def evaluate(
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         tables = _write_tables(out, results, base, tuned)
         counts = {"examples": len(results["tuned"].examples), "families": len(tables["exact_match"])}
-        return {"counts": counts, "metrics": metrics, "measured_on": measured_on(scored, val, config)}
+        return {"counts": counts, "metrics": metrics, "measured_on": measured_on(scored, val, measured)}
 
     return run_stage(
         "evaluate", fp, build, root=root,

@@ -317,6 +317,14 @@ def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer, monkeypatch):
                        root=ws)
     assert not changed.cached and changed.path != ref.path
 
+    # a validation split shorter than evaluate.seq_len is measured in windows that fit it, and said so
+    short = [write_tokens(ws / "short.bin", tokenizer.get_vocab_size(), bos_id=bos, docs=1, length=19)]
+    said.clear()
+    fitted = evaluate(base, tuned, config, INSTRUCTIONS, short, "uint16", 1.5, root=ws, log=said.append)
+    assert said[-1] == ("evaluate: no validation file holds more than 20 tokens: validation windows of 19 tokens "
+                        "instead of evaluate.seq_len=32")
+    assert {"val_loss_base", "val_loss_tuned"} <= set(metrics_of(fitted))
+
     # a narrower decode cache is another measurement, and every generation decodes with it
     cache_dtypes = []
     new_caches = Transformer.new_caches
