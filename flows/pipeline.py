@@ -521,19 +521,22 @@ def summary(run: PipelineRun) -> dict[str, Any]:
     return out
 
 
-def prefilled_config() -> dict[str, Any] | None:
-    """In a run of a deployment, the config its run form was prefilled with (the deployment's)."""
+def deployment_configs() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """In a run of a deployment, the config its run form was prefilled with (the deployment's)
+    and the config the run was started with, as sent; outside one, neither."""
     from prefect.client.orchestration import get_client
-    from prefect.runtime import deployment
+    from prefect.runtime import deployment, flow_run
 
     if deployment.id is None:
-        return None
+        return None, None
     with get_client(sync_client=True) as client:
-        return client.read_deployment(deployment.id).parameters.get("config")
+        prefilled = client.read_deployment(deployment.id).parameters.get("config")
+        submitted = client.read_flow_run(flow_run.id).parameters.get("config")
+    return prefilled, submitted
 
 
 def _flow(name: str, steps: Callable[[PipelineRun], Any], config: PipelineConfig, workspace_dir: str | None):
-    run = PipelineRun.start(name, switched_preset(config, prefilled_config()), workspace_dir)
+    run = PipelineRun.start(name, switched_preset(config, *deployment_configs()), workspace_dir)
     try:
         run.tracker.log_dict(run.parent_id, run.config.model_dump(mode="json"), "config.json")
         steps(run)

@@ -191,12 +191,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def switched_preset(config: PipelineConfig, prefilled: dict[str, Any] | None) -> PipelineConfig:
-    """`config` as meant by a form prefilled with `prefilled` (a deployment's whole config, of one
-    preset) whose preset was changed: the new preset's values, with every field the form changed
-    on top. A whole config leaves no field for the preset to fill, so taken as it is it would be
-    the old preset's values under the new preset's name. Any other `config` is returned as is."""
+def switched_preset(config: PipelineConfig, prefilled: dict[str, Any] | None,
+                    submitted: dict[str, Any] | None) -> PipelineConfig:
+    """`config`, validated from `submitted`, as meant by a form prefilled with `prefilled` (a
+    deployment's whole config, of one preset) whose preset was changed: the new preset's
+    values, with every field the form changed on top. A whole config leaves no field for the
+    preset to fill, so taken as it is it would be the old preset's values under the new
+    preset's name. A config submitted in part (`--params` or the API: a preset and what differs
+    from it) already has its preset underneath, and each value it names counts, the same as the
+    deployment's or not. Any other `config` is returned as is."""
     if not prefilled or prefilled.get("preset") == config.preset:
+        return config
+    if submitted is not None and not set(prefilled) <= set(submitted):
         return config
     return PipelineConfig.model_validate(_changes(prefilled, config.model_dump(mode="json")))
 

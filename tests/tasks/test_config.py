@@ -111,12 +111,23 @@ def test_a_preset_changed_in_a_prefilled_form_takes_that_presets_values():
 
     prefilled = load_config("tiny", overrides=["pretrain.steps=50"]).model_dump(mode="json")
     form = {**prefilled, "preset": "demo", "finetune": {**prefilled["finetune"], "steps": 3}}
-    config = switched_preset(PipelineConfig.model_validate(form), prefilled)
+    config = switched_preset(PipelineConfig.model_validate(form), prefilled, form)
     demo = load_config("demo", overrides=["finetune.steps=3"])
     assert config == demo  # tiny's 50 pretraining steps were the form's, not a change made in it
     unchanged = PipelineConfig.model_validate(prefilled)
-    assert switched_preset(unchanged, prefilled) is unchanged
-    assert switched_preset(unchanged, None) is unchanged  # a run outside a deployment
+    assert switched_preset(unchanged, prefilled, prefilled) is unchanged
+    assert switched_preset(unchanged, None, None) is unchanged  # a run outside a deployment
+
+
+def test_a_config_sent_in_part_to_a_deployment_keeps_every_value_it_names():
+    """`--params '{"config": {"preset": "tiny", "pretrain": {"steps": 50}}}'` on a deployment of
+    another preset: tiny with 50 steps, also where 50 is what the deployment's form holds."""
+    from tasks.config import switched_preset
+
+    prefilled = load_config("demo", overrides=["pretrain.steps=50"]).model_dump(mode="json")
+    sent = {"preset": "tiny", "pretrain": {"steps": 50}, "finetune": {"optimizer": "muon"}}
+    config = switched_preset(PipelineConfig.model_validate(sent), prefilled, sent)
+    assert config == load_config("tiny", overrides=["pretrain.steps=50", "finetune.optimizer=muon"])
 
 
 @pytest.mark.parametrize(
