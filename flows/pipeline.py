@@ -45,7 +45,7 @@ from tasks.finetune import EXAMPLE_FILES, finetune
 from tasks.inference import DEFAULT_REF, resolve_model
 from tasks.instructions import eval_texts
 from tasks.pretrain import pretrain
-from tasks.register import MODEL_NAME, champion_version, log_model, promote, register
+from tasks.register import MODEL_NAME, champion_version, log_model, make_challenger, promote, register
 from tasks.report import markdown_table, write_report
 from tasks.stage import Ref, user_errors, workspace
 from tasks.tokenize import TokenData, tokenize, vocabulary_note
@@ -355,11 +355,15 @@ MEASURED_ON_TAG = "measured_on."  # + a score kind: the tags of a register run t
 
 def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | None, dict[str, str]]:
     """The champion's version, the evaluation metrics recorded with it and what they were
-    measured on (empty for a version registered before that was recorded)."""
+    measured on (empty for a version registered before that was recorded, or by hand without
+    a run)."""
     version = champion_version(tracker)
     if version is None:
         return None, None, {}
-    run = tracker.client.get_run(tracker.client.get_model_version(MODEL_NAME, str(version)).run_id)
+    run_id = tracker.client.get_model_version(MODEL_NAME, str(version)).run_id
+    if not run_id:  # a version registered by hand, from no run: no scores recorded with it
+        return version, {}, {}
+    run = tracker.client.get_run(run_id)
     measured = {key.removeprefix(MEASURED_ON_TAG): value for key, value in run.data.tags.items()
                 if key.startswith(MEASURED_ON_TAG)}
     return version, dict(run.data.metrics), measured
@@ -414,9 +418,10 @@ def _register(run: PipelineRun) -> dict[str, Any]:
             version = register(tracker, logged, child, description=f"{described}; pipeline run {run.parent_id}",
                                tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
                                      "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
-        else:
+        else:  # registered by an earlier run, and the latest model again: the challenger, as the run says
             tracker.log_metrics(child, run.metrics)
             version = existing
+            make_challenger(tracker, version)
         promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric, run.measured_on,
                                             previous_measured_on)
         if promoted:

@@ -229,8 +229,13 @@ def register(
     linked = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
     linked.append({"name": name, "version": int(version.version)})
     client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
-    client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    make_challenger(tracker, int(version.version), name)
     return int(version.version)
+
+
+def make_challenger(tracker: Tracker, version: int, name: str = MODEL_NAME) -> None:
+    """Make `version` the challenger: the latest model a run registered, or found registered."""
+    tracker.client.set_registered_model_alias(name, CHALLENGER, str(version))
 
 
 def promote(tracker: Tracker, version: int, name: str = MODEL_NAME) -> None:

@@ -3,6 +3,7 @@ cached rerun, serving, and using the model (generate, next-token, export-hf)."""
 
 import contextlib
 import json
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_tables_for_people_are_prefect_table_artifacts_too(built):
     with contextlib.closing(sqlite3.connect(root / "prefect" / "prefect.db")) as db:
         keys = {key for (key,) in db.execute("select key from artifact where type = 'table'")}
     assert {"clean-drop-reasons", "evaluate-exact-match", "evaluate-generations"} <= keys, keys
+
+
+def test_a_model_registered_before_is_the_challenger_again(built, tmp_path):
+    """A run whose model an earlier run registered registers nothing new: that version is the
+    challenger again, as the run says, not the later model the alias was left on (here one
+    registered by hand, without a run: no scores to compare with, so it is beaten)."""
+    root, first, _ = built
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws, symlinks=True)  # a workspace copies whole
+    c = client(ws)
+    ours = c.get_model_version("tinyseek", str(first["version"]))
+    later = c.create_model_version("tinyseek", source=ours.source, tags={"fingerprint": "another model"})
+    for alias in ("challenger", "champion"):  # as a later run, then a user in MLflow's UI, left them
+        c.set_registered_model_alias("tinyseek", alias, later.version)
+    again = tinyseek("run", "--preset", "tiny", "--workspace", str(ws), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert last_json(again.stdout)["version"] == first["version"]
+    assert int(c.get_model_version_by_alias("tinyseek", "challenger").version) == first["version"]
 
 
 def test_retraining_fetches_again_once_per_token_and_can_continue_from_the_champion(tmp_path, monkeypatch):
