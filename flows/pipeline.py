@@ -578,6 +578,18 @@ def build_llm(config: PipelineConfig, workspace_dir: str | None = None) -> dict[
     return _flow("build-llm", register_steps, config, workspace_dir)
 
 
+# Prefect describes the fields of a deployment's run form by its flow's docstring (Google-style Args).
+FORM_ARGS = """The flow's stages, each reused where its inputs did not change.
+
+Args:
+    config: The pipeline config: a preset, and the settings that differ from it.
+    workspace_dir: The workspace: stage outputs, reports, and MLflow's store where MLFLOW_TRACKING_URI is
+        unset (default: $TINYSEEK_WORKSPACE, else data/ in the project).
+"""
+for _stage_flow in (data_flow, pretrain_flow, finetune_flow, evaluate_flow, build_llm):
+    _stage_flow.fn.__doc__ = FORM_ARGS
+
+
 def retrain_config(config: PipelineConfig, root: Path, continue_champion: bool, refresh_token: str | None) -> PipelineConfig:
     """The pipeline config of a retraining run: remote sources fetched again (`refresh`),
     and optionally pretraining continued from the champion's weights."""
@@ -600,6 +612,13 @@ def retrain(
 ) -> dict[str, Any]:
     """Remote sources (URLs, hub datasets) are fetched again once per `refresh_token`: the
     corpus-updated trigger passes the event id; scheduled runs default to the day. Local files
-    are re-read whenever they change. Stages whose inputs did not change are reused."""
+    are re-read whenever they change. Stages whose inputs did not change are reused.
+
+    Args:
+        config: The pipeline config: a preset, and the settings that differ from it.
+        workspace_dir: The workspace (default: $TINYSEEK_WORKSPACE, else data/ in the project).
+        continue_champion: Pretrain from the champion's weights instead of from scratch.
+        refresh_token: Remote sources are fetched again once per token (default: today's date).
+    """
     root = workspace(workspace_dir)
     return _flow("retrain", register_steps, retrain_config(config, root, continue_champion, refresh_token), str(root))

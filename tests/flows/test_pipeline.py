@@ -186,6 +186,17 @@ def test_a_model_registered_before_is_the_challenger_again(built, tmp_path):
     assert int(c.get_model_version_by_alias("tinyseek", "challenger").version) == first["version"]
 
 
+def test_every_field_of_a_deployments_run_form_is_described():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows import pipeline
+
+    for flow in (pipeline.data_flow, pipeline.pretrain_flow, pipeline.finetune_flow, pipeline.evaluate_flow,
+                 pipeline.build_llm, pipeline.retrain):
+        fields = parameter_schema(flow.fn).properties
+        assert {name for name, field in fields.items() if field.get("description")} == set(fields), flow.name
+
+
 def test_retraining_fetches_again_once_per_token_and_can_continue_from_the_champion(tmp_path, monkeypatch):
     from flows import pipeline
     from tasks.config import load_config
