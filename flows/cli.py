@@ -302,8 +302,6 @@ def serve_command(args: argparse.Namespace) -> None:
     from tasks.config import load_config
 
     config = load_config(args.preset, args.config, args.overrides, fallback=DEFAULT_PRESET)
-    if not os.environ.get("PREFECT_API_URL"):  # said before the workspace gets a Prefect home of its own
-        raise UserError("tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
     root = prepare_environment(args.workspace)
     check_servers()
     from flows.deploy import check_cron, serve

@@ -75,7 +75,9 @@ def check_cron(cron: str) -> None:
 
 
 def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> None:
-    """Serve all deployments until interrupted (needs a Prefect server: PREFECT_API_URL)."""
+    """Serve all deployments until interrupted (needs a Prefect server)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise StageError("tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
     from prefect import serve as prefect_serve
 
     try:

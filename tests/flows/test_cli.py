@@ -132,12 +132,6 @@ def test_server_urls_that_do_not_answer(tmp_path):
     assert_one_line_error(result, "PREFECT_API_URL", "is not an http(s) URL")
 
 
-def test_serve_without_a_server_says_so_and_leaves_the_workspace_alone(tmp_path):
-    result = tinyseek("serve", "--workspace", str(tmp_path / "ws"))
-    assert_one_line_error(result, "tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
-    assert not (tmp_path / "ws").exists()
-
-
 def test_up_names_the_option_for_a_port_in_use(tmp_path):
     import socket
 
