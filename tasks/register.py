@@ -107,14 +107,14 @@ class TinyseekModel(PythonModel):
         model's context, are refused with a message the scoring server answers with (HTTP 400),
         as the CLI refuses them: cutting the prompt would drop its beginning or its chat markup."""
         options = {**DEFAULT_PARAMS, **(params or {})}
-        max_new_tokens = int(options["max_new_tokens"])
-        _check_params(options, self.model.config.max_position_embeddings)
+        max_new_tokens, context = int(options["max_new_tokens"]), self.model.config.max_position_embeddings
+        _check_params(options, context)
         prompts = [self._encode(p, bool(options["chat"])) for p in _prompt_column(model_input)]
         for number, ids in enumerate(prompts, start=1):
-            if len(ids) + max_new_tokens > self.model.config.max_position_embeddings:
+            if len(ids) + max_new_tokens > context:
                 raise _refused(f"prompt {number} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
-                               f"exceeds the model's context of {self.model.config.max_position_embeddings} "
-                               "tokens: shorten the prompt or lower max_new_tokens")
+                               f"exceeds the model's context of {context} tokens: shorten the prompt or lower "
+                               "max_new_tokens")
         if not prompts:
             return []
         completions = generate(
