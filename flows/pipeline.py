@@ -392,6 +392,12 @@ def register_steps(run: PipelineRun) -> dict[str, Any]:
     registered, and the aliases are never set by two at once (MLflow reads, then inserts).
     """
     evaluate_steps(run)
+    return register_task(run)
+
+
+@task(name="register", cache_policy=NONE, persist_result=False)
+def register_task(run: PipelineRun) -> dict[str, Any]:
+    """Registration as the flow's last task run, so the Prefect UI shows it beside the stages."""
     with run.tracker.exclusive():
         return _register(run)
 

@@ -20,6 +20,7 @@ from tasks.tracking import TAG_PROCESS, Tracker
 from tests.flows.helpers import BIN, TINYSEEK, cli_env, free_port, mlflow_runs
 from tests.processes import dead_pid
 
+STAGE_TASKS = ["collect", "clean", "tokenize", "pretrain", "finetune", "evaluate", "register"]
 QUICK = ["--set", "pretrain.steps=4", "--set", "finetune.steps=2", "--set", "evaluate.max_examples_per_family=1"]
 
 
@@ -92,7 +93,7 @@ def test_served_deployments_run_from_the_api_and_react_to_events(served):
 
 async def exercise(root):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
     from prefect.events.clients import get_events_client
     from prefect.events.schemas.events import Event
 
@@ -110,6 +111,10 @@ async def exercise(root):
                 break
             await asyncio.sleep(2)
         assert run.state.is_completed(), (run.state, (root / "serve.log").read_text()[-3000:])
+        # the UI's graph of the run: every stage, registration included, is a task run
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        assert sorted(t.name.rsplit("-", 1)[0] for t in task_runs) == sorted(STAGE_TASKS), [t.name for t in task_runs]
+        assert all(t.state.is_completed() for t in task_runs)
 
         async with get_events_client() as events:
             await events.emit(Event(event="tinyseek.corpus.updated", resource={"prefect.resource.id": "tinyseek.corpus"}))
