@@ -52,7 +52,7 @@ import zstandard
 from pydantic import AfterValidator, Field, model_validator
 
 import tasks.files
-from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, starts_json_array, walk
+from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_states, json_failure, starts_json_array, walk
 from tasks.settings import Settings
 from tasks.stage import Ref, StageError, code_version, fingerprint, json_digest, run_stage, workspace
 
@@ -396,12 +396,8 @@ def _parse_line(line: bytes, number: int, origin: str) -> tuple[str, Any] | _Bad
     except json.JSONDecodeError as exc:
         return _Bad(origin, "malformed-json", f"line {number}, column {exc.colno}: {exc.msg}", _sample(line))
     except (ValueError, RecursionError) as exc:  # an integer over 4,300 digits; nesting too deep for the parser
-        return _Bad(origin, "malformed-json", f"line {number}: {_json_failure(exc)}", _sample(line))
+        return _Bad(origin, "malformed-json", f"line {number}: {json_failure(exc)}", _sample(line))
     return origin, record
-
-
-def _json_failure(exc: ValueError | RecursionError) -> str:
-    return "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc).partition(";")[0]
 
 
 def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
@@ -419,7 +415,7 @@ def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
         yield _Bad(label, "malformed-json", f"line {exc.lineno}, column {exc.colno}: {exc.msg}", _sample(data))
         return
     except (ValueError, RecursionError) as exc:
-        yield _Bad(label, "malformed-json", _json_failure(exc), _sample(data))
+        yield _Bad(label, "malformed-json", json_failure(exc), _sample(data))
         return
     del data
     yield from _records(((f"{label}#{row}", record) for row, record in enumerate(records)), text_field, label)

@@ -85,6 +85,12 @@ def starts_json_array(head: bytes) -> bool:
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
+def json_failure(exc: ValueError | RecursionError) -> str:
+    """Why `json.loads` refused text that is valid JSON syntax: an integer of more than
+    Python's 4,300 digits (ValueError), or nesting deeper than the parser's recursion."""
+    return "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc).partition(";")[0]
+
+
 class Utf16AsUtf8(io.RawIOBase):
     """A UTF-16 stream, starting with its byte-order mark, read as UTF-8 bytes, so that every
     reader takes Windows' "Unicode" files as it takes UTF-8 ones. Where the bytes stop being

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.chat import ROLES
-from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_digests, starts_json_array, walk
+from tasks.files import UTF16_BOMS, Utf16AsUtf8, file_digests, json_failure, starts_json_array, walk
 from tasks.settings import Settings
 from tasks.stage import StageError
 
@@ -466,9 +466,19 @@ def _string(row: dict, field: str, *, required: bool) -> str:
         return ""
     if not isinstance(row[field], str):
         raise BadRow(f"'{field}' is not a string")
-    text = row[field].strip()
+    text = _unicode(row[field].strip(), f"'{field}'")
     if required and not text:
         raise BadRow(f"empty '{field}'")
+    return text
+
+
+def _unicode(text: str, what: str) -> str:
+    """`text`, refused when it holds a lone surrogate: JSON's escapes can spell one
+    (`"\\ud800"`), but it is no character, and neither UTF-8 nor the tokenizer can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRow(f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X}), not a character") from None
     return text
 
 
@@ -493,7 +503,7 @@ def _from_messages(row: dict) -> Example:
             raise BadRow("a message's 'content' is not a string")
         if not turn["content"].strip():
             raise BadRow(f"empty {turn['role']} content")
-        messages.append({"role": turn["role"], "content": turn["content"].strip()})
+        messages.append({"role": turn["role"], "content": _unicode(turn["content"].strip(), f"{turn['role']} content")})
     roles = [message["role"] for message in messages]
     if roles[-1] != "assistant":
         raise BadRow("last message is not from the assistant")
@@ -538,6 +548,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 raise StageError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
             except json.JSONDecodeError as exc:
                 raise StageError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:
+                raise StageError(f"{path}: invalid JSON ({json_failure(exc)})") from None
             yield from enumerate(rows, start=1)
             return
         _refuse_one_object(path, handle)
@@ -550,6 +562,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, BadRow("invalid UTF-8")
             except json.JSONDecodeError:
                 yield number, BadRow("invalid JSON")
+            except (ValueError, RecursionError) as exc:
+                yield number, BadRow(f"invalid JSON ({json_failure(exc)})")
 
 
 def _as_utf8(file: io.BufferedReader, path: Path) -> BinaryIO:
@@ -573,7 +587,7 @@ def _refuse_one_object(path: Path, handle: BinaryIO) -> None:
         handle.seek(0)
         try:
             whole = json.loads(handle.read().decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or JSON Python cannot hold
             whole = None
         if isinstance(whole, dict):
             raise StageError(f"{path}: one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), not rows: give "

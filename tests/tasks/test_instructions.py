@@ -361,6 +361,30 @@ def test_a_line_that_is_not_utf8_is_quarantined_and_the_rows_around_it_kept(tmp_
         load_user_data(UserDataSource(path=str(array)))
 
 
+def test_json_python_cannot_hold_is_quarantined_or_a_one_line_error(tmp_path):
+    good = json.dumps({"instruction": "Name a color.", "output": "Blue"})
+    huge, deep = '{"instruction": "x", "output": %s}' % ("9" * 5000), "[" * 100_000 + "]" * 100_000
+    surrogate = '{"instruction": "hi \\ud800 there", "output": "ok"}'
+    user = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udfff"}]}'
+    other = json.dumps({"instruction": "Name a fruit.", "output": "Pear"})
+    path = _write_jsonl(tmp_path / "odd.jsonl", [good, huge, deep, surrogate, user, other])
+    examples, quarantine = load_user_data(UserDataSource(path=str(path)))
+    assert len(examples) == 2
+    assert quarantine == [
+        {"line": 2, "reason": "invalid JSON (Exceeds the limit (4300 digits) for integer string conversion: "
+                                  "value has 5000 digits)"},
+        {"line": 3, "reason": "invalid JSON (nested too deep to parse)"},
+        {"line": 4, "reason": "'instruction' holds a lone surrogate (U+D800), not a character"},
+        {"line": 5, "reason": "assistant content holds a lone surrogate (U+DFFF), not a character"},
+    ]
+    (tmp_path / "rows.json").write_text("[" + huge + "]")
+    with pytest.raises(StageError, match=r"rows.json: invalid JSON \(Exceeds the limit \(4300 digits\)"):
+        load_user_data(UserDataSource(path=str(tmp_path / "rows.json")))
+    (tmp_path / "one.json").write_text("{\n" + huge[1:])
+    with pytest.raises(StageError, match="one.json: no usable rows"):  # not the one-object message: it is no object
+        load_user_data(UserDataSource(path=str(tmp_path / "one.json")))
+
+
 def test_a_byte_order_mark_utf16_and_an_upper_case_ending_are_read(tmp_path):
     rows = [{"instruction": "Name a color.", "output": "Blue"}, {"instruction": "2 + 3?", "output": "5"}]
     bom = b"\xef\xbb\xbf"
