@@ -66,6 +66,7 @@ BINARY_PROBE = 8192
 ROW_GROUP_BYTES = 64 << 20
 BATCH_ROWS = 1024
 FIELD_PROBE = 1000  # records without text_field at a file's start that show the setting, not the data, is wrong
+RECORD_SLACK = 1 << 20  # bytes a JSON line or CSV row may hold beyond its text: the record's other fields
 # Standard-library folders that are not the library itself, or differ between machines.
 STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
 DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -376,12 +377,20 @@ def _read_jsonl(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_
     yield from _records(_json_lines(stream, label, max_doc_chars), text_field, label)
 
 
+def _record_limit(max_doc_chars: int) -> int:
+    """The most a JSON line (bytes) or a CSV field (characters) may take: a guard on memory
+    only, since a document's length is judged on its text. JSON spells one character in up
+    to 12 bytes (`\\ud83d\\ude00`), and a record holds other fields beside its text."""
+    return 12 * max_doc_chars + RECORD_SLACK
+
+
 def _json_lines(stream: io.BufferedIOBase, label: str, max_doc_chars: int) -> Iterator[tuple[str, Any] | _Bad]:
-    for number, line in _lines(stream, 4 * max_doc_chars):
+    limit = _record_limit(max_doc_chars)
+    for number, line in _lines(stream, limit):
         origin = f"{label}:{number}"
         if line is None:
-            yield _Bad(origin, "too-long", f"line {number} is over {4 * max_doc_chars} bytes (4 x max_doc_chars, "
-                       "the most its characters can take in UTF-8)")
+            yield _Bad(origin, "too-long", f"line {number} is over {limit} bytes (12 x max_doc_chars + 1 MiB, "
+                       "more than a document's text, escaped, and a MiB of other fields)")
         elif b"\0" in line:
             yield _Bad(origin, "binary", f"line {number} contains NUL bytes")
         elif line.strip():
@@ -424,7 +433,7 @@ def _read_json(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_c
 def _read_csv(stream: io.BufferedIOBase, label: str, text_field: str, max_doc_chars: int) -> Iterator[_Item]:
     """Rows of a CSV file with a header. Bytes that are not UTF-8 are decoded as lone
     surrogates (`surrogateescape`), so only the rows whose text holds them are quarantined."""
-    csv.field_size_limit(max(csv.field_size_limit(), min(4 * max_doc_chars, 2**31 - 1)))
+    csv.field_size_limit(max(csv.field_size_limit(), min(_record_limit(max_doc_chars), 2**31 - 1)))
     reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=""))
     try:
         if reader.fieldnames is None:  # not even a header
@@ -446,11 +455,19 @@ def _utf8_row(item: _Item, line: int) -> _Item:
     return item
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    """Whether an Arrow column of this type holds strings: plain, large or view, or
+    dictionary-encoded (as pandas writes a categorical column)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
 def _read_parquet(path: Path, label: str, text_field: str) -> Iterator[_Item]:
     table = pq.ParquetFile(path)
     _require(label, text_field, table.schema_arrow.names)
     kind = table.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text(kind):
         raise StageError(f"{label}: column {text_field!r} holds {kind}, not text. Set text_field to a text column.")
     batches = table.iter_batches(batch_size=BATCH_ROWS, columns=[text_field])
     values = (value for batch in batches for value in batch.column(0).to_pylist())

@@ -479,6 +479,24 @@ def test_huge_document_is_quarantined_as_too_long(ws, tmp_path):
         assert ref.counts["quarantined"] == 2
 
 
+def test_a_document_at_the_limit_is_kept_whatever_its_record_takes(ws, tmp_path):
+    text = "\u4e2d" * 1000  # escaped by json.dumps: 6 bytes a character, 6,000 for the text
+    root = tmp_path / "in"
+    write(root / "zh.jsonl", jsonl({"text": text, "meta": "m" * 5000}))
+    long = "x" * 200_000
+    write(root / "rows.csv", f"text\nfirst\n{long}\nafter one\nafter two\n")
+    ref = run(ws, FilesSource(paths=[str(root)]), max_doc_chars=1000)
+    assert texts(ref) == {f"{root}/zh.jsonl:1": text, f"{root}/rows.csv:2": "first", f"{root}/rows.csv:4": "after one",
+                          f"{root}/rows.csv:5": "after two"}
+    assert quarantined(ref) == {f"{root}/rows.csv:3": "too-long"}
+
+
+def test_a_categorical_parquet_text_column_is_text(ws, tmp_path):
+    pq.write_table(pa.table({"text": pa.array(["a b", "c d", "a b"]).dictionary_encode()}), tmp_path / "cat.parquet")
+    ref = run(ws, FilesSource(paths=[str(tmp_path / "cat.parquet")]))
+    assert sorted(texts(ref).values()) == ["a b", "a b", "c d"]
+
+
 MEMORY_PROBE = """
 import resource, sys
 from tasks.collect import CollectConfig, FilesSource, collect
