@@ -379,8 +379,8 @@ class _Judge:
         self.eval_grams = Overlap(config.decontam_ngram, config.decontam_min_words)
         # Validation documents are long enough for whole n-grams; the phrase rule is for short eval texts.
         self.val_grams = Overlap(config.decontam_ngram, config.decontam_ngram)
-        for text in eval_texts:
-            self.eval_grams.add(Words(normalize(text)))
+        for text in eval_texts:  # scrubbed as documents are, so an address in both still matches
+            self.eval_grams.add(Words(scrub_pii(normalize(text))[0]))
 
     def index_validation(self, paths: list[Path]) -> int:
         """First pass: the n-grams of every validation document that this stage keeps, as far as

@@ -351,16 +351,18 @@ def test_decontamination(ws, tmp_path, corpus):
     eval_text = corpus[0][1]  # held out: its 13-grams must not reach training
     span = " ".join(eval_text.split()[20:33])  # 13 words of it
     short_eval = "Reverse the words of this short sentence"  # 7 words: matched as a whole phrase
+    with_address = "Write to alice@example.com from 10.0.0.7 about it"  # scrubbed in documents
     docs = [
         ("has-span", corpus[1][1] + " " + span + " " + corpus[2][1]),
         ("has-12", corpus[3][1] + " " + " ".join(span.split()[:12]) + " " + corpus[4][1]),
         ("has-phrase", corpus[5][1] + " so reverse the words of this short sentence now"),
         ("clean", corpus[6][1]),
+        ("has-address", corpus[7][1] + " then write to alice@example.com from 10.0.0.7 about it."),
     ]
     upstream = write_collect(tmp_path / "collect", docs)
-    ref = clean(upstream, CleanConfig(val_fraction=0), ws, eval_texts=[eval_text, short_eval])
+    ref = clean(upstream, CleanConfig(val_fraction=0), ws, eval_texts=[eval_text, short_eval, with_address])
     samples = quarantine(ref).set_index("id")
-    assert set(samples.index) == {"has-span", "has-phrase"}
+    assert set(samples.index) == {"has-span", "has-phrase", "has-address"}
     assert (samples["reason"] == "contaminated").all()
     assert set(output(ref)["id"]) == {"has-12", "clean"}
 
