@@ -299,14 +299,14 @@ def prune_command(args: argparse.Namespace) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> None:
+    from flows.deploy import check_cron, require_server, serve
     from tasks.config import load_config
 
     config = load_config(args.preset, args.config, args.overrides, fallback=DEFAULT_PRESET)
+    require_server()  # before the workspace and its Prefect home are made
     root = prepare_environment(args.workspace)
     check_servers()
-    from flows.deploy import check_cron, serve
-
-    check_cron(args.cron)
+    check_cron(args.cron)  # loads Prefect: only once prepare_environment has set its home
     serve(config, str(root), args.cron)
 
 

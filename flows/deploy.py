@@ -74,10 +74,16 @@ def check_cron(cron: str) -> None:
                          f"e.g. {DEFAULT_CRON!r} (daily at 03:00)") from None
 
 
-def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> None:
-    """Serve all deployments until interrupted (needs a Prefect server)."""
+def require_server() -> None:
+    """Refuse to serve without a Prefect server: the deployments would live only as long as
+    the temporary one a run starts, unseen by any UI."""
     if not os.environ.get("PREFECT_API_URL"):
         raise StageError("tinyseek serve needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
+
+
+def serve(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_CRON) -> None:
+    """Serve all deployments until interrupted (needs a Prefect server)."""
+    require_server()
     from prefect import serve as prefect_serve
 
     try:

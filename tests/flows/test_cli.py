@@ -1,8 +1,11 @@
 """Errors a user can meet are one clear line (exit code 2), never a traceback."""
 
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -145,10 +148,39 @@ def test_up_names_the_option_for_a_port_in_use(tmp_path):
         assert_one_line_error(result, "--mlflow-port")
 
 
+@contextlib.contextmanager
+def healthy_server():
+    """The URL of a local HTTP server that answers every GET with 200, as a server's health check does."""
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
 def test_a_retrain_schedule_that_is_not_cron_is_refused_before_serving(tmp_path):
-    for command in "serve", "up":
-        result = tinyseek(command, "--workspace", str(tmp_path), "--cron", "every day")
-        assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
+    with healthy_server() as url:
+        result = tinyseek("serve", "--workspace", str(tmp_path), "--cron", "every day", PREFECT_API_URL=f"{url}/api")
+    assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
+    result = tinyseek("up", "--workspace", str(tmp_path), "--cron", "every day")
+    assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
+
+
+def test_serve_without_a_server_says_so_and_leaves_no_trace(tmp_path):
+    result = tinyseek("serve", "--workspace", str(tmp_path / "ws"))
+    assert_one_line_error(result, "needs a Prefect server: set PREFECT_API_URL, or use `tinyseek up`")
+    assert not (tmp_path / "ws").exists()
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
