@@ -48,7 +48,7 @@ from tasks.chat import (BOS, END, EOS, PAD, SPECIAL_TOKENS, encode_text, hf_toke
                         render_prompt)
 from tasks.stage import StageError, resolve_device, user_cache
 from tasks.tokenize import show_token
-from tasks.tracking import EXPERIMENT, moved, moved_root, tracking_uri, workspace_move
+from tasks.tracking import EXPERIMENT, moved, moved_root, readable_store, tracking_uri, workspace_move
 
 DEFAULT_REF = "models:/tinyseek@champion"
 MODEL_FILES = (MODEL_FILE, MODEL_CONFIG_FILE)
@@ -110,12 +110,15 @@ class _Registry:
     def __init__(self, uri: str):
         path = Path(uri.removeprefix("sqlite:///"))
         if uri.startswith("sqlite:///") and not path.is_file():
+            if os.environ.get("MLFLOW_TRACKING_URI"):  # the variable, not the workspace, named it
+                raise StageError(f"no MLflow store at {path}, where MLFLOW_TRACKING_URI={uri} points: fix or unset it")
             raise StageError(
                 f"no MLflow store at {path} (train a model into this workspace first: `tinyseek run "
                 f"--workspace {path.parent}`, or set MLFLOW_TRACKING_URI to a server)"
             )
         self.uri = uri
-        self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with readable_store(uri):
+            self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def fetch(self, ref: str, cache: Path) -> Path:
         try:

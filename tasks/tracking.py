@@ -52,7 +52,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
 from tasks.interrupts import interrupts_held
-from tasks.stage import REPO_ROOT, file_lock
+from tasks.stage import REPO_ROOT, StageError, file_lock
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -92,6 +92,21 @@ def quiet_mlflow() -> None:
 def tracking_uri(root: Path) -> str:
     """`$MLFLOW_TRACKING_URI` if set, else the SQLite store in the workspace `root`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / DB_FILE}"
+
+
+@contextmanager
+def readable_store(uri: str) -> Iterator[None]:
+    """Within the block, a SQLite store that is no database (damaged, or another file under
+    its name) is a StageError naming the file, not SQLAlchemy's traceback."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.DatabaseError as exc:
+        if type(exc.orig) is not sqlite3.DatabaseError:  # a locked or missing table is another matter
+            raise
+        raise StageError(f"the MLflow store {make_url(uri).database} cannot be read ({exc.orig}): restore it from "
+                         "a copy, or use another --workspace") from None
 
 
 def artifact_location(uri: str) -> str | None:
@@ -337,7 +352,7 @@ class Tracker:
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
         # the first use of a SQLite store creates and migrates it: one process at a time
-        with store_lock(self.uri, self.root):
+        with store_lock(self.uri, self.root), readable_store(self.uri):
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             self.client = _Uninterrupted(client) if self.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)

@@ -171,6 +171,22 @@ def test_no_store_yet_says_run_first(ws, monkeypatch):
     assert not (ws / "mlflow.db").exists()
 
 
+def test_a_store_that_is_no_database_or_named_by_the_variable_is_said_so(ws, monkeypatch):
+    from tasks.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (ws / "mlflow.db").write_text("garbage\n")
+    damaged = rf"the MLflow store {ws / 'mlflow.db'} cannot be read \(file is not a database\): restore it"
+    with pytest.raises(StageError, match=damaged):
+        resolve_model(inference.DEFAULT_REF, ws)
+    with pytest.raises(StageError, match=damaged):
+        Tracker(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    with pytest.raises(StageError, match=r"no MLflow store at elsewhere.db, where MLFLOW_TRACKING_URI=sqlite:///"
+                                         r"elsewhere.db points: fix or unset it$"):
+        resolve_model(inference.DEFAULT_REF, ws)
+
+
 @pytest.mark.parametrize(
     "ref, message",
     [
