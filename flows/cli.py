@@ -119,7 +119,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def add_workspace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", help="where outputs, checkpoints and the MLflow store live "
-                        "(default: $TINYSEEK_WORKSPACE, else data/)")
+                        "(default: $TINYSEEK_WORKSPACE, else data/ in the project, whatever the current directory)")
 
 
 def print_summary(result: dict[str, Any], as_json: bool) -> None:
@@ -179,9 +179,9 @@ FLOW_HELP = {
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/tinyseek@champion",
-                        help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, an MLflow run id (that `run`, "
-                        "`pretrain` or `finetune` printed), or a model directory (default: models:/tinyseek@champion "
-                        "in the workspace's MLflow store)")
+                        help="models:/tinyseek@ALIAS, models:/tinyseek/VERSION, models:/m-<id> (a logged model), "
+                        "runs:/RUN_ID/PATH, an MLflow run id (that `run`, `pretrain` or `finetune` printed), or a "
+                        "model directory (default: models:/tinyseek@champion in the workspace's MLflow store)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
 
 
@@ -231,7 +231,8 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
     unused = [option for option, value in (("--top-k", args.top_k), ("--top-p", args.top_p < 1),
                                            ("--seed", args.seed is not None)) if value]
     if args.temperature == 0 and unused:
-        print(f"note: {' and '.join(unused)} only apply when sampling (--temperature above 0); "
+        verb = "applies" if len(unused) == 1 else "apply"
+        print(f"note: {' and '.join(unused)} only {verb} when sampling (--temperature above 0); "
               f"decoding greedily", file=sys.stderr)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed}
@@ -437,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = os.environ.get("MLFLOW_TRACKING_URI") or "the workspace's MLflow store"
         detail = str(exc).splitlines()[0][:300]
-        print(f"error: MLflow tracking at {where} failed ({detail}); finished stages are kept, "
-              "run again when it answers", file=sys.stderr)
+        hint = "; finished stages are kept, run again when it answers" if getattr(args, "resumable", False) else ""
+        print(f"error: MLflow tracking at {where} failed ({detail}){hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up at exit short

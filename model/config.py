@@ -81,8 +81,11 @@ class ModelConfig:
         if unknown:
             import difflib
 
-            hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, names, 2)) or 'nothing close'}?)" for k in unknown]
-            raise ConfigError(f"unknown model config field(s): {'; '.join(hints)}")
+            def hint(name: str) -> str:
+                close = difflib.get_close_matches(name, names, 2)
+                return f"{name} (did you mean {', '.join(close)}?)" if close else name
+
+            raise ConfigError(f"unknown model config field(s): {'; '.join(map(hint, unknown))}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -133,6 +133,9 @@ def test_server_urls_that_do_not_answer(tmp_path):
     assert_one_line_error(result, "MLFLOW_TRACKING_URI", "does not answer")  # not minutes of retries
     result = tinyseek("data", "--workspace", str(tmp_path), PREFECT_API_URL=dead.removeprefix("http://"))
     assert_one_line_error(result, "PREFECT_API_URL", "is not an http(s) URL")
+    result = tinyseek("generate", "--prompt", "hi", "--workspace", str(tmp_path), MLFLOW_TRACKING_URI="foo://bar")
+    assert_one_line_error(result, "MLflow tracking at foo://bar failed", "unsupported URI 'foo://bar'")
+    assert "finished stages" not in result.stderr  # generate has none
 
 
 def test_up_names_the_option_for_a_port_in_use(tmp_path):
@@ -220,6 +223,8 @@ def test_sampling_options_that_greedy_decoding_ignores_are_noted(capsys):
     sampling(parser.parse_args(["generate", "--prompt", "x", "--top-k", "5", "--seed", "3"]))
     assert capsys.readouterr().err == ("note: --top-k and --seed only apply when sampling (--temperature above 0); "
                                        "decoding greedily\n")
+    sampling(parser.parse_args(["generate", "--prompt", "x", "--seed", "3"]))
+    assert capsys.readouterr().err.startswith("note: --seed only applies when sampling")
     for quiet in (["--top-k", "5", "--temperature", "0.7"], ["--top-k", "0", "--top-p", "1"]):
         assert sampling(parser.parse_args(["chat", *quiet]))["top_k"] in (0, 5)
     assert capsys.readouterr().err == ""

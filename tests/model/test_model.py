@@ -298,3 +298,5 @@ def test_impossible_configs_fail_naming_the_field(overrides, field):
 def test_unknown_field_suggests_the_close_name():
     with pytest.raises(ConfigError, match="did you mean hidden_size"):
         ModelConfig.from_dict({"hiden_size": 64})
+    with pytest.raises(ConfigError, match=r"unknown model config field\(s\): bogus; hiden_size \(did you mean hidden_size\?\)$"):
+        ModelConfig.from_dict({"bogus": 1, "hiden_size": 64})  # no suggestion where nothing is close
