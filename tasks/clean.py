@@ -130,8 +130,9 @@ class CleanConfig(Settings):
         0.8, gt=0, le=1, description="Estimated Jaccard similarity of word shingles that makes a near-duplicate."
     )
     shingle_words: int = Field(5, ge=1, description="Words per shingle for near-deduplication.")
-    num_perm: int = Field(128, ge=8, description="MinHash permutations (signature length) for near-deduplication.")
-    minhash_seed: int = Field(42, ge=0, description="Seed of the MinHash permutations.")
+    num_perm: int = Field(128, ge=8, le=8192,
+                          description="MinHash permutations (signature length) for near-deduplication.")
+    minhash_seed: int = Field(42, ge=0, lt=2**64, description="Seed of the MinHash permutations (0 to 2**64 - 1).")
     decontam_ngram: int = Field(
         13, ge=1, description="Drop documents sharing this many consecutive words with validation or evaluation text."
     )

@@ -71,7 +71,7 @@ class TokenizeConfig(Settings):
         le=MAX_VOCAB,
         description=f"Vocabulary size: special tokens, 256 bytes, then learned merges; at most {MAX_VOCAB:,}.",
     )
-    min_frequency: int = Field(2, ge=1, description="A pair must occur at least this often to be merged.")
+    min_frequency: int = Field(2, ge=1, lt=2**64, description="A pair must occur at least this often to be merged.")
     train_max_bytes: int | None = Field(
         8_000_000,
         ge=1,

@@ -146,6 +146,15 @@ def test_a_misspelt_name_in_a_config_file_gets_the_closest_names(tmp_path, text,
     assert "Field required" not in str(error.value)  # the misspelt name's missing twin is not listed again
 
 
+def test_numbers_the_libraries_below_cannot_take_are_refused_by_the_config():
+    with pytest.raises(StageError, match=r"clean.num_perm: Input should be less than or equal to 8192; "
+                                         r"clean.minhash_seed: Input should be less than 18446744073709551616; "
+                                         r"tokenize.min_frequency: Input should be less than 18446744073709551616$"):
+        load_config("tiny", overrides=[f"clean.minhash_seed={2**64}", "clean.num_perm=1000000000",
+                                       f"tokenize.min_frequency={2**64}"])
+    load_config("tiny", overrides=[f"clean.minhash_seed={2**64 - 1}", f"tokenize.min_frequency={2**64 - 1}"])
+
+
 def test_every_problem_is_listed_up_to_four():
     with pytest.raises(StageError) as error:
         load_config("tiny", overrides=["pretrain.steps=abc", "pretrain.lr=-1"])
