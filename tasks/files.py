@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tasks.stage import StageError
+
 # how a UTF-16 file starts (little- or big-endian), as Windows editors save "Unicode" text
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
@@ -27,11 +29,18 @@ def walk(top: Path) -> list[Path]:
     if not top.is_dir():
         return [top]
     found, seen = [], {top.resolve()}
-    for folder, dirnames, filenames in os.walk(top, followlinks=True):
+    for folder, dirnames, filenames in os.walk(top, followlinks=True, onerror=_unlisted):
         visible = sorted(name for name in dirnames if not name.startswith("."))
         dirnames[:] = [name for name in visible if _first_visit(Path(folder) / name, seen)]
         found += [Path(folder) / name for name in sorted(filenames) if not name.startswith(".")]
     return found
+
+
+def _unlisted(error: OSError) -> None:
+    """A folder that cannot be listed stops the walk: skipped, its files would be missing
+    from the corpus without a word."""
+    raise StageError(f"{error.filename}: cannot list this folder ({error.strerror}); "
+                     "make it readable, or leave it out of the paths")
 
 
 def _first_visit(folder: Path, seen: set[Path]) -> bool:

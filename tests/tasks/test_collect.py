@@ -468,6 +468,21 @@ def test_user_errors_are_one_clear_line(ws, tmp_path, monkeypatch):
     assert not list((ws / "collect").glob("*/manifest.json"))
 
 
+def test_a_folder_that_cannot_be_listed_stops_the_stage_naming_it(ws, tmp_path, monkeypatch):
+    write(tmp_path / "in" / "a.txt", "readable")
+    write(tmp_path / "in" / "locked" / "b.txt", "behind a folder without permission")
+    scandir = os.scandir
+
+    def refusing(path="."):  # as for a folder of another user without read permission
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(StageError, match=r"in/locked: cannot list this folder \(Permission denied\); make it readable"):
+        run(ws, FilesSource(paths=[str(tmp_path / "in")]))
+
+
 def test_huge_document_is_quarantined_as_too_long(ws, tmp_path):
     write(tmp_path / "in" / "big.jsonl", jsonl({"text": "before"}, {"text": "y" * BIG}, {"text": "after"}))
     write(tmp_path / "in" / "big.txt", "x" * BIG)
