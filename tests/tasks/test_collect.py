@@ -577,13 +577,20 @@ def test_hf_hub_dataset_unavailable_offline_is_a_clear_error(ws, monkeypatch):
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; answers 503 to the next `failures[path]` requests for a path."""
+    """Serves a folder; answers 503 to the next `failures[path]` requests for a path, and
+    sends the paths in `unsized` with a Content-Length header that is no number."""
 
     def do_GET(self):
         self.server.requests.append(self.path)
         if self.server.failures.get(self.path, 0):
             self.server.failures[self.path] -= 1
             self.send_error(503)
+            return
+        if self.path in self.server.unsized:
+            self.send_response(200)
+            self.send_header("Content-Length", "unknown")
+            self.end_headers()
+            self.wfile.write((Path(self.directory) / self.path.lstrip("/")).read_bytes())
             return
         super().do_GET()
 
@@ -596,7 +603,7 @@ def server(tmp_path):
     folder = tmp_path / "www"
     folder.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
-    httpd.requests, httpd.failures = [], {}
+    httpd.requests, httpd.failures, httpd.unsized = [], {}, set()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield SimpleNamespace(folder=folder, url=f"http://127.0.0.1:{httpd.server_port}", httpd=httpd)
@@ -648,6 +655,10 @@ def test_url_over_max_bytes_is_quarantined(ws, server):
 
     ref = run(ws, UrlSource(urls=[f"{server.url}/big.txt", f"{server.url}/small.txt"], max_bytes=1000))
 
+    assert texts(ref) == {f"{server.url}/small.txt": "fits"}
+    assert quarantined(ref) == {f"{server.url}/big.txt": "too-large"}
+    server.httpd.unsized |= {"/big.txt", "/small.txt"}  # the size is then counted as the body comes
+    ref = run(ws, UrlSource(urls=[f"{server.url}/big.txt", f"{server.url}/small.txt"], max_bytes=1000), refresh=1)
     assert texts(ref) == {f"{server.url}/small.txt": "fits"}
     assert quarantined(ref) == {f"{server.url}/big.txt": "too-large"}
 
