@@ -137,8 +137,9 @@ def print_summary(result: dict[str, Any], as_json: bool) -> None:
     if version and result.get("promoted"):
         print(f"registered model tinyseek version {version} ({result['model_uri']}), now the champion: {reason}")
     elif version and version != champion:
+        stays = f"models:/tinyseek@champion stays version {champion}" if champion else "there is no champion yet"
         print(f"registered model tinyseek version {version} ({result['model_uri']}) as challenger only: {reason}; "
-              f"models:/tinyseek@champion stays version {champion}")
+              f"{stays}")
     elif reason:
         print(reason)
     if result.get("report"):

@@ -438,7 +438,8 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                     "champion_before": champion}
     comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None
     create_markdown_artifact(decision_markdown(run.decision, comparison), description="promotion decision")
-    verdict = "the champion" if promoted else f"the challenger; the champion stays version {champion}"
+    stays = f"the champion stays version {champion}" if champion else "there is no champion yet"
+    verdict = "the champion" if promoted else f"the challenger; {stays}"
     get_run_logger().info(f"registered version {version} of {MODEL_NAME} as {verdict}: {reason}")
     run.decision["report"] = str(write_run_report(run, comparison))
     return run.decision

@@ -403,14 +403,16 @@ def decide_promotion(
     """Promote when there is no champion, or the challenger is strictly better on the primary
     metric. A champion without the metric is beaten; one whose value was measured on other
     things (`measured_on`, where both record it) is not compared, nor is a value that is not
-    a finite number (a diverged run) promoted."""
+    a finite number (a diverged run), or none (the metric was not measured), promoted."""
     ours = resolve(metrics, primary_metric)
     if ours is None:
         recorded = [metrics[key] for key in (primary_metric, f"{primary_metric}_tuned") if key in metrics]
         if recorded:
             return False, f"not promoted: {primary_metric} is {recorded[0]}, not a finite number"
-        known = ", ".join(_candidate_names(metrics))
-        raise StageError(f"evaluate.primary_metric={primary_metric!r} is not an evaluation metric; use one of: {known}")
+        # a name the config accepts, that this run measured nothing for: no validation split, no
+        # held-out rows of that family, or no expert load recorded
+        return False, (f"not promoted: this run measured no {primary_metric} (evaluate.primary_metric) to decide on; "
+                       f"it measured {', '.join(_candidate_names(metrics)) or 'nothing'}")
     direction = "lower" if lower_is_better(primary_metric) else "higher"
     if champion_metrics is None:
         return True, f"no champion yet; {primary_metric} = {ours:.4g}"
@@ -570,7 +572,10 @@ def evaluate(
                                 config.max_new_tokens, context):
             log(note)
         window = validation_window(config.seq_len, context, val)
-        if window < min(config.seq_len, context):
+        if not any(file.stat().st_size for file in val.files):
+            log("evaluate: the validation split holds no tokens (clean.val_fraction=0, or a corpus too small to "
+                "give one): val_loss and val_bpb are not measured")
+        elif window < min(config.seq_len, context):
             log(f"evaluate: no validation file holds more than {window + 1} tokens: validation windows of {window} "
                 f"tokens instead of evaluate.seq_len={config.seq_len}")
         measured = config.model_copy(update={"seq_len": window})

@@ -312,6 +312,9 @@ def test_a_damaged_model_directory(tmp_path):
      ({"version": 2, "promoted": False, "champion_before": 1, "reason": "m 0.4 does not beat the champion's 0.5"},
       "version 2 (models:/tinyseek/2) as challenger only: m 0.4 does not beat the champion's 0.5; "
       "models:/tinyseek@champion stays version 1"),
+     ({"version": 1, "promoted": False, "champion_before": None, "reason": "not promoted: this run measured no val_loss"},
+      "version 1 (models:/tinyseek/1) as challenger only: not promoted: this run measured no val_loss; "
+      "there is no champion yet"),
      ({"version": 1, "promoted": False, "champion_before": 1, "reason": "unchanged: version 1 (the champion) is this model"},
       "unchanged: version 1 (the champion) is this model")],
 )

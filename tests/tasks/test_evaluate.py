@@ -210,8 +210,10 @@ def test_decide_promotion():
     # a diverged run is not promoted, and is told so
     promote, reason = decide_promotion({**ours, "val_bpb_tuned": float("nan")}, None, "val_bpb")
     assert not promote and reason == "not promoted: val_bpb is nan, not a finite number"
-    with pytest.raises(StageError, match="exact_match_mean"):
-        decide_promotion(ours, None, "accuracy")
+    # a metric this run did not measure (no validation split, say) is no ground to promote on
+    promote, reason = decide_promotion(ours, None, "val_loss")
+    assert not promote and reason == ("not promoted: this run measured no val_loss (evaluate.primary_metric) to "
+                                      "decide on; it measured exact_match_mean, val_bpb")
 
 
 def test_scores_measured_on_other_things_are_not_compared(tmp_path):
@@ -324,6 +326,12 @@ def test_evaluate_stage_writes_metrics_and_tables(ws, tokenizer, monkeypatch):
     assert said[-1] == ("evaluate: no validation file holds more than 20 tokens: validation windows of 19 tokens "
                         "instead of evaluate.seq_len=32")
     assert {"val_loss_base", "val_loss_tuned"} <= set(metrics_of(fitted))
+    (ws / "empty.bin").write_bytes(b"")  # clean.val_fraction=0: the split is an empty file
+    said.clear()
+    unmeasured = evaluate(base, tuned, config, INSTRUCTIONS, [ws / "empty.bin"], "uint16", 1.5, root=ws, log=said.append)
+    assert said[-1] == ("evaluate: the validation split holds no tokens (clean.val_fraction=0, or a corpus too small "
+                        "to give one): val_loss and val_bpb are not measured")
+    assert not any(name.startswith("val_") for name in metrics_of(unmeasured))
 
     # a narrower decode cache is another measurement, and every generation decodes with it
     cache_dtypes = []
