@@ -375,13 +375,14 @@ def registered_version(tracker: Tracker, fp: str) -> int | None:
     return min((int(v.version) for v in versions), default=None)
 
 
-def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: int | None) -> dict[str, Any]:
+def _not_promoted(run: PipelineRun, version: int | None, reason: str, champion: int | None,
+                  comparison: pd.DataFrame | None) -> dict[str, Any]:
     """End the run without a promotion decision against the champion: record why, write the report."""
     model_uri = f"models:/{MODEL_NAME}/{version}" if version is not None else None
     run.decision = {"version": version, "model_uri": model_uri, "promoted": False, "reason": reason,
                     "champion_before": champion}
     get_run_logger().info(reason)
-    run.decision["report"] = str(write_run_report(run, None))
+    run.decision["report"] = str(write_run_report(run, comparison))
     return run.decision
 
 
@@ -406,14 +407,17 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     cfg = run.config
     tracker, tuned = run.tracker, run.refs["finetune"]
     champion, previous, previous_measured_on = champion_metrics(tracker)
+    comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric, run.measured_on,
+                                       previous_measured_on) if previous else None
     if cfg.evaluate.kv_cache_dtype != "auto":
         # served models decode with their own dtype's cache: their recorded scores must be those
         return _not_promoted(run, None, f"not registered: evaluated with evaluate.kv_cache_dtype="
                              f"{cfg.evaluate.kv_cache_dtype}; the registry compares models as they are served, "
-                             "with a KV cache in the model's dtype", champion)
+                             "with a KV cache in the model's dtype", champion, comparison)
     existing = registered_version(tracker, tuned.fingerprint)
     if existing is not None and existing == champion:
-        return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion)
+        return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion,
+                             comparison)
     measured = {f"{MEASURED_ON_TAG}{kind}": digest for kind, digest in run.measured_on.items()}
     with run.child_run("register", tags={**_stage_tags(run), "fingerprint": tuned.fingerprint, **measured}) as child:
         if existing is None:
@@ -436,7 +440,6 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     model_uri = f"models:/{MODEL_NAME}/{version}"  # as registered: what --model and MLflow's pages take
     run.decision = {"version": version, "model_uri": model_uri, "promoted": promoted, "reason": reason,
                     "champion_before": champion}
-    comparison = compare_with_champion(run.metrics, previous, cfg.evaluate.primary_metric) if previous else None
     create_markdown_artifact(decision_markdown(run.decision, comparison), description="promotion decision")
     stays = f"the champion stays version {champion}" if champion else "there is no champion yet"
     verdict = "the champion" if promoted else f"the challenger; {stays}"
@@ -502,6 +505,7 @@ def write_run_report(run: PipelineRun, comparison: pd.DataFrame | None) -> Path:
         links={"MLflow run": f"{run.tracker.uri} run {run.parent_id}",
                "Prefect flow run": _flow_run_url() or f"{flow_run.get_id()} (temporary local server, no UI)"},
         decision=run.decision["reason"] if run.decision else "",
+        champion=run.decision.get("champion_before"),
     )
     run.tracker.log_artifacts(run.parent_id, report.parent, "report")
     create_markdown_artifact(report.read_text(), description="tinyseek run report")

@@ -357,18 +357,22 @@ def _candidate_names(metrics: dict[str, Any]) -> list[str]:
 
 
 def compare_with_champion(
-    metrics: dict[str, Any], champion_metrics: dict[str, Any] | None, primary_metric: str
+    metrics: dict[str, Any], champion_metrics: dict[str, Any] | None, primary_metric: str,
+    ours_measured_on: dict[str, str] | None = None, champion_measured_on: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """(metric, challenger, champion, better) for every metric both have, the primary one first.
 
-    Both dicts are metrics.json-style; the fine-tuned model's values are compared.
+    Both dicts are metrics.json-style; the fine-tuned model's values are compared. A metric
+    the two measured on other things (`measured_on`) is listed as "not comparable".
     """
     champion_metrics = champion_metrics or {}
     rows = []
     for name in _candidate_names(metrics):
         ours, theirs = resolve(metrics, name), resolve(champion_metrics, name)
         if ours is not None and theirs is not None:
-            rows.append({"metric": name, "challenger": ours, "champion": theirs, "better": _better(name, ours, theirs)})
+            apart = _measured_apart(name, ours_measured_on, champion_measured_on)
+            better = "not comparable" if apart else _better(name, ours, theirs)
+            rows.append({"metric": name, "challenger": ours, "champion": theirs, "better": better})
     table = pd.DataFrame(rows, columns=["metric", "challenger", "champion", "better"])
     primary_first = table["metric"].ne(primary_metric).astype(int)
     return table.iloc[primary_first.argsort(kind="stable")].reset_index(drop=True)
@@ -384,6 +388,13 @@ def score_kind(metric: str) -> str | None:
 MEASURED_ON = {"exact_match": "instruction problems or answer budget (evaluate.max_new_tokens)",
                "validation": "validation tokens or windows (a new tokenizer or corpus, evaluate.seq_len, "
                              "val_batches or batch_size)"}
+
+
+def _measured_apart(metric: str, ours: dict[str, str] | None, theirs: dict[str, str] | None) -> bool:
+    """Whether both record what `metric` was measured on, and it differs."""
+    kind = score_kind(metric)
+    ours_on, theirs_on = (ours or {}).get(kind), (theirs or {}).get(kind)
+    return bool(ours_on and theirs_on and ours_on != theirs_on)
 
 
 def measured_on(scored: Sequence[Example], val: Validation, config: EvaluateConfig) -> dict[str, str]:
@@ -416,9 +427,8 @@ def decide_promotion(
     direction = "lower" if lower_is_better(primary_metric) else "higher"
     if champion_metrics is None:
         return True, f"no champion yet; {primary_metric} = {ours:.4g}"
-    kind = score_kind(primary_metric)
-    ours_on, theirs_on = (ours_measured_on or {}).get(kind), (champion_measured_on or {}).get(kind)
-    if ours_on and theirs_on and ours_on != theirs_on:
+    if _measured_apart(primary_metric, ours_measured_on, champion_measured_on):
+        kind = score_kind(primary_metric)
         return False, (f"not compared: the champion's {primary_metric} was measured on other {MEASURED_ON[kind]}; "
                        f"this model's is {ours:.4g}. Set the champion alias in MLflow to serve it anyway")
     theirs = resolve(champion_metrics, primary_metric)

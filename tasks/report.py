@@ -237,8 +237,13 @@ def _scores_section(metrics: Mapping[str, Any], exact_match: pd.DataFrame) -> st
     )
 
 
-def _comparison_section(comparison: pd.DataFrame | None, decision: str) -> str:
-    table = markdown_table(comparison) if comparison is not None else f"{NONE}: there is no champion to compare with."
+def _comparison_section(comparison: pd.DataFrame | None, decision: str, champion: int | None) -> str:
+    if comparison is not None:
+        table = markdown_table(comparison)
+    elif champion is None:
+        table = f"{NONE}: there is no champion to compare with."
+    else:  # registered by hand, say: no run recorded its scores
+        table = f"{NONE}: the champion (version {champion}) has no recorded scores to compare with."
     return _section(
         "Comparison with the champion",
         "The registered champion is the best model so far; the new model (challenger) replaces it only when it "
@@ -270,6 +275,7 @@ def write_report(
     links: Mapping[str, str],
     expert_load: pd.DataFrame | None = None,
     decision: str = "",
+    champion: int | None = None,
 ) -> Path:
     """Write `report.md` and its plots into `out_dir`; returns the report's path.
 
@@ -277,7 +283,8 @@ def write_report(
     `metrics` is the flat evaluate dict (names ending in _base/_tuned, and max_vio_final); `curves` has columns
     (step, stage, metric, value); `max_vio` has a `layer` column and one MaxVio column per
     run; `expert_load` (layer, expert, share[, model]) gives the heatmap when present;
-    `comparison` is None when there is no champion; `decision` is the promotion verdict.
+    `comparison` is None when there is no champion (`champion` None) or it has no recorded
+    scores; `decision` is the promotion verdict.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +309,7 @@ def write_report(
                  markdown_table(generations)),
         _section("Next-token view", "The most likely next tokens after each prompt and their probabilities, "
                  "for the base and the fine-tuned model.", markdown_table(next_token)),
-        _comparison_section(comparison, decision),
+        _comparison_section(comparison, decision, champion),
         _links_section(links),
     ]
     path = out / REPORT_FILE

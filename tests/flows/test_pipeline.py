@@ -103,6 +103,9 @@ def test_second_run_reuses_every_stage(built):
     assert pretrain.data.tags["cached"] == "True" and "loss" in pretrain.data.metrics  # where the reused run ended
     report = (root / "reports" / summary["mlflow_run_id"] / "report.md").read_text()
     assert "| pretrain (reused) | 0 |" in report and "Total: 0.0 s." in report
+    # the champion is this very model: its recorded scores beside this run's, the same
+    assert "Decision: unchanged: version 1 (the champion) is this model" in report
+    assert "| exact_match_mean |" in report.split("Comparison with the champion")[1] and "no champion" not in report
     assert time.time() - started < first_seconds
 
 

@@ -254,6 +254,10 @@ def test_compare_with_champion_lists_shared_metrics_primary_first():
         "better": ["same", "challenger", "champion"],
     }
     assert compare_with_champion(ours, None, "val_loss").empty
+    # scores measured on other problems are listed, not judged
+    apart = compare_with_champion(ours, theirs, "exact_match_mean", {"exact_match": "A", "validation": "V"},
+                                  {"exact_match": "B", "validation": "V"})
+    assert apart["better"].tolist() == ["not comparable", "challenger", "champion"]
 
 
 # ---- the stage end to end --------------------------------------------------------------

@@ -97,6 +97,8 @@ def test_empty_report_still_has_every_section(tmp_path):
     text = assert_rendered(write_report(tmp_path, **empty_inputs()))
     assert text.count("_none_") >= 9
     assert "there is no champion to compare with" in text
+    text = assert_rendered(write_report(tmp_path, **empty_inputs(), champion=3))  # one registered by hand
+    assert "the champion (version 3) has no recorded scores to compare with" in text
 
 
 def test_markdown_table_formats_and_escapes():
