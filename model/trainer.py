@@ -34,7 +34,7 @@ Callback = Callable[[int, dict[str, float]], None]
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; nothing from that step was applied or saved."""
+    """The loss or the gradient became NaN or infinite; nothing from that step was applied or saved."""
 
 
 class Batches(Protocol):
@@ -188,11 +188,12 @@ class Trainer:
         return self.model.update_router_bias(self.use_mtp)
 
     def _divergence(self, metrics: dict[str, float]) -> str:
-        """What stopped training: the losses that are not finite (all three shown), and the
-        checkpoint a resumed run would start from."""
-        names = {"loss": "loss", "mtp_loss": "MTP loss", "balance_loss": "balance loss"}
-        bad = [name for key, name in names.items() if not math.isfinite(metrics[key])]
-        values = ", ".join(f"{name} {metrics[key]:.4g}" for key, name in names.items())
+        """What stopped training: the losses (all three shown) or the gradient norm that are not
+        finite, and the checkpoint a resumed run would start from."""
+        names = {"loss": "loss", "mtp_loss": "MTP loss", "balance_loss": "balance loss", "grad_norm": "gradient norm"}
+        shown = [key for key in names if key in metrics]
+        bad = [names[key] for key in shown if not math.isfinite(metrics[key])]
+        values = ", ".join(f"{names[key]} {metrics[key]:.4g}" for key in shown)
         kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step
                 else "no checkpoint was written before it")
         return (f"training stopped at step {self.step + 1}: the {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
@@ -222,6 +223,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self._divergence(metrics))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not math.isfinite(float(grad_norm)):  # finite losses can still overflow their gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(self._divergence({**metrics, "grad_norm": float(grad_norm)}))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         max_vio = self._balance_routers()

@@ -158,6 +158,16 @@ def test_divergence_names_the_loss_that_is_not_finite_and_that_no_checkpoint_exi
     assert not list((tmp_path / "ckpt").glob("step-*"))
 
 
+def test_a_gradient_that_is_not_finite_stops_training_before_it_is_applied(tmp_path):
+    trainer = make_trainer(tmp_path, steps=5, checkpoint_every=1, mtp_lambda=1e300)  # finite losses, inf gradients
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match=r"step 1: the gradient norm is not finite \(loss [0-9.]+, .*gradient "
+                                            r"norm (nan|inf)\); no checkpoint was written before it"):
+        trainer.fit()
+    assert all(torch.equal(before[name], value) for name, value in trainer.model.state_dict().items())
+    assert not list((tmp_path / "ckpt").glob("step-*"))
+
+
 def test_corrupted_checkpoint_falls_back_to_the_previous(tmp_path):
     make_trainer(tmp_path, steps=10).fit()
     newest = tmp_path / "ckpt" / "step-000010" / "model.safetensors"
