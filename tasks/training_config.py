@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from model.trainer import TrainConfig
 
 
+# Micro-batches of one optimizer step, which the trainer holds at once: a batch_tokens set by a
+# few orders of magnitude too high would otherwise fill memory before the first step ends.
+MAX_GRAD_ACCUM = 4096
+
+
 class TrainingConfig(Settings):
     """How long and how to train; the same form for pretraining and fine-tuning."""
 
@@ -59,7 +64,7 @@ class TrainingConfig(Settings):
         "are all one length."
     )
     devices: int = Field(1, ge=1, description="Processes to train with (torchrun DDP when > 1).")
-    threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads for torch (0: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     init_from: str | None = Field(
         None, description="Model directory to continue from instead of random weights (pretraining only)."
@@ -70,6 +75,10 @@ class TrainingConfig(Settings):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}: the schedule decays from lr to min_lr, "
                              "so lower min_lr (or raise lr)")
+        if self.grad_accum(self.devices) > MAX_GRAD_ACCUM:
+            raise ValueError(f"batch_tokens={self.batch_tokens} takes {self.grad_accum(self.devices):,} passes of "
+                             f"micro_batch x seq_len x devices a step, more than {MAX_GRAD_ACCUM:,}: lower batch_tokens "
+                             "or raise micro_batch")
         return self
 
     def schedule_notes(self) -> list[str]:

@@ -155,6 +155,14 @@ def test_numbers_the_libraries_below_cannot_take_are_refused_by_the_config():
     load_config("tiny", overrides=[f"clean.minhash_seed={2**64 - 1}", f"tokenize.min_frequency={2**64 - 1}"])
 
 
+def test_training_settings_that_would_exhaust_the_machine_are_refused():
+    with pytest.raises(StageError, match=r"config pretrain.threads: Input should be less than or equal to 1024$"):
+        load_config("tiny", overrides=["pretrain.threads=100000"])
+    with pytest.raises(StageError, match=r"batch_tokens=1000000000000 takes [0-9,]+ passes of micro_batch x seq_len x "
+                                         r"devices a step, more than 4,096: lower batch_tokens or raise micro_batch"):
+        load_config("tiny", overrides=["finetune.batch_tokens=1000000000000"])
+
+
 def test_every_problem_is_listed_up_to_four():
     with pytest.raises(StageError) as error:
         load_config("tiny", overrides=["pretrain.steps=abc", "pretrain.lr=-1"])
