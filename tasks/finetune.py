@@ -29,7 +29,7 @@ from tasks.config import PipelineConfig
 from tasks.instructions import Example, build_examples, user_data_state
 from tasks.pretrain import TRAINING_CODE
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
-from tasks.training import train_stage, work_dir
+from tasks.training import train_stage, work_dir, work_done
 from tasks.training_config import TrainingConfig
 
 QUARANTINE = "quarantine.parquet"
@@ -151,4 +151,5 @@ def finetune(
         return fields
 
     return run_stage("finetune", fp, build, root=root, inputs={"pretrained": pretrained.model_dump()},
-                     config={"instructions": config.instructions.model_dump(mode="json"), "finetune": cfg.model_dump()})
+                     config={"instructions": config.instructions.model_dump(mode="json"), "finetune": cfg.model_dump()},
+                     committed=work_done(root, "finetune", fp))

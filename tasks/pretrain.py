@@ -38,7 +38,7 @@ from tasks.config import PipelineConfig
 from tasks.files import content_digest
 from tasks.stage import Ref, StageError, code_version, fingerprint, run_stage, workspace
 from tasks.tokenize import TokenData
-from tasks.training import train_stage, work_dir
+from tasks.training import train_stage, work_dir, work_done
 
 # every module whose code decides what training computes: editing one retrains
 TRAINING_CODE = (model.attention, model.config, model.data, model.fused, model.linear, model.moe, model.muon, model.norm,
@@ -131,4 +131,5 @@ def pretrain(
                            build_trainer, tokenizer_dir(tokens), callback, log)
 
     return run_stage("pretrain", fp, build, root=root, inputs={"tokens": tokens.model_dump()},
-                     config={"model": config.model, "pretrain": config.pretrain.model_dump()})
+                     config={"model": config.model, "pretrain": config.pretrain.model_dump()},
+                     committed=work_done(root, "pretrain", fp))

@@ -235,11 +235,13 @@ def run_stage(
     root: Path,
     inputs: dict[str, Any] | None = None,
     config: Any = None,
+    committed: Callable[[], None] | None = None,
 ) -> Ref:
     """Return the stage's output for `fp`, building it with `build(tmp_dir)` if needed.
 
     `build` writes its files into the directory it is given and returns extra
-    manifest fields; `counts` among them becomes `Ref.counts`.
+    manifest fields; `counts` among them becomes `Ref.counts`. `committed` runs once a
+    built output is in place: what the build drew on may go then, and not before.
     """
     done = find(stage, fp, root)
     if done:
@@ -276,4 +278,6 @@ def run_stage(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if committed:
+            committed()
     return find(stage, fp, root)  # type: ignore[return-value]

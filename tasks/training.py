@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,11 @@ def work_dir(root: Path, stage: str, fp: str) -> Path:
     return root / stage / f".{fp}.work"
 
 
+def work_done(root: Path, stage: str, fp: str) -> Callable[[], None]:
+    """What `run_stage` calls once a trained output is in place: the run's work folder goes."""
+    return lambda: shutil.rmtree(work_dir(root, stage, fp), ignore_errors=True)
+
+
 def train_into(
     out: Path,
     trainer: Trainer,
@@ -50,7 +56,7 @@ def train_into(
     """Resume if possible, train, and write the finished model into `out`; returns manifest fields.
 
     Every reported step is also appended to `history.jsonl` (kept with the checkpoints, so
-    a resumed run keeps the curve of its earlier part), which moves into `out` at the end.
+    a resumed run keeps the curve of its earlier part), linked into `out` at the end.
     """
     if trainer.validation is None:
         log("no validation data: this run reports no validation loss (for pretraining, more documents or a "
@@ -76,8 +82,12 @@ def train_into(
         final = {key: value for key, value in records[-1].items() if key != "step"} if records else {}
     save_model(trainer.model, out)
     copy_tokenizer(tokenizer_dir, out)
-    shutil.move(str(history), str(out / HISTORY))
-    shutil.move(str(trainer.checkpoint_dir), str(out / "checkpoints"))
+    # linked, not moved: until the output is in place (`run_stage`), the work folder must stay
+    # whole, so an interruption now still resumes from the last checkpoint
+    if history.exists():
+        _link_or_copy(history, out / HISTORY)
+    shutil.copytree(trainer.checkpoint_dir, out / "checkpoints", copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns(HISTORY))
     counts = parameter_counts(trainer.model)
     return {
         "counts": {"steps": trainer.step, "params_total": counts["total"], "params_activated": counts["activated"]},
@@ -85,6 +95,14 @@ def train_into(
         "model_config": trainer.model.config.to_dict(),
         "precision": trainer.config.precision,
     }
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A second name for a file (instant, no space), or a copy where links cannot be made."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def train_stage(

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from model import fused, perf
 from model.checkpoint import load_model
-from tasks import distributed, training
+from tasks import distributed, stage, training
 from tasks.clean import clean
 from tasks.collect import collect
 from tasks.config import load_config
@@ -328,6 +328,27 @@ def test_auto_precision_trains_in_the_faster_one_says_so_and_fingerprints_as_it(
 
 class Interrupted(Exception):
     pass
+
+
+def test_a_run_stopped_as_its_output_is_committed_resumes_from_its_last_checkpoint(tokens, tmp_path, monkeypatch):
+    root, toks = tmp_path, tokens[1]
+    config = quick("pretrain.seed=12")
+    commit = stage._fsync_tree
+
+    def stopped(path):  # a Ctrl-C in the last second, after training, before the output is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "_fsync_tree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(toks, config, root, log=lambda m: None)
+    monkeypatch.setattr(stage, "_fsync_tree", commit)
+    work = training.work_dir(root, "pretrain", pretrain_fingerprint(toks, config))
+    assert (work / "step-000006" / "model.safetensors").is_file() and (work / training.HISTORY).is_file()
+    trained, said = [], []
+    ref = pretrain(toks, config, root, callback=lambda step, metrics: trained.append(step), log=said.append)
+    assert trained == [] and "resuming from step 6 of 6" in said
+    assert len(read_history(ref.dir)) == 6 and (ref.dir / "checkpoints" / "step-000006").is_dir()
+    assert not work.exists()  # gone once the output is in place
 
 
 def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_running(tokens, tmp_path):
