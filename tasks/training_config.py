@@ -147,11 +147,18 @@ class TrainingConfig(Settings):
         ranks share each step's batch: it counts through the sequences of one optimizer step
         (`global_batch`, which grows with it when batch_tokens is less than one pass of every
         rank). The device and the precision count as they resolve (`auto` on a machine without a
-        GPU is `cpu`; a precision of `auto`, the one it measures faster here)."""
+        GPU is `cpu`; a precision of `auto`, the one it measures faster here), and so do the
+        batch, the warm-up and the schedule's settings (`engine` trains them the same)."""
         values = self.model_dump(exclude={"devices", "threads", "checkpoint_every", "keep_last", *ignored})
         values["device"] = self.torch_device().type
         values["precision"] = self.resolved_precision().name
         values["global_batch"] = self.micro_batch * self.grad_accum(self.devices) * self.devices
+        # settings that train the same run count as one: the batch as whole passes make it, a
+        # warm-up no longer than the run, and what the schedule does not read as its default
+        same = {"batch_tokens": values["global_batch"] * self.seq_len, "warmup_steps": min(self.warmup_steps, self.steps)}
+        unread = {"cosine": ("decay_fraction",), "wsd": (), "constant": ("decay_fraction", "min_lr")}[self.schedule]
+        same.update({name: type(self).model_fields[name].default for name in unread})
+        values.update({name: value for name, value in same.items() if name in values})
         return values
 
     def apply_threads(self) -> None:

@@ -292,6 +292,20 @@ def test_a_model_written_another_way_keeps_its_fingerprint(tokens):
     assert pretrain_fingerprint(toks, quick("model.rope_theta=5000")) != base
 
 
+def test_settings_that_train_the_same_run_keep_its_fingerprint(tokens):
+    """What the schedule does not read, a warm-up past the run's end, and a batch_tokens that
+    whole passes round to the same batch, train the same weights: the output is reused."""
+    _, toks = tokens
+    base = pretrain_fingerprint(toks, quick())  # tiny: cosine, 6 steps, passes of 4 x 64 = 256 tokens
+    for same in (["pretrain.decay_fraction=0.5"], ["pretrain.batch_tokens=300"]):
+        assert pretrain_fingerprint(toks, quick(*same)) == base, same
+    fp = lambda *overrides: pretrain_fingerprint(toks, quick(*overrides))  # noqa: E731
+    assert fp("pretrain.warmup_steps=6") == fp("pretrain.warmup_steps=9") != base
+    assert fp("pretrain.schedule=constant", "pretrain.min_lr=0") == fp("pretrain.schedule=constant")
+    assert fp("pretrain.schedule=wsd", "pretrain.decay_fraction=0.5") != fp("pretrain.schedule=wsd")
+    assert fp("pretrain.min_lr=0") != base and fp("pretrain.batch_tokens=512") != base
+
+
 def test_settings_of_how_a_run_goes_keep_its_fingerprint(tokens):
     """Checkpoint cadence, threads and a device choice that resolves the same build the same
     model: the output is reused. The process count counts, at least where it changes the batch."""
