@@ -351,6 +351,7 @@ def evaluate_steps(run: PipelineRun) -> dict[str, Any]:
 
 
 MEASURED_ON_TAG = "measured_on."  # + a score kind: the tags of a register run that say what its metrics measured
+SCORED_BY_TAG = "scored_by_run"  # a version's tag: the register run that last scored it, when not the one that made it
 
 
 def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | None, dict[str, str]]:
@@ -360,7 +361,8 @@ def champion_metrics(tracker: Tracker) -> tuple[int | None, dict[str, float] | N
     version = champion_version(tracker)
     if version is None:
         return None, None, {}
-    run_id = tracker.client.get_model_version(MODEL_NAME, str(version)).run_id
+    found = tracker.client.get_model_version(MODEL_NAME, str(version))
+    run_id = found.tags.get(SCORED_BY_TAG) or found.run_id  # its latest scores, where a rerun recorded some
     if not run_id:  # a version registered by hand, from no run: no scores recorded with it
         return version, {}, {}
     run = tracker.client.get_run(run_id)
@@ -431,6 +433,7 @@ def _register(run: PipelineRun) -> dict[str, Any]:
         else:  # registered by an earlier run, and the latest model again: the challenger, as the run says
             tracker.log_metrics(child, run.metrics)
             version = existing
+            tracker.client.set_model_version_tag(MODEL_NAME, str(version), SCORED_BY_TAG, child)
             make_challenger(tracker, version)
         promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric, run.measured_on,
                                             previous_measured_on)

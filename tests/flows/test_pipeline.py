@@ -12,6 +12,8 @@ import mlflow
 import pytest
 import torch
 
+from flows.pipeline import champion_metrics
+from tasks.tracking import Tracker
 from tests.flows.helpers import last_json, tinyseek
 
 STAGES = ["collect", "clean", "tokenize", "pretrain", "finetune", "evaluate"]
@@ -171,7 +173,7 @@ def test_tables_for_people_are_prefect_table_artifacts_too(built):
     assert {"clean-drop-reasons", "evaluate-exact-match", "evaluate-generations"} <= keys, keys
 
 
-def test_a_model_registered_before_is_the_challenger_again(built, tmp_path):
+def test_a_model_registered_before_is_the_challenger_again(built, tmp_path, monkeypatch):
     """A run whose model an earlier run registered registers nothing new: that version is the
     challenger again, as the run says, not the later model the alias was left on (here one
     registered by hand, without a run: no scores to compare with, so it is beaten)."""
@@ -183,10 +185,20 @@ def test_a_model_registered_before_is_the_challenger_again(built, tmp_path):
     later = c.create_model_version("tinyseek", source=ours.source, tags={"fingerprint": "another model"})
     for alias in ("challenger", "champion"):  # as a later run, then a user in MLflow's UI, left them
         c.set_registered_model_alias("tinyseek", alias, later.version)
-    again = tinyseek("run", "--preset", "tiny", "--workspace", str(ws), "--json")
+    # the same model, its validation loss measured on fewer windows
+    again = tinyseek("run", "--preset", "tiny", "--workspace", str(ws), "--json",
+                     "--set", "evaluate.val_batches=1")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert last_json(again.stdout)["version"] == first["version"]
+    summary = last_json(again.stdout)
+    assert summary["version"] == first["version"]
     assert int(c.get_model_version_by_alias("tinyseek", "challenger").version) == first["version"]
+    # promoted over the scoreless one, its scores are now those this run measured, not the first run's
+    assert int(c.get_model_version_by_alias("tinyseek", "champion").version) == first["version"]
+    scored = c.search_runs([c.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                           filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
+                                         "and attributes.run_name = 'register'")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert champion_metrics(Tracker(ws))[1] == scored[0].data.metrics != first["metrics"]
 
 
 def test_every_field_of_a_deployments_run_form_is_described():
