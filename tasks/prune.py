@@ -78,7 +78,7 @@ def prune(root: Path, dry_run: bool = False) -> tuple[list[Leftover], list[Path]
             with _idle(path.parent / f".{fp}.lock") as idle:
                 if not idle:
                     running.append(path)
-                elif path.exists():  # a run that just finished has moved its checkpoints away
+                elif path.exists():  # a run that just finished has removed its work folder
                     removed.append(Leftover(path, KINDS[kind], _bytes(path)))
                     if not dry_run:
                         shutil.rmtree(path)

@@ -241,15 +241,21 @@ def run_stage(
 
     `build` writes its files into the directory it is given and returns extra
     manifest fields; `counts` among them becomes `Ref.counts`. `committed` runs once a
-    built output is in place: what the build drew on may go then, and not before.
+    built output is in place, and whenever it is found in place: what the build drew on may
+    go then, and not before.
     """
+    def reused(done: Ref) -> Ref:
+        if committed:  # again: a run killed between its output's rename and `committed` left that undone
+            committed()
+        return done.model_copy(update={"cached": True})
+
     done = find(stage, fp, root)
     if done:
-        return done.model_copy(update={"cached": True})
+        return reused(done)
     with file_lock(root / stage / f".{fp}.lock"):
         done = find(stage, fp, root)
         if done:
-            return done.model_copy(update={"cached": True})
+            return reused(done)
         for leftover in (root / stage).glob(f".{fp}.tmp-*"):  # from a killed run: we hold the lock now
             shutil.rmtree(leftover, ignore_errors=True)
         damaged = damage(root / stage / fp) if (root / stage / fp).exists() else None

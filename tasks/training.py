@@ -3,8 +3,9 @@ contract (their config form is `tasks.training_config`).
 
 A training stage must be resumable, so its checkpoints cannot live in the stage's
 temporary build directory (a new attempt gets a new one). They go to a stable work
-directory beside it, `<stage>/.<fingerprint>.work/`, and move into the finished
-output when training completes, together with the final model and the tokenizer.
+directory beside it, `<stage>/.<fingerprint>.work/`. When training completes they are
+linked into the finished output, beside the final model and the tokenizer, and the work
+directory goes once that output is in place (`work_done`).
 """
 
 from __future__ import annotations

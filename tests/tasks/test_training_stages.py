@@ -363,6 +363,8 @@ def test_a_run_stopped_as_its_output_is_committed_resumes_from_its_last_checkpoi
     assert trained == [] and "resuming from step 6 of 6" in said
     assert len(read_history(ref.dir)) == 6 and (ref.dir / "checkpoints" / "step-000006").is_dir()
     assert not work.exists()  # gone once the output is in place
+    (work / "step-000006").mkdir(parents=True)  # as a kill just after that left it
+    assert pretrain(toks, config, root, log=lambda m: None).cached and not work.exists()
 
 
 def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_running(tokens, tmp_path):
