@@ -148,9 +148,11 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"}
     (root / "prefect").mkdir(parents=True, exist_ok=True)
     prefect_database.seed(root / "prefect" / "prefect.db")
-    from tasks.tracking import relocate_store  # (MLflow's import is slow: only here)
+    from tasks.tracking import readable_store, relocate_store  # (MLflow's import is slow: only here)
 
-    relocate_store(f"sqlite:///{root / 'mlflow.db'}")  # the server reads the store's locations as they are
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    with readable_store(store):
+        relocate_store(store)  # the server reads the store's locations as they are
     procs: list[subprocess.Popen] = []  # each stopped below if a later one fails to start
     try:
         procs.append(subprocess.Popen(

@@ -102,11 +102,13 @@ def readable_store(uri: str) -> Iterator[None]:
 
     try:
         yield
-    except sqlalchemy.exc.DatabaseError as exc:
-        if type(exc.orig) is not sqlite3.DatabaseError:  # a locked or missing table is another matter
+    except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError) as exc:
+        cause = getattr(exc, "orig", exc)  # SQLAlchemy's wraps sqlite3's
+        if type(cause) is not sqlite3.DatabaseError:  # a locked or missing table is another matter
             raise
-        raise StageError(f"the MLflow store {make_url(uri).database} cannot be read ({exc.orig}): restore it from "
-                         "a copy, or use another --workspace") from None
+        fix = ("fix or unset MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+               else "restore it from a copy, or use another --workspace")
+        raise StageError(f"the MLflow store {make_url(uri).database} cannot be read ({cause}): {fix}") from None
 
 
 def artifact_location(uri: str) -> str | None:

@@ -172,6 +172,14 @@ def healthy_server():
         server.shutdown()
 
 
+def test_up_names_a_damaged_mlflow_store_before_starting_servers(tmp_path):
+    (tmp_path / "mlflow.db").write_text("garbage\n")
+    result = tinyseek("up", "--workspace", str(tmp_path), "--prefect-port", str(free_port()),
+                      "--mlflow-port", str(free_port()))
+    assert_one_line_error(result, f"the MLflow store {tmp_path / 'mlflow.db'} cannot be read (file is not a database): "
+                                  "restore it from a copy, or use another --workspace")
+
+
 def test_a_retrain_schedule_that_is_not_cron_is_refused_before_serving(tmp_path):
     with healthy_server() as url:
         result = tinyseek("serve", "--workspace", str(tmp_path), "--cron", "every day", PREFECT_API_URL=f"{url}/api")
