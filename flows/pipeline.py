@@ -417,11 +417,17 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                              f"{cfg.evaluate.kv_cache_dtype}; the registry compares models as they are served, "
                              "with a KV cache in the model's dtype", champion, comparison)
     existing = registered_version(tracker, tuned.fingerprint)
-    if existing is not None and existing == champion:
-        return _not_promoted(run, existing, f"unchanged: version {existing} (the champion) is this model", champion,
-                             comparison)
     measured = {f"{MEASURED_ON_TAG}{kind}": digest for kind, digest in run.measured_on.items()}
-    with run.child_run("register", tags={**_stage_tags(run), "fingerprint": tuned.fingerprint, **measured}) as child:
+    register_tags = {**_stage_tags(run), "fingerprint": tuned.fingerprint, **measured}
+    if existing is not None and existing == champion:
+        reason = f"unchanged: version {existing} (the champion) is this model"
+        if run.measured_on != previous_measured_on:  # measured another way: later challengers meet these scores
+            with run.child_run("register", tags=register_tags) as child:
+                _rescored(run, child, existing)
+                tracker.set_tags(child, {"promoted": "False", "decision": reason, "champion_before": str(champion)})
+            reason += "; its recorded scores are now this run's, measured on other problems or windows"
+        return _not_promoted(run, existing, reason, champion, comparison)
+    with run.child_run("register", tags=register_tags) as child:
         if existing is None:
             logged = log_model(tracker, child, tuned.dir)
             tracker.log_metrics(child, run.metrics, model_id=logged.removeprefix("models:/"))
@@ -431,9 +437,8 @@ def _register(run: PipelineRun) -> dict[str, Any]:
                                tags={"fingerprint": tuned.fingerprint, "preset": cfg.preset,
                                      "data_fingerprint": _data_fp(run), "pipeline_run_id": run.parent_id})
         else:  # registered by an earlier run, and the latest model again: the challenger, as the run says
-            tracker.log_metrics(child, run.metrics)
             version = existing
-            tracker.client.set_model_version_tag(MODEL_NAME, str(version), SCORED_BY_TAG, child)
+            _rescored(run, child, version)
             make_challenger(tracker, version)
         promoted, reason = decide_promotion(run.metrics, previous, cfg.evaluate.primary_metric, run.measured_on,
                                             previous_measured_on)
@@ -449,6 +454,13 @@ def _register(run: PipelineRun) -> dict[str, Any]:
     get_run_logger().info(f"registered version {version} of {MODEL_NAME} as {verdict}: {reason}")
     run.decision["report"] = str(write_run_report(run, comparison))
     return run.decision
+
+
+def _rescored(run: PipelineRun, child: str, version: int) -> None:
+    """This run's scores, logged to its register run `child`, become the registered version's
+    (`SCORED_BY_TAG`): a later run compares with them."""
+    run.tracker.log_metrics(child, run.metrics)
+    run.tracker.client.set_model_version_tag(MODEL_NAME, str(version), SCORED_BY_TAG, child)
 
 
 def decision_markdown(decision: dict[str, Any], comparison: pd.DataFrame | None) -> str:

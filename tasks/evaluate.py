@@ -385,7 +385,8 @@ def score_kind(metric: str) -> str | None:
     return "validation" if metric.startswith("val_") else None
 
 
-MEASURED_ON = {"exact_match": "instruction problems or answer budget (evaluate.max_new_tokens)",
+MEASURED_ON = {"exact_match": "instruction problems, answer budget (evaluate.max_new_tokens) or decode cache "
+                              "(evaluate.kv_cache_dtype)",
                "validation": "validation tokens or windows (a new tokenizer or corpus, evaluate.seq_len, "
                              "val_batches or batch_size)"}
 
@@ -403,7 +404,9 @@ def measured_on(scored: Sequence[Example], val: Validation, config: EvaluateConf
     problems = [(e.family, e.messages, e.answer) for e in scored]
     windows = {"dtype": val.dtype, "seq_len": config.seq_len, "batches": config.val_batches,
                "batch_size": config.batch_size, "tokens": tasks.files.content_digest(val.files)}
-    return {"exact_match": json_digest({"problems": problems, "max_new_tokens": config.max_new_tokens}),
+    # a narrower decode cache rounds what the answers are decoded from (with `auto`, as before it was recorded)
+    cache = {"kv_cache_dtype": config.kv_cache_dtype} if config.kv_cache_dtype != "auto" else {}
+    return {"exact_match": json_digest({"problems": problems, "max_new_tokens": config.max_new_tokens, **cache}),
             "validation": json_digest(windows)}
 
 

@@ -201,6 +201,27 @@ def test_a_model_registered_before_is_the_challenger_again(built, tmp_path, monk
     assert champion_metrics(Tracker(ws))[1] == scored[0].data.metrics != first["metrics"]
 
 
+def test_the_champion_measured_another_way_keeps_the_new_scores(built, tmp_path, monkeypatch):
+    """A rerun of the champion's own model, scored on other windows, records those scores as
+    the champion's, so later challengers measured the same way are compared with them."""
+    root, first, _ = built
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws, symlinks=True)
+    again = tinyseek("run", "--preset", "tiny", "--workspace", str(ws), "--json", "--set", "evaluate.val_batches=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = last_json(again.stdout)
+    assert summary["reason"] == (f"unchanged: version {first['version']} (the champion) is this model; its recorded "
+                                 "scores are now this run's, measured on other problems or windows")
+    c = client(ws)
+    scored = c.search_runs([c.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                           filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
+                                         "and attributes.run_name = 'register'")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, metrics, measured = champion_metrics(Tracker(ws))
+    assert metrics == scored[0].data.metrics != first["metrics"]
+    assert measured["validation"] == scored[0].data.tags["measured_on.validation"]
+
+
 def test_every_field_of_a_deployments_run_form_is_described():
     from prefect.utilities.callables import parameter_schema
 

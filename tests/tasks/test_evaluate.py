@@ -36,7 +36,7 @@ from tasks.evaluate import (
 )
 from tasks.evaluate_config import EvaluateConfig
 from tasks.instructions import Example, InstructionConfig, build_examples
-from tasks.stage import StageError, run_stage
+from tasks.stage import run_stage
 from tasks.tokenize import show_token
 from tests.model.helpers import config as model_config
 
@@ -230,6 +230,8 @@ def test_scores_measured_on_other_things_are_not_compared(tmp_path):
     assert fewer["exact_match"] != on["exact_match"] and fewer["validation"] == on["validation"]
     assert longer["exact_match"] != on["exact_match"] and windows["validation"] != on["validation"]
     assert windows["exact_match"] == on["exact_match"]
+    fp8 = measured_on(examples, val, config.model_copy(update={"kv_cache_dtype": "fp8"}))
+    assert fp8["exact_match"] != on["exact_match"] and fp8["validation"] == on["validation"]
     (tmp_path / "validation.bin").write_bytes(bytes(range(1, 101)))  # retokenized
     assert measured_on(examples, val, config)["validation"] != on["validation"]
 
