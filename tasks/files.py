@@ -40,7 +40,7 @@ def _unlisted(error: OSError) -> None:
     """A folder that cannot be listed stops the walk: skipped, its files would be missing
     from the corpus without a word."""
     raise StageError(f"{error.filename}: cannot list this folder ({error.strerror}); "
-                     "make it readable, or leave it out of the paths")
+                     "make it readable, or name a source without it")
 
 
 def _first_visit(folder: Path, seen: set[Path]) -> bool:

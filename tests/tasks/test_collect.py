@@ -588,7 +588,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         if self.path in self.server.unsized:
             self.send_response(200)
-            self.send_header("Content-Length", "unknown")
+            self.send_header("Content-Length", "\u00b2")  # a digit to str.isdigit, none to int()
             self.end_headers()
             self.wfile.write((Path(self.directory) / self.path.lstrip("/")).read_bytes())
             return
