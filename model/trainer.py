@@ -222,10 +222,10 @@ class Trainer:
         if not all(math.isfinite(v) for v in metrics.values()):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self._divergence(metrics))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not math.isfinite(float(grad_norm)):  # finite losses can still overflow their gradients
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        if not math.isfinite(grad_norm):  # finite losses can still overflow their gradients
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(self._divergence({**metrics, "grad_norm": float(grad_norm)}))
+            raise NonFiniteLoss(self._divergence({**metrics, "grad_norm": grad_norm}))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         max_vio = self._balance_routers()
@@ -233,7 +233,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         metrics.update(
             lr=lr,
-            grad_norm=float(grad_norm),
+            grad_norm=grad_norm,
             tokens_per_s=positions * self.world / seconds,
             mfu=step_flops(self.model, inputs.shape[1], positions, scored) / seconds / self.peak_flops,
         )

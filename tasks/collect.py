@@ -645,8 +645,8 @@ def _fetch(url: str, dest: Path, max_bytes: int, timeout_s: float) -> _Bad | Non
     """Download `url` into `dest`; a _Bad when it is over `max_bytes` (nothing is kept then)."""
     too_large = _Bad(url, "too-large", f"more than max_bytes={max_bytes} bytes")
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        declared = response.headers.get("Content-Length", "").strip()
-        if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:  # a header that is no number: counted as read
+        declared = response.headers.get("Content-Length", "").strip()  # a header that is no number: counted as read
+        if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
             return too_large
         with open(dest, "wb") as out:
             size = 0

@@ -75,8 +75,8 @@ class TrainingConfig(Settings):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}: the schedule decays from lr to min_lr, "
                              "so lower min_lr (or raise lr)")
-        if self.grad_accum(self.devices) > MAX_GRAD_ACCUM:
-            raise ValueError(f"batch_tokens={self.batch_tokens} takes {self.grad_accum(self.devices):,} passes of "
+        if (passes := self.grad_accum(self.devices)) > MAX_GRAD_ACCUM:
+            raise ValueError(f"batch_tokens={self.batch_tokens} takes {passes:,} passes of "
                              f"micro_batch x seq_len x devices a step, more than {MAX_GRAD_ACCUM:,}: lower batch_tokens "
                              "or raise micro_batch")
         return self
@@ -150,12 +150,13 @@ class TrainingConfig(Settings):
         GPU is `cpu`; a precision of `auto`, the one it measures faster here), and so do the
         batch, the warm-up and the schedule's settings (`engine` trains them the same)."""
         values = self.model_dump(exclude={"devices", "threads", "checkpoint_every", "keep_last", *ignored})
+        engine = self.engine(self.devices)
         values["device"] = self.torch_device().type
-        values["precision"] = self.resolved_precision().name
-        values["global_batch"] = self.micro_batch * self.grad_accum(self.devices) * self.devices
-        # settings that train the same run count as one: the batch as whole passes make it, a
-        # warm-up no longer than the run, and what the schedule does not read as its default
-        same = {"batch_tokens": values["global_batch"] * self.seq_len, "warmup_steps": min(self.warmup_steps, self.steps)}
+        values["precision"] = engine.precision
+        values["global_batch"] = engine.micro_batch * engine.grad_accum * self.devices
+        # settings that train the same run count as one: the batch as whole passes make it, the
+        # warm-up as the engine clamps it, and what the schedule does not read as its default
+        same = {"batch_tokens": values["global_batch"] * self.seq_len, "warmup_steps": engine.warmup_steps}
         unread = {"cosine": ("decay_fraction",), "wsd": (), "constant": ("decay_fraction", "min_lr")}[self.schedule]
         same.update({name: type(self).model_fields[name].default for name in unread})
         values.update({name: value for name, value in same.items() if name in values})
