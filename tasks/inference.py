@@ -557,12 +557,27 @@ def hf_tokenizer(loaded: LoadedModel) -> Tokenizer:
 def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
     """Write a directory `transformers` loads with `AutoModelForCausalLM` and `AutoTokenizer`:
     the DeepseekV3 weights and config, the tokenizer with the chat template, and a generation
-    config that stops at the end of a turn."""
+    config that stops at the end of a turn.
+
+    The files are written into a hidden sibling folder first and moved into `out_dir` only
+    once all are written: an export that fails (a full disk, Ctrl-C) leaves `out_dir` as it
+    was, rather than half an export that the next try would have to `--force` over."""
     try:
-        out = export_hf_weights(loaded.model, out_dir)
-        hf_tokenizer(loaded).save(str(out / TOKENIZER_FILE))
-        for name, content in tokenizer_files(loaded).items():
-            (out / name).write_text(json.dumps(content, indent=2))
+        if not out_dir.parent.exists():
+            out_dir.parent.mkdir(parents=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name[:64]}.", suffix=".partial", dir=out_dir.parent))
     except OSError as exc:
         raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
-    return out
+    try:
+        export_hf_weights(loaded.model, staging)
+        hf_tokenizer(loaded).save(str(staging / TOKENIZER_FILE))
+        for name, content in tokenizer_files(loaded).items():
+            (staging / name).write_text(json.dumps(content, indent=2))
+        out_dir.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out_dir / file.name)
+    except OSError as exc:
+        raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

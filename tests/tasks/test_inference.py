@@ -618,6 +618,29 @@ def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tm
         export_hf(loaded, tmp_path / "file" / "hf")
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_export_leaves_the_folder_as_it_was(loaded, tmp_path, monkeypatch, failure):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+
+    def fail(_loaded):
+        raise failure
+
+    monkeypatch.setattr(inference, "tokenizer_files", fail)  # after the weights are written
+    with pytest.raises(StageError if isinstance(failure, OSError) else KeyboardInterrupt):
+        export_hf(loaded, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing staged is left beside it
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "{}", "notes.txt": "mine"}
+
+    monkeypatch.undo()
+    export_hf(loaded, out)  # a forced export replaces its own files and keeps the others
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())
+    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_cuda_without_a_cuda_device_is_refused_before_loading(model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(StageError, match="--device cuda: no CUDA device is available"):
