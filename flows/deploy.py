@@ -9,6 +9,8 @@ workspace), waits until both answer, serves the deployments and stops it all on 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -49,6 +51,9 @@ def deployments(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_
             name="retrain",
             parameters=params,
             cron=cron,
+            # one retrain at a time: a schedule or a burst of corpus events that fires while one
+            # runs queues the next rather than training two models side by side
+            concurrency_limit=1,
             tags=["tinyseek", config.preset],
             triggers=[
                 DeploymentEventTrigger(
@@ -63,15 +68,19 @@ def deployments(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_
 
 
 def check_cron(cron: str) -> None:
-    """Refuse a retrain schedule Prefect would refuse, before any server starts."""
+    """Refuse a retrain schedule Prefect would refuse, before any server starts, and one of
+    six fields, which Prefect reads as seconds first (`* * * * * *`: a retrain every second)."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
+    fields = cron.split()
     try:
+        if not (len(fields) == 5 or (len(fields) == 1 and cron.strip().startswith("@"))):
+            raise ValueError(cron)
         CronSchedule(cron=cron)
-    except ValidationError:
+    except (ValueError, ValidationError):
         raise StageError(f"--cron {cron!r} is not a cron schedule: five fields, minute hour day month weekday, "
-                         f"e.g. {DEFAULT_CRON!r} (daily at 03:00)") from None
+                         f"e.g. {DEFAULT_CRON!r} (daily at 03:00), or an alias such as '@hourly'") from None
 
 
 def require_server() -> None:
@@ -140,8 +149,23 @@ def check_free(host: str, port: int, option: str) -> None:
             raise StageError(f"cannot listen on {host}:{port} ({exc.strerror}): {fix}") from None
 
 
+def mlflow_host_options(host: str, port: int) -> list[str]:
+    """`mlflow server` options that let clients name the server by `host`. MLflow refuses API
+    calls whose Host header is not local or a private address (DNS rebinding), but answers
+    its health check: a host name such as the machine's would pass the check and fail
+    every run's tracking."""
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
+
+    allowed = get_default_allowed_hosts()
+    if is_allowed_host_header(allowed, f"{host}:{port}"):
+        return []
+    return ["--allowed-hosts", ",".join([*allowed, host, f"{host}:{port}"])]
+
+
 def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
     """A Prefect server and an MLflow server on SQLite under the workspace, both healthy."""
+    if prefect_port == mlflow_port:
+        raise StageError(f"--prefect-port and --mlflow-port are both {prefect_port}: give each server its own port")
     check_free(host, prefect_port, "--prefect-port")
     check_free(host, mlflow_port, "--mlflow-port")
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"),
@@ -161,6 +185,7 @@ def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "
         ))
         procs.append(subprocess.Popen(
             [_executable("mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+             *mlflow_host_options(host, mlflow_port),
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
              "--uvicorn-opts", "--no-access-log"],  # a line per logged metric batch otherwise
@@ -202,6 +227,36 @@ def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def adopt_orphans() -> None:
+    """Make this process the parent of its descendants whose parent dies (Linux). Prefect's
+    runner starts each flow run in a session of its own; were `tinyseek serve` killed
+    (out of memory, SIGKILL), its flow runs would go on training under init, out of reach."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def stop_orphans(keep: list[subprocess.Popen], timeout: float = 30) -> int:
+    """Stop this process's children other than `keep` (flow runs adopted from a `tinyseek
+    serve` that died): SIGTERM, as the runner cancels them, then SIGKILL after `timeout`
+    seconds. The number stopped."""
+    import psutil
+
+    kept = {proc.pid for proc in keep}
+    orphans = [child for child in psutil.Process().children() if child.pid not in kept]
+    for orphan in orphans:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            orphan.terminate()
+    _, alive = psutil.wait_procs(orphans, timeout=timeout)
+    for orphan in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            orphan.kill()
+    psutil.wait_procs(alive)
+    return len(orphans)
+
+
 # what stops `up` as Ctrl-C does: `kill` or a service manager (SIGTERM), a closed terminal (SIGHUP).
 # Its servers run in sessions of their own, so only `up` can stop them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -216,6 +271,7 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     SIGTERM or SIGHUP), which stops them all."""
     for sig in STOP_SIGNALS[1:]:
         signal.signal(sig, _interrupt)
+    adopt_orphans()
     procs = start_servers(root, prefect_port, mlflow_port, host)
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://{host}:{mlflow_port}"}
@@ -236,6 +292,9 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     finally:
         if serving is not None:
             stop_serving(serving)
+        if orphans := stop_orphans(procs):
+            print(f"stopped {orphans} flow run process(es) left running by `tinyseek serve`", flush=True)
+            end_killed_runs(str(root))
         stop(procs)
         print("stopped the deployments, the Prefect server and the MLflow server")
     if code:

@@ -172,6 +172,47 @@ def healthy_server():
         server.shutdown()
 
 
+def test_up_refuses_one_port_for_both_servers(tmp_path):
+    port = str(free_port())
+    result = tinyseek("up", "--workspace", str(tmp_path), "--prefect-port", port, "--mlflow-port", port)
+    assert_one_line_error(result, f"--prefect-port and --mlflow-port are both {port}")
+
+
+def test_mlflow_accepts_calls_that_name_it_by_the_host_up_listens_on():
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    from flows.deploy import mlflow_host_options
+
+    assert mlflow_host_options("127.0.0.1", 5000) == [] and mlflow_host_options("0.0.0.0", 5000) == []
+    option, hosts = mlflow_host_options("build-box", 5000)
+    allowed = hosts.split(",")
+    assert option == "--allowed-hosts"
+    assert all(is_allowed_host_header(allowed, h) for h in ("build-box:5000", "localhost:5000", "127.0.0.1:5000"))
+    assert not is_allowed_host_header(allowed, "elsewhere.example:5000")
+
+
+ORPHAN_SCRIPT = """
+import subprocess, time, psutil
+from flows.deploy import adopt_orphans, stop_orphans
+adopt_orphans()
+server = subprocess.Popen(["sleep", "300"])
+# a parent that starts a process in a session of its own and dies, as a killed `tinyseek serve` does
+subprocess.run(["bash", "-c", "setsid sleep 301 >/dev/null 2>&1 &"], check=True)
+time.sleep(0.5)
+before = sorted(" ".join(c.cmdline()) for c in psutil.Process().children())
+stopped = stop_orphans([server], timeout=5)
+after = sorted(" ".join(c.cmdline()) for c in psutil.Process().children())
+server.kill()
+print(before, stopped, after)
+"""
+
+
+def test_up_stops_the_processes_a_dead_serve_left_behind():
+    result = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.stdout.strip() == "['sleep 300', 'sleep 301'] 1 ['sleep 300']", result.stderr
+
+
 def test_up_names_a_damaged_mlflow_store_before_starting_servers(tmp_path):
     (tmp_path / "mlflow.db").write_text("garbage\n")
     result = tinyseek("up", "--workspace", str(tmp_path), "--prefect-port", str(free_port()),
@@ -186,6 +227,17 @@ def test_a_retrain_schedule_that_is_not_cron_is_refused_before_serving(tmp_path)
     assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
     result = tinyseek("up", "--workspace", str(tmp_path), "--cron", "every day")
     assert_one_line_error(result, "--cron 'every day' is not a cron schedule")
+
+
+@pytest.mark.parametrize("cron", ["* * * * * *", "0 3 * * * 30"])
+def test_a_cron_of_six_fields_is_refused(cron):
+    """Prefect reads a sixth field as seconds: '* * * * * *' would start a retrain every second."""
+    from flows.deploy import check_cron
+    from tasks.stage import StageError
+
+    with pytest.raises(StageError, match="is not a cron schedule: five fields"):
+        check_cron(cron)
+    check_cron("@hourly")
 
 
 def test_serve_without_a_server_says_so_and_leaves_no_trace(tmp_path):
