@@ -317,7 +317,11 @@ class StackTest:
         crons = [s["schedule"].get("cron") for s in by_name["retrain"]["schedules"]]
         if not crons:
             raise CheckFailed("retrain has no schedule")
-        return f"{len(by_name)} deployments from prefect.yaml; build-llm parameters {expected}; retrain cron {crons}"
+        limit = (by_name["retrain"].get("global_concurrency_limit") or {}).get("limit")
+        if limit != 1:
+            raise CheckFailed(f"retrain runs {limit or 'any number'} at a time, expected 1")
+        return (f"{len(by_name)} deployments from prefect.yaml; build-llm parameters {expected}; retrain cron {crons}, "
+                f"one run at a time")
 
     def pipeline_completes(self) -> str:
         if not self.deployment:
