@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
@@ -165,8 +165,14 @@ def _remove_stale_temps(root: Path) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """`safetensors.torch.save_file`, with the permissions any other new file gets. safetensors
     0.8 writes through a temporary file that is always 0600, so weights beside a 0644 config
-    could not be read by other users of a shared workspace or export (safetensors issue #782)."""
-    save_file(tensors, str(path), metadata=metadata)
+    could not be read by other users of a shared workspace or export (safetensors issue #782).
+    A failed write (a full disk) is an OSError with its errno, as for any other file, where
+    safetensors raises its own error."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        raise (OSError(int(code[1]), os.strerror(int(code[1])), str(path)) if code else OSError(str(exc))) from exc
     umask = os.umask(0o077)
     os.umask(umask)
     path.chmod(0o666 & ~umask)

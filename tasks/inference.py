@@ -47,7 +47,7 @@ from model.transformer import Transformer
 from tasks.chat import (BOS, END, EOS, PAD, SPECIAL_TOKENS, encode_text, hf_tokenizer_files, read_tokenizer,
                         render_prompt)
 from tasks.stage import StageError, resolve_device, user_cache
-from tasks.tokenize import show_token
+from tasks.tokenize import show_token, write_tokenizer_json
 from tasks.tracking import EXPERIMENT, moved, moved_root, readable_store, tracking_uri, workspace_move
 
 DEFAULT_REF = "models:/tinyseek@champion"
@@ -570,7 +570,7 @@ def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
         raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     try:
         export_hf_weights(loaded.model, staging)
-        hf_tokenizer(loaded).save(str(staging / TOKENIZER_FILE))
+        write_tokenizer_json(hf_tokenizer(loaded), staging / TOKENIZER_FILE)
         for name, content in tokenizer_files(loaded).items():
             (staging / name).write_text(json.dumps(content, indent=2))
         out_dir.mkdir(exist_ok=True)

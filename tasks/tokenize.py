@@ -118,9 +118,15 @@ def train_tokenizer(batches: Iterator[list[str]], config: TokenizeConfig) -> Tok
     return tokenizer
 
 
+def write_tokenizer_json(tokenizer: Tokenizer, path: Path) -> None:
+    """`Tokenizer.save`'s bytes, written by Python: a failed write (a full disk) is then an
+    OSError, where `Tokenizer.save` raises a bare Exception."""
+    path.write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+
+
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """Write tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained` needs."""
-    tokenizer.save(str(out / TOKENIZER))
+    write_tokenizer_json(tokenizer, out / TOKENIZER)
     for name, content in chat.hf_tokenizer_files().items():
         (out / name).write_text(json.dumps(content, indent=2))
 

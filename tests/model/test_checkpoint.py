@@ -255,3 +255,18 @@ def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
     with pytest.raises(CheckpointError, match=f"cannot load the model in {tmp_path}") as caught:
         load_model(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_weights_that_cannot_be_written_are_an_os_error(tmp_path, monkeypatch):
+    """safetensors raises its own error on a full disk: callers that report OSErrors report it too."""
+    from safetensors import SafetensorError
+
+    from model import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as caught:
+        checkpoint.save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", {"format": "pt"})
+    assert (caught.value.errno, caught.value.strerror) == (28, "No space left on device")

@@ -612,6 +612,20 @@ def test_resolving_needs_no_global_mlflow_state(registry, monkeypatch, tmp_path)
     assert not os.path.exists(tmp_path / "mlflow.db") and not os.path.exists(tmp_path / "mlruns")
 
 
+def test_a_tokenizer_that_cannot_be_written_is_a_stage_error(loaded, tmp_path, monkeypatch):
+    """`Tokenizer.save` raises a bare Exception on a full disk: the file is written by Python instead."""
+    real = Path.write_text
+
+    def full(path, *args, **kwargs):
+        if path.name == "tokenizer.json":
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(StageError, match="cannot write the export to .*hf: No space left on device"):
+        export_hf(loaded, tmp_path / "hf")
+
+
 def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tmp_path):
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(StageError, match="cannot write the export to .*file/hf: Not a directory"):
@@ -620,6 +634,7 @@ def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tm
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_export_leaves_the_folder_as_it_was(loaded, tmp_path, monkeypatch, failure):
+    """The weights are written, then the tokenizer files fail."""
     out = tmp_path / "hf"
     out.mkdir()
     (out / "config.json").write_text("{}")
