@@ -269,7 +269,7 @@ def next_token_command(args: argparse.Namespace) -> None:
 
 
 def export_hf_command(args: argparse.Namespace) -> None:
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # as the shell would, for --out=~/hf
     if out.exists() and not out.is_dir():  # said before the model loads, as the next
         raise UserError(f"{out} is a file: --out names the folder to write the export into")
     if not args.force and out.is_dir() and any(out.iterdir()):

@@ -561,7 +561,14 @@ def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
 
     The files are written into a hidden sibling folder first and moved into `out_dir` only
     once all are written: an export that fails (a full disk, Ctrl-C) leaves `out_dir` as it
-    was, rather than half an export that the next try would have to `--force` over."""
+    was, rather than half an export that the next try would have to `--force` over.
+
+    A folder holding a tinyseek model (the exported one itself, or a stage's output) is
+    refused: both formats name their weights `model.safetensors`."""
+    if (out_dir / MODEL_CONFIG_FILE).exists():
+        same = out_dir.resolve() == loaded.directory.resolve()
+        what = "is the folder of the model being exported" if same else "holds a tinyseek model"
+        raise StageError(f"{out_dir} {what}: the export would replace its weights; choose another --out")
     try:
         if not out_dir.parent.exists():
             out_dir.parent.mkdir(parents=True)

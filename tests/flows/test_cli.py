@@ -324,6 +324,14 @@ def test_an_export_does_not_overwrite_files_unless_forced(tmp_path):
         assert_one_line_error(result, f"{a_file} is a file: --out names the folder")
 
 
+def test_an_export_folder_may_start_with_a_tilde(tmp_path):
+    """`--out=~/hf` reaches the command unexpanded by the shell."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    result = tinyseek("export-hf", "--workspace", str(tmp_path), "--out=~/hf", HOME=str(tmp_path))
+    assert_one_line_error(result, f"{tmp_path / 'hf'} already holds files")
+
+
 def test_missing_model_reference(tmp_path):
     result = tinyseek("generate", "--workspace", str(tmp_path), "--prompt", "hi", "--model", str(tmp_path / "none"))
     assert_one_line_error(result, "no model directory")

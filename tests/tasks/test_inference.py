@@ -626,6 +626,19 @@ def test_a_tokenizer_that_cannot_be_written_is_a_stage_error(loaded, tmp_path, m
         export_hf(loaded, tmp_path / "hf")
 
 
+def test_an_export_into_a_tinyseek_model_folder_is_refused(loaded, tmp_path):
+    """Both formats name their weights model.safetensors: the export would replace the model's."""
+    own = loaded.directory
+    before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
+    with pytest.raises(StageError, match="is the folder of the model being exported: the export would replace"):
+        export_hf(loaded, own)
+    other = tmp_path / "other"
+    shutil.copytree(own, other)
+    with pytest.raises(StageError, match="other holds a tinyseek model: the export would replace its weights"):
+        export_hf(loaded, other)
+    assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+
+
 def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tmp_path):
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(StageError, match="cannot write the export to .*file/hf: Not a directory"):
