@@ -27,8 +27,9 @@ def sample_next(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
-    if temperature <= 0:
+    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy, as does one
+    below fp32's smallest normal number, which the division would round to 0 (its limit)."""
+    if temperature < torch.finfo(torch.float32).smallest_normal:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # the largest made 0 first: a tiny temperature then sends the others to -inf rather than
@@ -42,6 +43,7 @@ def sample_next(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens before it already reach top_p (always keep the first)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop[:, 0] = False  # also when top_p rounds to 0 in the logits' dtype
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

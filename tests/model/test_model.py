@@ -170,8 +170,11 @@ def test_generation_stops_and_samples_reproducibly():
     a = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
     b = generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=7)
     assert a == b
-    for temperature in (1e-39, 1e-45):  # a temperature this small samples the most likely token
-        assert sample_next(torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.0, -1.0]]), temperature).tolist() == [1, 0]
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.0, -1.0]])
+    for temperature in (1e-39, 1e-45, 1e-320):  # a temperature this small samples the most likely token
+        assert sample_next(logits, temperature).tolist() == [1, 0]  # 1e-320 is 0 in fp32
+    for top_p in (1e-30, 1e-46):  # the most likely token only (1e-46 is 0 in fp32)
+        assert sample_next(logits, 1.0, top_p=top_p).tolist() == [1, 0]
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 60], max_new_tokens=10)
     for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(temperature=float("inf")),
