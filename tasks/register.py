@@ -78,7 +78,11 @@ SIGNATURE = ModelSignature(
 
 
 def _prompt_column(frame: pd.DataFrame) -> list[str]:
+    """The prompts as text; a missing one (JSON null) is refused, not answered as the text "None"."""
     column = frame[PROMPT_COLUMN] if PROMPT_COLUMN in frame.columns else frame.iloc[:, 0]
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise _refused(f"prompt {int(missing.argmax()) + 1} is missing: every prompt needs a text")
     return column.astype(str).tolist()
 
 

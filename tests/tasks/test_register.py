@@ -150,6 +150,9 @@ def test_champion_loads_by_alias_and_predicts(champion_env, model_dir):
     with pytest.raises(MlflowException, match=too_long) as refused:
         model.predict(["hi", "the cat sat on the mat " * 40], params={"max_new_tokens": 4})
     assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    for missing in (pd.DataFrame({"prompt": ["hi", None]}), ["hi", None]):  # JSON null, not the text "None"
+        with pytest.raises(MlflowException, match="prompt 2 is missing: every prompt needs a text"):
+            model.predict(missing, params={"max_new_tokens": 4})
     for params, message in [({"max_new_tokens": 0}, "max_new_tokens=0: use 1 to 127"),
                             ({"max_new_tokens": 128}, "max_new_tokens=128: use 1 to 127"),
                             ({"top_p": 0.0}, "top_p=0.0: use a value above 0"),
