@@ -259,6 +259,13 @@ def generate_command(args: argparse.Namespace) -> None:
 
 
 def chat_command(args: argparse.Namespace) -> None:
+    if sys.stdin is None:
+        raise UserError("chat reads your messages from standard input, which is closed: run it in a terminal "
+                        "or pipe the messages in")
+    if hasattr(sys.stdin, "reconfigure"):
+        # a typed byte that is not UTF-8 reaches the chat as a lone surrogate (`tasks.chat.encode_text`),
+        # as under the C locale, rather than ending it with a UnicodeDecodeError under a UTF-8 one
+        sys.stdin.reconfigure(errors="surrogateescape")
     inference, loaded = load_model(args)
     inference.chat_loop(loaded, system=args.system, name=args.model, **sampling(args))
 
@@ -422,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args)
-        sys.stdout.flush()  # a reader gone shows here, not at exit
+        if sys.stdout is not None:  # (None: started with standard output closed; print writes nothing)
+            sys.stdout.flush()  # a reader gone shows here, not at exit
     except BrokenPipeError:
         if not stdout_gone():
             raise

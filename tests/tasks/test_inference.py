@@ -163,6 +163,22 @@ def test_output_into_a_reader_that_has_stopped_ends_quietly(model_dir, tmp_path,
     assert (result.returncode, result.stderr) == (141, "")
 
 
+def test_chat_takes_a_line_that_is_not_utf8_and_closed_streams_are_no_traceback(model_dir, tmp_path):
+    """Under a UTF-8 locale Python reads standard input strictly (as PYTHONIOENCODING says here)."""
+    command = [sys.executable, "-m", "flows.cli", "chat", "--model", str(model_dir), "--workspace", str(tmp_path),
+               "--max-new-tokens", "4"]
+    env = {**cli_env(), "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run(command, input=b"caf\xe9\n/exit\n", capture_output=True, env=env, timeout=300)
+    assert (result.returncode, result.stderr) == (0, b""), result.stderr.decode(errors="replace")[-500:]
+    assert result.stdout.count(b">>> ") == 2  # the line was answered, then /exit
+    closed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=300,
+                            preexec_fn=lambda: os.close(0))
+    assert closed.returncode == 2 and closed.stderr.decode().startswith("error: chat reads your messages from standard")
+    generated = subprocess.run([*command[:3], "generate", "--prompt", "hi", *command[4:]], stderr=subprocess.PIPE,
+                               env=env, timeout=300, preexec_fn=lambda: os.close(1))  # `tinyseek generate >&-`
+    assert (generated.returncode, generated.stderr) == (0, b"")
+
+
 def test_no_store_yet_says_run_first(ws, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(StageError, match=r"no MLflow store at .*mlflow.db \(train a model into this workspace "
