@@ -292,9 +292,19 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(_first_line(exc)) from exc
 
 
+def one_line(text: str) -> str:
+    """A long error message in one line: its first, and where that only announces a list
+    ("Error(s) in loading state_dict for Transformer:"), the list's last line too, which
+    holds a cause ("size mismatch for …", "[Errno 28] No space left on device")."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[-1]}"
+    return next(iter(lines), "")
+
+
 def _first_line(exc: Exception) -> str:
     """What went wrong reading a file, in one line (safetensors and torch errors run long)."""
-    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+    return f"{type(exc).__name__}: {one_line(str(exc))}"
 
 
 def load_latest(dir: Path, *, on_warning: Callable[[str], None] | None = None) -> Checkpoint | None:

@@ -39,7 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model
+from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model, one_line
 from model.generate import CACHE_DTYPES, generate, stream
 from model.hf import export_hf as export_hf_weights
 from model.perf import cpp_compiler
@@ -133,7 +133,7 @@ class _Registry:
             if RUN_ID.match(ref) and (trained := self._stage_model(ref)):
                 return trained
         except MlflowException as exc:
-            raise StageError(f"{ref}: {_first_line(exc.message)} (tracking store {self.uri})") from None
+            raise StageError(f"{ref}: {one_line(exc.message)} (tracking store {self.uri})") from None
         raise StageError(f"{ref} holds no model directory (looked in {', '.join(loc for loc, _ in candidates)})")
 
     def _candidates(self, ref: str) -> list[tuple[str, int]]:
@@ -279,10 +279,6 @@ def _join(uri: str, path: str) -> str:
     return f"{uri.rstrip('/')}/{path}" if path else uri
 
 
-def _first_line(text: str) -> str:
-    return next(iter(str(text).splitlines()), "")
-
-
 # --- loading ---------------------------------------------------------------------------
 
 
@@ -328,7 +324,7 @@ def load(ref: str, workspace: Path, device: str = "cpu", kv_cache_dtype: str = "
     try:
         tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
     except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
-        raise StageError(f"cannot load the tokenizer in {directory} ({_first_line(exc)})") from None
+        raise StageError(f"cannot load the tokenizer in {directory} ({one_line(exc)})") from None
     model = load_model(directory, device)
     missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
     if missing:

@@ -238,7 +238,7 @@ def test_weights_get_the_permissions_of_any_new_file(tmp_path, umask):
     assert all(oct(path.stat().st_mode) == oct(expected) for path in checkpoint.iterdir()), checkpoint
 
 
-@pytest.mark.parametrize("damage", ["truncate", "config", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "config", "missing", "shape"])
 def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
     from model.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, load_model, save_model
     from model.transformer import Transformer
@@ -250,11 +250,27 @@ def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "config":
         (tmp_path / MODEL_CONFIG_FILE).write_text('{"hidden_size": ')
-    else:
+    elif damage == "missing":
         weights.unlink()
+    else:  # weights of another model: the message names a mismatch, not only torch's "Error(s) in loading ...:"
+        changed = json.loads((tmp_path / MODEL_CONFIG_FILE).read_text())
+        (tmp_path / MODEL_CONFIG_FILE).write_text(json.dumps({**changed, "vocab_size": changed["vocab_size"] + 1}))
     with pytest.raises(CheckpointError, match=f"cannot load the model in {tmp_path}") as caught:
         load_model(tmp_path)
     assert "\n" not in str(caught.value)
+    if damage == "shape":
+        assert "for Transformer: size mismatch for " in str(caught.value)
+
+
+def test_a_long_error_in_one_line_keeps_a_cause():
+    from model.checkpoint import one_line
+
+    assert one_line("first\nsecond") == "first"
+    assert one_line("Error(s) in loading state_dict for T:\n\tsize mismatch for a.\n\tsize mismatch for b.") == \
+        "Error(s) in loading state_dict for T: size mismatch for b."
+    download = "The following failures occurred while downloading artifacts from file:///x:\n##### File m #####\n" \
+               "[Errno 28] No space left on device: '/cache/m'\n"
+    assert one_line(download).endswith("file:///x: [Errno 28] No space left on device: '/cache/m'")
 
 
 def test_weights_that_cannot_be_written_are_an_os_error(tmp_path, monkeypatch):
