@@ -196,6 +196,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.workspace)))
         return
+    if args.workspace and args.workspace.exists() and not args.workspace.is_dir():
+        parser.error(f"--workspace {args.workspace} is a file: name a new or empty directory")
     if args.workspace and args.workspace.exists() and any(args.workspace.iterdir()):
         parser.error(f"--workspace {args.workspace} is not empty: its stage outputs would be reused, not timed")
 

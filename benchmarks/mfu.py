@@ -18,6 +18,7 @@ its shape (`--grad-accum 1`: one micro-batch per optimizer step).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -62,7 +63,8 @@ def print_profile(step, device: torch.device, rows: int) -> None:
 
 
 def measure(args: argparse.Namespace, precision: str, device: torch.device) -> dict[str, float]:
-    """Tokens/s of training steps, and the warm-up steps' extra time (compilation)."""
+    """Tokens/s of training steps, the warm-up steps' extra time (compilation) and, on a
+    GPU, the steps' peak memory (the model, its optimizer state and the steps' tensors)."""
     setup = named_setup(args.preset)
     torch.manual_seed(0)
     model = Transformer(setup.model).to(device).train()
@@ -73,18 +75,23 @@ def measure(args: argparse.Namespace, precision: str, device: torch.device) -> d
     net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     step = training_step(net, inputs, targets, precision, optimizer, accum)
+    if device.type == "cuda":  # the steps' own peak: not the matmul peak's buffers, nor an earlier precision's steps
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     seconds = statistics.median(times[args.warmup:])
     if args.profile:
         print_profile(step, device, args.profile)
     return {"tokens_per_s": accum * inputs.numel() / seconds, "flops_per_token": flops_per_token(model, seq_len),
             "warmup_extra_s": sum(times[: args.warmup]) - args.warmup * seconds, "batch": batch, "seq_len": seq_len,
-            "grad_accum": accum}
+            "grad_accum": accum, "peak_bytes": peak_bytes}
 
 
 def compiled(args: argparse.Namespace) -> str:
@@ -150,7 +157,7 @@ def main() -> None:
         if args.compile:
             line += f"; compilation took {result['warmup_extra_s']:.1f} s"
         if device.type == "cuda":
-            line += f"; peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+            line += f"; peak memory of the steps {result['peak_bytes'] / 2**30:.1f} GiB"
         print(line)
 
 
