@@ -279,7 +279,10 @@ def export_hf_command(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()  # as the shell would, for --out=~/hf
     if out.exists() and not out.is_dir():  # said before the model loads, as the next
         raise UserError(f"{out} is a file: --out names the folder to write the export into")
-    if not args.force and out.is_dir() and any(out.iterdir()):
+    from tasks.inference import EXPORT_STAGING, check_export_folder
+
+    check_export_folder(out)  # a model's folder: not even with --force
+    if not args.force and out.is_dir() and any(not p.name.startswith(EXPORT_STAGING) for p in out.iterdir()):
         raise UserError(f"{out} already holds files: choose another --out, or add --force to overwrite them")
     inference, loaded = load_model(args)
     out = inference.export_hf(loaded, out)
@@ -420,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with standard output closed: what the command prints goes nowhere
+        sys.stdout = open(os.devnull, "w")  # (and no file opened later takes its descriptor)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -429,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args)
-        if sys.stdout is not None:  # (None: started with standard output closed; print writes nothing)
-            sys.stdout.flush()  # a reader gone shows here, not at exit
+        sys.stdout.flush()  # a reader gone shows here, not at exit
     except BrokenPipeError:
         if not stdout_gone():
             raise
@@ -446,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not type(exc).__module__.startswith("mlflow"):
             raise
         where = os.environ.get("MLFLOW_TRACKING_URI") or "the workspace's MLflow store"
-        detail = str(exc).splitlines()[0][:300]
+        from model.checkpoint import one_line
+
+        detail = one_line(str(exc))
         hint = "; finished stages are kept, run again when it answers" if getattr(args, "resumable", False) else ""
         print(f"error: MLflow tracking at {where} failed ({detail}){hint}", file=sys.stderr)
         return 2

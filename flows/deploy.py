@@ -69,18 +69,21 @@ def deployments(config: PipelineConfig, workspace_dir: str, cron: str = DEFAULT_
 
 def check_cron(cron: str) -> None:
     """Refuse a retrain schedule Prefect would refuse, before any server starts, and one of
-    six fields, which Prefect reads as seconds first (`* * * * * *`: a retrain every second)."""
+    six fields, whose sixth Prefect reads as seconds (`* * * * * *`: a retrain every second)."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
+    usage = (f"five fields, minute hour day month weekday, e.g. {DEFAULT_CRON!r} (daily at 03:00), "
+             "or an alias such as '@hourly'")
     fields = cron.split()
+    if len(fields) == 6:
+        raise StageError(f"--cron {cron!r} has a sixth field, which Prefect reads as seconds: use {usage}")
     try:
         if not (len(fields) == 5 or (len(fields) == 1 and cron.strip().startswith("@"))):
             raise ValueError(cron)
         CronSchedule(cron=cron)
     except (ValueError, ValidationError):
-        raise StageError(f"--cron {cron!r} is not a cron schedule: five fields, minute hour day month weekday, "
-                         f"e.g. {DEFAULT_CRON!r} (daily at 03:00), or an alias such as '@hourly'") from None
+        raise StageError(f"--cron {cron!r} is not a cron schedule: {usage}") from None
 
 
 def require_server() -> None:
@@ -157,9 +160,11 @@ def mlflow_host_options(host: str, port: int) -> list[str]:
     from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
 
     allowed = get_default_allowed_hosts()
-    if is_allowed_host_header(allowed, f"{host}:{port}"):
-        return []
-    return ["--allowed-hosts", ",".join([*allowed, host, f"{host}:{port}"])]
+    # clients send the name in lower case; listening on every address, the machine is named by its own names
+    names = {host.lower()} | ({socket.gethostname().lower(), socket.getfqdn().lower()} if host == "0.0.0.0" else set())
+    added = [f"{name}{suffix}" for name in sorted(names) for suffix in ("", f":{port}")
+             if not is_allowed_host_header(allowed, f"{name}{suffix}")]
+    return ["--allowed-hosts", ",".join([*allowed, *added])] if added else []
 
 
 def start_servers(root: Path, prefect_port: int, mlflow_port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
@@ -219,10 +224,16 @@ def stop_serving(serve: subprocess.Popen, timeout: float = 120) -> None:
     _wait_or_kill(serve, timeout)
 
 
-def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """proc's exit code, or None if it still runs `timeout` seconds later."""
     try:
-        proc.wait(timeout=timeout)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        return None
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    if _wait(proc, timeout) is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
@@ -238,23 +249,47 @@ def adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def stop_orphans(keep: list[subprocess.Popen], timeout: float = 30) -> int:
-    """Stop this process's children other than `keep` (flow runs adopted from a `tinyseek
-    serve` that died): SIGTERM, as the runner cancels them, then SIGKILL after `timeout`
-    seconds. The number stopped."""
+def _adopted(keep: list[subprocess.Popen]) -> list:
+    """This process's children other than `keep`: processes adopted from a parent that died
+    (`adopt_orphans`), such as a worker pool a finished flow run left to end on its own."""
     import psutil
 
     kept = {proc.pid for proc in keep}
-    orphans = [child for child in psutil.Process().children() if child.pid not in kept]
-    for orphan in orphans:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            orphan.terminate()
-    _, alive = psutil.wait_procs(orphans, timeout=timeout)
-    for orphan in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            orphan.kill()
-    psutil.wait_procs(alive)
-    return len(orphans)
+    return [child for child in psutil.Process().children() if child.pid not in kept]
+
+
+def reap_adopted(keep: list[subprocess.Popen]) -> None:
+    """Collect the exit status of adopted processes that have ended, so that they do not stay
+    behind as zombies while `up` runs."""
+    import psutil
+
+    for child in _adopted(keep):
+        with contextlib.suppress(psutil.Error):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                child.wait(0)
+
+
+def stop_orphans(keep: list[subprocess.Popen], timeout: float = 30) -> int:
+    """Stop the processes this process adopted (`_adopted`), and those they adopted in turn:
+    SIGTERM, as the runner cancels a flow run, then SIGKILL after `timeout` seconds. The
+    number of flow runs among them (Prefect's engine: a `tinyseek serve` that died left them)."""
+    import psutil
+
+    flow_runs, seen = 0, set()
+    # a process stopped may leave children of its own; one that cannot be stopped is not tried twice
+    while orphans := [child for child in _adopted(keep) if child.pid not in seen]:
+        seen.update(orphan.pid for orphan in orphans)
+        for orphan in orphans:
+            with contextlib.suppress(psutil.Error):
+                if orphan.status() != psutil.STATUS_ZOMBIE:
+                    flow_runs += "prefect.engine" in orphan.cmdline()
+                    orphan.terminate()
+        _, alive = psutil.wait_procs(orphans, timeout=timeout)  # also collects the zombies
+        for orphan in alive:
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()
+        psutil.wait_procs(alive, timeout=timeout)
+    return flow_runs
 
 
 # what stops `up` as Ctrl-C does: `kill` or a service manager (SIGTERM), a closed terminal (SIGHUP).
@@ -284,18 +319,21 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
         # this interpreter's own CLI: no `tinyseek` script needs to be on the PATH
         serving = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *serve_args], env=env,
                                    start_new_session=True)
-        code = serving.wait()
+        while (code := _wait(serving, 10)) is None:
+            reap_adopted([*procs, serving])
     except KeyboardInterrupt:
         for sig in STOP_SIGNALS:  # the shutdown below runs to its end
             signal.signal(sig, signal.SIG_IGN)
         print("stopping: flow runs in progress are cancelled first", flush=True)
     finally:
-        if serving is not None:
-            stop_serving(serving)
-        if orphans := stop_orphans(procs):
-            print(f"stopped {orphans} flow run process(es) left running by `tinyseek serve`", flush=True)
-            end_killed_runs(str(root))
-        stop(procs)
+        try:
+            if serving is not None:
+                stop_serving(serving)
+            if flow_runs := stop_orphans(procs):
+                print(f"stopped {flow_runs} flow run(s) left running by `tinyseek serve`", flush=True)
+                end_killed_runs(str(root))
+        finally:
+            stop(procs)
         print("stopped the deployments, the Prefect server and the MLflow server")
     if code:
         raise StageError(f"serving the deployments failed (`tinyseek serve` exited with code {code}); "

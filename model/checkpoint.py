@@ -292,14 +292,19 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(_first_line(exc)) from exc
 
 
+# the most of an error message `one_line` keeps
+ONE_LINE_CHARS = 300
+
+
 def one_line(text: str) -> str:
     """A long error message in one line: its first, and where that only announces a list
-    ("Error(s) in loading state_dict for Transformer:"), the list's last line too, which
-    holds a cause ("size mismatch for …", "[Errno 28] No space left on device")."""
+    ("Error(s) in loading state_dict for Transformer:"), the list's first item too
+    ("size mismatch for …"; past MLflow's "##### File … #####" banners, "[Errno 28] No
+    space left on device"); at most ONE_LINE_CHARS characters."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[-1]}"
-    return next(iter(lines), "")
+    items = [line for line in lines[1:] if not line.startswith("#####")]
+    line = f"{lines[0]} {items[0]}" if lines and lines[0].endswith(":") and items else next(iter(lines), "")
+    return line if len(line) <= ONE_LINE_CHARS else line[: ONE_LINE_CHARS - 1] + "…"
 
 
 def _first_line(exc: Exception) -> str:

@@ -17,6 +17,7 @@ Each CLI command is one call here: `complete` (generate), `chat_loop` (chat),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -550,25 +551,35 @@ def hf_tokenizer(loaded: LoadedModel) -> Tokenizer:
     return tokenizer
 
 
+# the hidden folder inside an export's folder that its files are written into first
+EXPORT_STAGING = ".tinyseek-export-"
+
+
+def check_export_folder(out_dir: Path) -> None:
+    """Refuse a folder holding a tinyseek model (the exported one itself, or a stage's
+    output): both formats name their weights `model.safetensors`."""
+    if (out_dir / MODEL_CONFIG_FILE).exists():
+        raise StageError(f"{out_dir} holds a tinyseek model ({MODEL_CONFIG_FILE}): the export would replace its "
+                         "weights; choose another --out")
+
+
 def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
     """Write a directory `transformers` loads with `AutoModelForCausalLM` and `AutoTokenizer`:
     the DeepseekV3 weights and config, the tokenizer with the chat template, and a generation
     config that stops at the end of a turn.
 
-    The files are written into a hidden sibling folder first and moved into `out_dir` only
-    once all are written: an export that fails (a full disk, Ctrl-C) leaves `out_dir` as it
-    was, rather than half an export that the next try would have to `--force` over.
-
-    A folder holding a tinyseek model (the exported one itself, or a stage's output) is
-    refused: both formats name their weights `model.safetensors`."""
-    if (out_dir / MODEL_CONFIG_FILE).exists():
-        same = out_dir.resolve() == loaded.directory.resolve()
-        what = "is the folder of the model being exported" if same else "holds a tinyseek model"
-        raise StageError(f"{out_dir} {what}: the export would replace its weights; choose another --out")
+    The files are written into a hidden folder inside `out_dir` (`EXPORT_STAGING`: on the
+    filesystem of their place, writable as it is) and moved into place only once all are
+    written: an export that fails (a full disk, Ctrl-C) leaves `out_dir` as it was (a folder
+    it made is removed again), rather than half an export that the next try would have to
+    `--force` over. The next export removes what one killed midway left there."""
+    check_export_folder(out_dir)
+    made, done = not out_dir.exists(), False
     try:
-        if not out_dir.parent.exists():
-            out_dir.parent.mkdir(parents=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name[:64]}.", suffix=".partial", dir=out_dir.parent))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.glob(f"{EXPORT_STAGING}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=EXPORT_STAGING, dir=out_dir))
     except OSError as exc:
         raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     try:
@@ -576,11 +587,14 @@ def export_hf(loaded: LoadedModel, out_dir: Path) -> Path:
         write_tokenizer_json(hf_tokenizer(loaded), staging / TOKENIZER_FILE)
         for name, content in tokenizer_files(loaded).items():
             (staging / name).write_text(json.dumps(content, indent=2))
-        out_dir.mkdir(exist_ok=True)
         for file in sorted(staging.iterdir()):
             os.replace(file, out_dir / file.name)
+        done = True
     except OSError as exc:
         raise StageError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and not done:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
     return out_dir

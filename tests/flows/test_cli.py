@@ -179,38 +179,52 @@ def test_up_refuses_one_port_for_both_servers(tmp_path):
 
 
 def test_mlflow_accepts_calls_that_name_it_by_the_host_up_listens_on():
-    from mlflow.server.security_utils import is_allowed_host_header
+    import socket
+
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
 
     from flows.deploy import mlflow_host_options
 
-    assert mlflow_host_options("127.0.0.1", 5000) == [] and mlflow_host_options("0.0.0.0", 5000) == []
-    option, hosts = mlflow_host_options("build-box", 5000)
+    assert mlflow_host_options("127.0.0.1", 5000) == [] and mlflow_host_options("localhost", 5000) == []
+    option, hosts = mlflow_host_options("Build-Box", 5000)  # as clients send it: in lower case
     allowed = hosts.split(",")
     assert option == "--allowed-hosts"
     assert all(is_allowed_host_header(allowed, h) for h in ("build-box:5000", "localhost:5000", "127.0.0.1:5000"))
     assert not is_allowed_host_header(allowed, "elsewhere.example:5000")
+    everywhere = mlflow_host_options("0.0.0.0", 5000)  # every address: the machine's own name too
+    name = socket.gethostname().lower()
+    assert is_allowed_host_header(everywhere[1].split(",") if everywhere else [], f"{name}:5000") or \
+        is_allowed_host_header(get_default_allowed_hosts(), f"{name}:5000")
 
 
 ORPHAN_SCRIPT = """
 import subprocess, time, psutil
-from flows.deploy import adopt_orphans, stop_orphans
+from flows.deploy import adopt_orphans, reap_adopted, stop_orphans
 adopt_orphans()
 server = subprocess.Popen(["sleep", "300"])
-# a parent that starts a process in a session of its own and dies, as a killed `tinyseek serve` does
-subprocess.run(["bash", "-c", "setsid sleep 301 >/dev/null 2>&1 &"], check=True)
-time.sleep(0.5)
-before = sorted(" ".join(c.cmdline()) for c in psutil.Process().children())
-stopped = stop_orphans([server], timeout=5)
-after = sorted(" ".join(c.cmdline()) for c in psutil.Process().children())
+# parents that start processes in sessions of their own and die, as a killed `tinyseek serve` does:
+# a flow run (Prefect's engine) with a child of its own, and a process that ends on its own
+subprocess.run(["bash", "-c", "setsid bash -c 'sleep 303 & exec -a prefect.engine sleep 302' >/dev/null 2>&1 &"],
+               check=True)
+subprocess.run(["bash", "-c", "sleep 0.1 &"], check=True)
+time.sleep(1)
+names = lambda: sorted("zombie" if c.status() == psutil.STATUS_ZOMBIE else " ".join(c.cmdline())
+                       for c in psutil.Process().children())
+before = names()
+reap_adopted([server])  # the ended one, a zombie until then
+reaped = names()
+flow_runs = stop_orphans([server], timeout=5)  # the flow run, then the child it leaves
+after = names()
 server.kill()
-print(before, stopped, after)
+print(before, reaped, flow_runs, after)
 """
 
 
-def test_up_stops_the_processes_a_dead_serve_left_behind():
+def test_up_reaps_adopted_processes_and_stops_flow_runs_a_dead_serve_left_behind():
     result = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT], capture_output=True, text=True, timeout=60,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.stdout.strip() == "['sleep 300', 'sleep 301'] 1 ['sleep 300']", result.stderr
+    assert result.stdout.strip() == ("['prefect.engine 302', 'sleep 300', 'zombie'] ['prefect.engine 302', "
+                                     "'sleep 300'] 1 ['sleep 300']"), result.stderr
 
 
 def test_up_names_a_damaged_mlflow_store_before_starting_servers(tmp_path):
@@ -235,7 +249,7 @@ def test_a_cron_of_six_fields_is_refused(cron):
     from flows.deploy import check_cron
     from tasks.stage import StageError
 
-    with pytest.raises(StageError, match="is not a cron schedule: five fields"):
+    with pytest.raises(StageError, match="has a sixth field, which Prefect reads as seconds: use five fields"):
         check_cron(cron)
     check_cron("@hourly")
 

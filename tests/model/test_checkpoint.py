@@ -263,14 +263,18 @@ def test_a_damaged_model_directory_is_a_checkpoint_error(tmp_path, damage):
 
 
 def test_a_long_error_in_one_line_keeps_a_cause():
-    from model.checkpoint import one_line
+    from model.checkpoint import ONE_LINE_CHARS, one_line
 
     assert one_line("first\nsecond") == "first"
     assert one_line("Error(s) in loading state_dict for T:\n\tsize mismatch for a.\n\tsize mismatch for b.") == \
-        "Error(s) in loading state_dict for T: size mismatch for b."
+        "Error(s) in loading state_dict for T: size mismatch for a."
     download = "The following failures occurred while downloading artifacts from file:///x:\n##### File m #####\n" \
                "[Errno 28] No space left on device: '/cache/m'\n"
     assert one_line(download).endswith("file:///x: [Errno 28] No space left on device: '/cache/m'")
+    html = "failures … from http://mlflow:5000/m:\n##### File m #####\nerror code 502 != 200. body: '<html>\r\n</html>\r\n'"
+    assert one_line(html) == "failures … from http://mlflow:5000/m: error code 502 != 200. body: '<html>"
+    long = one_line("Missing key(s): " + ", ".join(f'"layers.{i}.weight"' for i in range(100)))
+    assert len(long) == ONE_LINE_CHARS and long.endswith("…")
 
 
 def test_weights_that_cannot_be_written_are_an_os_error(tmp_path, monkeypatch):

@@ -174,9 +174,10 @@ def test_chat_takes_a_line_that_is_not_utf8_and_closed_streams_are_no_traceback(
     closed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=300,
                             preexec_fn=lambda: os.close(0))
     assert closed.returncode == 2 and closed.stderr.decode().startswith("error: chat reads your messages from standard")
-    generated = subprocess.run([*command[:3], "generate", "--prompt", "hi", *command[4:]], stderr=subprocess.PIPE,
-                               env=env, timeout=300, preexec_fn=lambda: os.close(1))  # `tinyseek generate >&-`
-    assert (generated.returncode, generated.stderr) == (0, b"")
+    for args in (["generate", "--prompt", "hi"], ["chat"]):  # `tinyseek generate >&-`
+        result = subprocess.run([*command[:3], *args, *command[4:]], input=b"hi\n", stderr=subprocess.PIPE, env=env,
+                                timeout=300, preexec_fn=lambda: os.close(1))
+        assert (result.returncode, result.stderr) == (0, b""), args
 
 
 def test_no_store_yet_says_run_first(ws, monkeypatch):
@@ -646,13 +647,32 @@ def test_an_export_into_a_tinyseek_model_folder_is_refused(loaded, tmp_path):
     """Both formats name their weights model.safetensors: the export would replace the model's."""
     own = loaded.directory
     before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
-    with pytest.raises(StageError, match="is the folder of the model being exported: the export would replace"):
+    with pytest.raises(StageError, match=r"holds a tinyseek model \(model_config.json\): the export would replace"):
         export_hf(loaded, own)
     other = tmp_path / "other"
     shutil.copytree(own, other)
-    with pytest.raises(StageError, match="other holds a tinyseek model: the export would replace its weights"):
+    with pytest.raises(StageError, match="other holds a tinyseek model"):
         export_hf(loaded, other)
     assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+
+
+def test_an_export_is_staged_inside_its_folder(loaded, tmp_path, monkeypatch):
+    """On the folder's own filesystem (a mount point, a volume) and needing no write access beside it;
+    a folder the export made is removed when it fails, and what a killed export left goes next time."""
+    real_replace = os.replace
+    moves = []
+    monkeypatch.setattr(inference.os, "replace", lambda a, b: moves.append((Path(a).parent.parent, Path(b).parent))
+                        or real_replace(a, b))
+    out = tmp_path / "made" / "hf"
+    (out / (inference.EXPORT_STAGING + "killed")).mkdir(parents=True)
+    export_hf(loaded, out)
+    assert moves and all(staged == target == out for staged, target in moves)
+    assert not any(p.name.startswith(inference.EXPORT_STAGING) for p in out.iterdir())
+
+    monkeypatch.setattr(inference, "tokenizer_files", lambda _loaded: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(StageError):
+        export_hf(loaded, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_export_to_a_place_that_cannot_be_written_is_a_stage_error(loaded, tmp_path):
