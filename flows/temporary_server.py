@@ -13,20 +13,17 @@ shares the terminal's process group.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import logging
 import os
-import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from flows import prefect_database
+from tasks.children import ending_with_parent
 
-_PR_SET_PDEATHSIG = 1
 SQLITE = "sqlite+aiosqlite:///"
 
 
@@ -106,15 +103,8 @@ def _detached_children(after_start: Callable[[], None] = lambda: None) -> Iterat
     """Within the block, `subprocess.Popen` called from this thread starts each child in a new
     session, ended by SIGTERM when this thread dies (Linux), and calls `after_start` once the
     child exists. Other threads' children are started as usual."""
-    parent = os.getpid()
     starter = threading.get_ident()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-    def end_with_parent() -> None:  # runs in the child, between fork and exec
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
+    end_with_parent = ending_with_parent()
 
     original = subprocess.Popen
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.children import ending_with_parent
 from tasks.stage import Ref, StageError
 
 SPEC = "ddp-spec.json"
@@ -81,7 +82,9 @@ def launch(
                "-m", "tasks.train_worker", str(out / SPEC)]
     log(f"launching {devices} training processes: {' '.join(command[2:])}")
     with open(out / STDERR, "w+") as stderr:
-        proc = subprocess.Popen(command, stderr=stderr)
+        # torchrun ends with this process: were it killed (SIGKILL), the ranks, in sessions of their own,
+        # would go on training unseen while the stage's lock is free and `tinyseek prune` removes their files
+        proc = subprocess.Popen(command, stderr=stderr, preexec_fn=ending_with_parent())
         try:
             offset = 0
             while proc.poll() is None:
