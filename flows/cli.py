@@ -297,17 +297,21 @@ def prune_command(args: argparse.Namespace) -> None:
     root = workspace(args.workspace, writable=False)
     if not root.is_dir():
         raise UserError(f"no workspace at {root}: nothing to prune")
-    removed, running = prune(root, dry_run=args.dry_run)
+    removed, running, failed = prune(root, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     if removed:
         total = sum(leftover.bytes for leftover in removed)
         print(f"{verb} {len(removed)} leftover(s) of interrupted runs in {root}, {total / 1e6:,.1f} MB:")
         for leftover in removed:
             print(f"  {leftover.path.relative_to(root)}  {leftover.what}, {leftover.bytes / 1e6:,.1f} MB")
-    else:
+    elif not failed:
         print(f"nothing to remove in {root}")
     for path in running:
         print(f"kept {path.relative_to(root)}: a run in progress holds it")
+    if failed:
+        listed = "; ".join(f"{failure.path.relative_to(root)}: {failure.reason}" for failure in failed)
+        raise UserError(f"{len(failed)} leftover(s) could not be pruned: {listed}; fix their permissions and "
+                        "prune again")
 
 
 def serve_command(args: argparse.Namespace) -> None:

@@ -12,10 +12,12 @@ fingerprints' empty lock files, which other processes may be waiting on.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,39 @@ class Leftover:
     bytes: int
 
 
-def _bytes(folder: Path) -> int:
-    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file() and not entry.is_symlink())
+@dataclass
+class Failure:
+    path: Path
+    reason: str
+
+
+def _files(folder: Path) -> Iterator[os.stat_result]:
+    """The stat of every file under `folder` (links not followed); a folder that cannot be
+    listed is an OSError, not a part silently left out."""
+    def unlisted(error: OSError) -> None:
+        raise error
+
+    for top, _, names in os.walk(folder, onerror=unlisted):
+        for name in names:
+            info = os.lstat(os.path.join(top, name))
+            if stat.S_ISREG(info.st_mode):
+                yield info
+
+
+def _freed_bytes(files: dict[Path, list[os.stat_result]]) -> dict[Path, int]:
+    """Bytes that removing all the folders (`_files` of each) frees, per folder. A file
+    hard-linked from elsewhere (a training run's checkpoints are linked into its finished
+    output) frees nothing; one linked from several of the folders counts once, in the first."""
+    inodes: dict[tuple[int, int], list] = {}  # (device, inode) -> [size, links, links seen, first folder]
+    for folder, infos in files.items():
+        for info in infos:
+            entry = inodes.setdefault((info.st_dev, info.st_ino), [info.st_size, info.st_nlink, 0, folder])
+            entry[2] += 1
+    freed = dict.fromkeys(files, 0)
+    for size, links, seen, folder in inodes.values():
+        if seen == links:
+            freed[folder] += size
+    return freed
 
 
 @contextmanager
@@ -63,25 +96,56 @@ def _candidates(root: Path) -> Iterator[tuple[Path, str, str]]:
         folder = root / stage
         if not folder.is_dir():
             continue
-        for entry in sorted(folder.iterdir()):
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            raise StageError(f"cannot list {folder}: {exc.strerror or exc}") from None
+        for entry in entries:
             match = _LEFTOVER.fullmatch(entry.name)
             if match and entry.is_dir() and not entry.is_symlink():
                 yield entry, match["fp"], "work" if match["kind"] == "work" else "tmp"
 
 
-def prune(root: Path, dry_run: bool = False) -> tuple[list[Leftover], list[Path]]:
+def _what(path: Path, fp: str, kind: str) -> str:
+    """A leftover's description: the work folder of a fingerprint whose output is in place
+    belongs to a run killed between the two (its checkpoints are linked into the output)."""
+    if kind == "work" and (path.parent / fp).is_dir():
+        return "checkpoints of a finished run"
+    return KINDS[kind]
+
+
+def prune(root: Path, dry_run: bool = False) -> tuple[list[Leftover], list[Path], list[Failure]]:
     """Remove (or with `dry_run` only list) the leftovers of runs no process is running now.
-    Returns what was (or would be) removed, and the leftovers of runs in progress, kept."""
-    removed, running = [], []
-    for path, fp, kind in _candidates(root):
-        try:
-            with _idle(path.parent / f".{fp}.lock") as idle:
-                if not idle:
+    Returns what was (or would be) removed, the leftovers of runs in progress (kept), and
+    those that could not be read or removed: one failure does not stop the others."""
+    running: list[Path] = []
+    failed: list[Failure] = []
+    files: dict[Path, list[os.stat_result]] = {}
+    what: dict[Path, str] = {}
+    with ExitStack() as stack:
+        idle: dict[str, bool] = {}  # by lock file: held until its fingerprint's leftovers are gone
+        for path, fp, kind in _candidates(root):
+            lock = path.parent / f".{fp}.lock"
+            try:
+                if str(lock) not in idle:
+                    idle[str(lock)] = stack.enter_context(_idle(lock))
+                if not idle[str(lock)]:
                     running.append(path)
                 elif path.exists():  # a run that just finished has removed its work folder
-                    removed.append(Leftover(path, KINDS[kind], _bytes(path)))
-                    if not dry_run:
-                        shutil.rmtree(path)
-        except OSError as exc:
-            raise StageError(f"cannot remove {path}: {exc.strerror or exc}") from None
-    return removed, running
+                    files[path], what[path] = list(_files(path)), _what(path, fp, kind)
+            except OSError as exc:
+                failed.append(Failure(path, f"cannot read it ({exc.strerror or exc}{_at(exc, path)})"))
+        removed = []
+        for path, freed in _freed_bytes(files).items():
+            try:
+                if not dry_run:
+                    shutil.rmtree(path)
+                removed.append(Leftover(path, what[path], freed))
+            except OSError as exc:
+                failed.append(Failure(path, f"cannot remove it ({exc.strerror or exc}{_at(exc, path)})"))
+    return removed, running, failed
+
+
+def _at(exc: OSError, path: Path) -> str:
+    """Where under `path` the error happened, if not at `path` itself."""
+    return f": {exc.filename}" if exc.filename and Path(exc.filename) != path else ""

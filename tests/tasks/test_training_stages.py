@@ -1,9 +1,11 @@
 """The pretrain and finetune stages on the tiny preset: outputs, reuse, and torchrun DDP."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -390,12 +392,70 @@ def test_prune_removes_the_checkpoints_of_an_interrupted_run_unless_it_is_runnin
     before = {p for p in root.rglob("*") if p not in leftovers and not leftovers & set(p.parents)}
 
     with file_lock(root / "pretrain" / f".{fp}.lock"):  # a run of that config in progress
-        removed, running = prune(root)
-    assert running == [work] and [r.path for r in removed] == [half_built] and not half_built.exists()
-    removed, running = prune(root, dry_run=True)
+        removed, running, failed = prune(root)
+    assert running == [work] and not failed and [r.path for r in removed] == [half_built] and not half_built.exists()
+    removed, running, failed = prune(root, dry_run=True)
     assert [(r.path, r.what) for r in removed] == [(work, "checkpoints of an unfinished training run")]
     assert removed[0].bytes == sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) > 0
     assert work.exists() and not running
     prune(root)
     assert not work.exists()
     assert set(root.rglob("*")) == before  # finished outputs and lock files stay, and none is made
+
+
+def test_prune_counts_what_removal_frees_and_goes_on_past_a_failure(tmp_path, monkeypatch, capsys):
+    """Checkpoints hard-linked into a finished output free nothing; a file linked from two
+    leftovers counts once; a leftover that cannot be removed is named, after the others go."""
+    from flows.cli import main
+    from tasks import prune as pruning
+
+    done = tmp_path / "pretrain" / "0123456789abcdef"  # finished: a kill came before its work folder went
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"w" * 3000)
+    work = tmp_path / "pretrain" / ".0123456789abcdef.work"
+    (work / "step-000002").mkdir(parents=True)
+    os.link(done / "model.safetensors", work / "step-000002" / "model.safetensors")
+    (work / "step-000002" / "optimizer.pt").write_bytes(b"o" * 500)
+    half = tmp_path / "pretrain" / ".fedcba9876543210.tmp-9-ab"
+    other = tmp_path / "pretrain" / ".fedcba9876543210.work"
+    for folder in (half, other):
+        folder.mkdir()
+    (other / "a").write_bytes(b"a" * 700)
+    os.link(other / "a", half / "a")  # a half-built output's links to its work folder: 700 bytes, once
+    stuck = tmp_path / "clean" / ".1111111111111111.tmp-9-cd"
+    stuck.mkdir(parents=True)
+
+    removed, running, failed = prune(tmp_path, dry_run=True)
+    assert [(r.path, r.what, r.bytes) for r in removed] == [
+        (stuck, "a half-built output", 0), (work, "checkpoints of a finished run", 500),
+        (half, "a half-built output", 700), (other, "checkpoints of an unfinished training run", 0)]
+    assert not running and not failed and work.exists()
+
+    real = shutil.rmtree
+
+    def refuse(path, *args, **kwargs):
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(stuck))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pruning.shutil, "rmtree", refuse)
+    assert main(["prune", "--workspace", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == f"removed 3 leftover(s) of interrupted runs in {tmp_path}, 0.0 MB:"
+    assert err == ("error: 1 leftover(s) could not be pruned: clean/.1111111111111111.tmp-9-cd: cannot remove it "
+                   "(Permission denied); fix their permissions and prune again\n")
+    assert stuck.exists() and not work.exists() and (done / "model.safetensors").read_bytes() == b"w" * 3000
+
+
+def test_prune_names_a_stage_folder_it_cannot_list(tmp_path, monkeypatch):
+    (tmp_path / "clean").mkdir()
+    real = Path.iterdir
+
+    def locked(path):
+        if path == tmp_path / "clean":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "iterdir", locked)
+    with pytest.raises(StageError, match=f"cannot list {tmp_path / 'clean'}: Permission denied"):
+        prune(tmp_path)
