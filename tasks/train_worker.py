@@ -32,14 +32,19 @@ def main(spec_path: str) -> None:
         sys.exit(1)  # not 0: torchrun then stops ranks still waiting for this one
 
 
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for ranks training on GPUs, gloo for ranks on CPUs (also on a machine with a GPU)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def train(spec: dict) -> None:
     """Join the process group, build this rank's trainer and train; rank 0 writes the model."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    config = PipelineConfig.model_validate(spec["config"])
+    backend = process_group_backend(getattr(config, spec["stage"]).torch_device())
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    config = PipelineConfig.model_validate(spec["config"])
     refs = {name: Ref.model_validate(value) for name, value in spec["refs"].items()}
     if spec["stage"] == "pretrain":
         from tasks.pretrain import build_trainer, tokenizer_dir

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model import fused
 from model.checkpoint import save_model
 from model.perf import cpp_compiler
@@ -137,6 +139,10 @@ def train_stage(
             "torch's kernel cache does not hold them yet)")
     if settings.devices > 1:
         from tasks import distributed
+
+        if settings.torch_device().type == "cuda" and settings.devices > (gpus := torch.cuda.device_count()):
+            raise StageError(f"{stage}.devices={settings.devices}: this machine has {gpus} GPU(s); lower "
+                             f"{stage}.devices, or train on the CPU with {stage}.device=cpu")
 
         return distributed.launch(stage, upstream, config, out, checkpoints, callback, log)
     settings.apply_threads()

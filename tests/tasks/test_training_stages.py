@@ -459,3 +459,18 @@ def test_prune_names_a_stage_folder_it_cannot_list(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", locked)
     with pytest.raises(StageError, match=f"cannot list {tmp_path / 'clean'}: Permission denied"):
         prune(tmp_path)
+
+
+def test_more_gpu_devices_than_gpus_are_refused_and_cpu_ranks_take_gloo(tokens, tmp_path, monkeypatch):
+    """Said once, before torchrun starts ranks that would each fail with 'invalid device ordinal';
+    ranks told to train on the CPU join a gloo group even where CUDA is available (NCCL takes only GPU tensors)."""
+    from tasks.train_worker import process_group_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = quick("pretrain.devices=2", "pretrain.device=cuda", "pretrain.precision=fp32")
+    with pytest.raises(StageError, match=r"pretrain.devices=2: this machine has 1 GPU\(s\); lower pretrain.devices, "
+                                         r"or train on the CPU with pretrain.device=cpu"):
+        pretrain(tokens[1], config, tmp_path, log=lambda m: None)
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    assert process_group_backend(torch.device("cuda")) == "nccl"
