@@ -310,8 +310,7 @@ def prune_command(args: argparse.Namespace) -> None:
         print(f"kept {path.relative_to(root)}: a run in progress holds it")
     if failed:
         listed = "; ".join(f"{failure.path.relative_to(root)}: {failure.reason}" for failure in failed)
-        raise UserError(f"{len(failed)} leftover(s) could not be pruned: {listed}; fix their permissions and "
-                        "prune again")
+        raise UserError(f"{len(failed)} leftover(s) or folder(s) could not be pruned: {listed}")
 
 
 def serve_command(args: argparse.Namespace) -> None:

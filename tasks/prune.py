@@ -11,17 +11,18 @@ fingerprints' empty lock files, which other processes may be waiting on.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import shutil
 import stat
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.stage import STAGES, StageError
+from tasks.stage import STAGES
 
 # `.<fingerprint>.work` and `.<fingerprint>.tmp-<pid>-<id>` beside a stage's outputs
 _LEFTOVER = re.compile(r"\.(?P<fp>[0-9a-f]{16})\.(?P<kind>work|tmp-[0-9]+-[0-9a-f]+)")
@@ -42,16 +43,19 @@ class Failure:
 
 
 def _files(folder: Path) -> Iterator[os.stat_result]:
-    """The stat of every file under `folder` (links not followed); a folder that cannot be
-    listed is an OSError, not a part silently left out."""
+    """The stat of every file under `folder` (links not followed). A folder that cannot be
+    listed is an OSError, not a part silently left out; what a run removes meanwhile (its
+    work folder, once its output is in place) is simply not there."""
     def unlisted(error: OSError) -> None:
-        raise error
+        if not isinstance(error, FileNotFoundError):
+            raise error
 
     for top, _, names in os.walk(folder, onerror=unlisted):
         for name in names:
-            info = os.lstat(os.path.join(top, name))
-            if stat.S_ISREG(info.st_mode):
-                yield info
+            with contextlib.suppress(FileNotFoundError):
+                info = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(info.st_mode):
+                    yield info
 
 
 def _freed_bytes(files: dict[Path, list[os.stat_result]]) -> dict[Path, int]:
@@ -90,20 +94,25 @@ def _idle(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _candidates(root: Path) -> Iterator[tuple[Path, str, str]]:
-    """(path, fingerprint, kind) of every leftover-shaped folder in the stage folders of `root`."""
+def _candidates(root: Path) -> tuple[dict[Path, list[tuple[Path, str]]], list[Failure]]:
+    """Every leftover-shaped folder in the stage folders of `root`, with its description, by
+    the lock file of its fingerprint; and the stage folders that cannot be listed."""
+    groups: dict[Path, list[tuple[Path, str]]] = {}
+    failed = []
     for stage in STAGES:
         folder = root / stage
-        if not folder.is_dir():
-            continue
         try:
-            entries = sorted(folder.iterdir())
+            if not folder.is_dir():
+                continue
+            for entry in sorted(folder.iterdir()):
+                match = _LEFTOVER.fullmatch(entry.name)
+                if match and entry.is_dir() and not entry.is_symlink():
+                    kind = "work" if match["kind"] == "work" else "tmp"
+                    groups.setdefault(folder / f".{match['fp']}.lock", []).append(
+                        (entry, _what(entry, match["fp"], kind)))
         except OSError as exc:
-            raise StageError(f"cannot list {folder}: {exc.strerror or exc}") from None
-        for entry in entries:
-            match = _LEFTOVER.fullmatch(entry.name)
-            if match and entry.is_dir() and not entry.is_symlink():
-                yield entry, match["fp"], "work" if match["kind"] == "work" else "tmp"
+            failed.append(Failure(folder, f"cannot list it ({exc.strerror or exc})"))
+    return groups, failed
 
 
 def _what(path: Path, fp: str, kind: str) -> str:
@@ -115,34 +124,38 @@ def _what(path: Path, fp: str, kind: str) -> str:
 
 
 def prune(root: Path, dry_run: bool = False) -> tuple[list[Leftover], list[Path], list[Failure]]:
-    """Remove (or with `dry_run` only list) the leftovers of runs no process is running now.
-    Returns what was (or would be) removed, the leftovers of runs in progress (kept), and
-    those that could not be read or removed: one failure does not stop the others."""
+    """Remove (or with `dry_run` only list) the leftovers of runs no process is running now,
+    one fingerprint at a time, holding its lock. Returns what was (or would be) removed, the
+    leftovers of runs in progress (kept), and what could not be listed, read or removed: one
+    failure does not stop the others. What a run removes meanwhile is none of these."""
+    groups, failed = _candidates(root)
+    removed: list[Leftover] = []
     running: list[Path] = []
-    failed: list[Failure] = []
-    files: dict[Path, list[os.stat_result]] = {}
-    what: dict[Path, str] = {}
-    with ExitStack() as stack:
-        idle: dict[str, bool] = {}  # by lock file: held until its fingerprint's leftovers are gone
-        for path, fp, kind in _candidates(root):
-            lock = path.parent / f".{fp}.lock"
-            try:
-                if str(lock) not in idle:
-                    idle[str(lock)] = stack.enter_context(_idle(lock))
-                if not idle[str(lock)]:
-                    running.append(path)
-                elif path.exists():  # a run that just finished has removed its work folder
-                    files[path], what[path] = list(_files(path)), _what(path, fp, kind)
-            except OSError as exc:
-                failed.append(Failure(path, f"cannot read it ({exc.strerror or exc}{_at(exc, path)})"))
-        removed = []
-        for path, freed in _freed_bytes(files).items():
-            try:
-                if not dry_run:
-                    shutil.rmtree(path)
-                removed.append(Leftover(path, what[path], freed))
-            except OSError as exc:
-                failed.append(Failure(path, f"cannot remove it ({exc.strerror or exc}{_at(exc, path)})"))
+    for lock, leftovers in groups.items():
+        try:
+            with _idle(lock) as idle:
+                if not idle:
+                    running += [path for path, _ in leftovers]
+                    continue
+                files = {}
+                for path, _ in leftovers:
+                    try:
+                        files[path] = list(_files(path))
+                    except OSError as exc:
+                        failed.append(Failure(path, f"cannot read it ({exc.strerror or exc}{_at(exc, path)})"))
+                what = dict(leftovers)
+                for path, freed in _freed_bytes(files).items():
+                    try:
+                        if not dry_run:
+                            shutil.rmtree(path)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        failed.append(Failure(path, f"cannot remove it ({exc.strerror or exc}{_at(exc, path)})"))
+                        continue
+                    removed.append(Leftover(path, what[path], freed))
+        except OSError as exc:  # the lock file cannot be opened
+            failed += [Failure(path, f"cannot lock it ({exc.strerror or exc})") for path, _ in leftovers]
     return removed, running, failed
 
 

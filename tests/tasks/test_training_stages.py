@@ -442,13 +442,15 @@ def test_prune_counts_what_removal_frees_and_goes_on_past_a_failure(tmp_path, mo
     assert main(["prune", "--workspace", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == f"removed 3 leftover(s) of interrupted runs in {tmp_path}, 0.0 MB:"
-    assert err == ("error: 1 leftover(s) could not be pruned: clean/.1111111111111111.tmp-9-cd: cannot remove it "
-                   "(Permission denied); fix their permissions and prune again\n")
+    assert err == ("error: 1 leftover(s) or folder(s) could not be pruned: clean/.1111111111111111.tmp-9-cd: "
+                   "cannot remove it (Permission denied)\n")
     assert stuck.exists() and not work.exists() and (done / "model.safetensors").read_bytes() == b"w" * 3000
 
 
-def test_prune_names_a_stage_folder_it_cannot_list(tmp_path, monkeypatch):
+def test_prune_names_a_stage_folder_it_cannot_list_and_prunes_the_others(tmp_path, monkeypatch):
     (tmp_path / "clean").mkdir()
+    half = tmp_path / "pretrain" / ".0123456789abcdef.tmp-9-ab"
+    half.mkdir(parents=True)
     real = Path.iterdir
 
     def locked(path):
@@ -457,8 +459,26 @@ def test_prune_names_a_stage_folder_it_cannot_list(tmp_path, monkeypatch):
         return real(path)
 
     monkeypatch.setattr(Path, "iterdir", locked)
-    with pytest.raises(StageError, match=f"cannot list {tmp_path / 'clean'}: Permission denied"):
-        prune(tmp_path)
+    removed, running, failed = prune(tmp_path)
+    assert [(f.path, f.reason) for f in failed] == [(tmp_path / "clean", "cannot list it (Permission denied)")]
+    assert [r.path for r in removed] == [half] and not half.exists() and not running
+
+
+def test_prune_passes_over_what_a_run_removes_meanwhile(tmp_path, monkeypatch):
+    """A run that finds its output in place removes its work folder without the lock prune holds."""
+    from tasks import prune as pruning
+
+    work = tmp_path / "pretrain" / ".0123456789abcdef.work"
+    (work / "step-1").mkdir(parents=True)
+    (work / "step-1" / "optimizer.pt").write_bytes(b"o" * 10)
+    real = pruning._files
+
+    def meanwhile(folder):
+        shutil.rmtree(folder)  # between the listing and the walk
+        return real(folder)
+
+    monkeypatch.setattr(pruning, "_files", meanwhile)
+    assert prune(tmp_path) == ([], [], [])
 
 
 def test_more_gpu_devices_than_gpus_are_refused_and_cpu_ranks_take_gloo(tokens, tmp_path, monkeypatch):
