@@ -18,6 +18,7 @@ import json
 import math
 import os
 import select
+import shutil
 import signal
 import sys
 import threading
@@ -450,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        if not args.debug and (full := full_workspace_disk()):
+            kept = "; finished stages are kept" if getattr(args, "resumable", False) else ""
+            print(f"error: {full}: free some space and run again{kept}", file=sys.stderr)
+            return 2
         if args.debug or not type(exc).__module__.startswith("mlflow"):
             raise
         where = os.environ.get("MLFLOW_TRACKING_URI") or "the workspace's MLflow store"
@@ -466,6 +471,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
+
+
+# free bytes under which a failure is put down to the workspace's disk being full
+FULL_DISK_BYTES = 16 << 20
+
+
+def full_workspace_disk() -> str | None:
+    """What to say when the disk holding the workspace is (nearly) full, else None. Every
+    part of a run writes there (outputs, checkpoints, Prefect's and MLflow's SQLite stores),
+    and each fails in its own way on a full disk, the last one Prefect's server answering 500."""
+    root = os.environ.get("TINYSEEK_WORKSPACE")
+    if not root:
+        return None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free >= FULL_DISK_BYTES:
+        return None
+    return f"the disk holding the workspace {root} is full ({free / 2**20:.1f} MiB free)"
 
 
 def stdout_gone() -> bool:

@@ -429,3 +429,25 @@ def test_prune_lists_then_removes_what_an_interrupted_run_left(tmp_path):
     assert tinyseek("prune", "--workspace", str(tmp_path)).stdout == f"nothing to remove in {tmp_path}\n"
     assert_one_line_error(tinyseek("prune", "--workspace", str(tmp_path / "none")), "no workspace at")
     assert download.exists() and not list(download.parent.glob("*.lock"))
+
+
+def test_a_failure_on_a_full_workspace_disk_says_so(tmp_path, monkeypatch, capsys):
+    """Prefect's and MLflow's SQLite stores fail each in its own way there: the cause is named instead."""
+    import shutil
+    from collections import namedtuple
+
+    from flows import cli
+
+    def fails(args):
+        raise RuntimeError("Server error '500 Internal Server Error' for url …/set_state")
+
+    monkeypatch.setattr(cli, "prune_command", fails)
+    monkeypatch.setenv("TINYSEEK_WORKSPACE", str(tmp_path))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 3 << 20))
+    assert cli.main(["prune", "--workspace", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: the disk holding the workspace {tmp_path} is full (3.0 MiB free): "
+                                       "free some space and run again\n")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 5 << 30, 5 << 30))
+    with pytest.raises(RuntimeError):  # with room on the disk, a failure is what it is
+        cli.main(["prune", "--workspace", str(tmp_path)])
