@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.children import ending_with_parent
-from tasks.stage import Ref, StageError
+from tasks.stage import Ref, StageError, held_locks
 
 SPEC = "ddp-spec.json"
 METRICS = "ddp-metrics.jsonl"
@@ -83,8 +83,9 @@ def launch(
     log(f"launching {devices} training processes: {' '.join(command[2:])}")
     with open(out / STDERR, "w+") as stderr:
         # torchrun ends with this process: were it killed (SIGKILL), the ranks, in sessions of their own,
-        # would go on training unseen while the stage's lock is free and `tinyseek prune` removes their files
-        proc = subprocess.Popen(command, stderr=stderr, preexec_fn=ending_with_parent())
+        # would go on training unseen while the stage's lock is free and `tinyseek prune` removes their files.
+        # It also holds the stage's lock until it has stopped them (up to STOP_SECONDS).
+        proc = subprocess.Popen(command, stderr=stderr, preexec_fn=ending_with_parent(), pass_fds=held_locks())
         try:
             offset = 0
             while proc.poll() is None:

@@ -170,16 +170,30 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+# descriptors of the locks `file_lock` holds now in this process
+_HELD_LOCKS: set[int] = set()
+
+
 @contextmanager
 def file_lock(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `lock_path` (created if missing) for the block."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(handle.fileno())
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def held_locks() -> tuple[int, ...]:
+    """The descriptors of the locks `file_lock` holds in this process now. A child process
+    given them (`subprocess.Popen(pass_fds=...)`) keeps them locked while it lives should
+    this process be killed, when the lock would otherwise go free at once: flock belongs
+    to the open file, which the child then shares. The block's end unlocks it for both."""
+    return tuple(sorted(_HELD_LOCKS))
 
 
 def file_sizes(out: Path) -> dict[str, int]:
