@@ -158,6 +158,11 @@ class TrainingConfig(Settings):
         # warm-up as the engine clamps it, and what the schedule does not read as its default
         same = {"batch_tokens": values["global_batch"] * self.seq_len, "warmup_steps": engine.warmup_steps}
         unread = {"cosine": ("decay_fraction",), "wsd": (), "constant": ("decay_fraction", "min_lr")}[self.schedule]
+        if engine.warmup_steps >= self.steps:  # all warm-up: the schedule after it is never reached
+            unread = ("schedule", "decay_fraction", "min_lr")
+        elif self.schedule == "wsd":  # as the decay's first step: fractions that round to it decay alike
+            decay_start = max(self.steps - round(self.decay_fraction * self.steps), engine.warmup_steps)
+            same["decay_fraction"] = (self.steps - decay_start) / self.steps
         same.update({name: type(self).model_fields[name].default for name in unread})
         values.update({name: value for name, value in same.items() if name in values})
         return values

@@ -305,6 +305,13 @@ def test_settings_that_train_the_same_run_keep_its_fingerprint(tokens):
     assert fp("pretrain.warmup_steps=6") == fp("pretrain.warmup_steps=9") != base
     assert fp("pretrain.schedule=constant", "pretrain.min_lr=0") == fp("pretrain.schedule=constant")
     assert fp("pretrain.schedule=wsd", "pretrain.decay_fraction=0.5") != fp("pretrain.schedule=wsd")
+    # 6 steps: after a 1-step warm-up, fractions 0.5 and 0.45 both decay from step 3 (round(2.7) = 3);
+    # 0.6 and 0.9 from the end of a 4-step warm-up; a run that is all warm-up never reaches its schedule
+    wsd = ("pretrain.schedule=wsd", "pretrain.warmup_steps=1")
+    assert fp(*wsd, "pretrain.decay_fraction=0.45") == fp(*wsd, "pretrain.decay_fraction=0.5") != fp(*wsd)
+    assert fp("pretrain.schedule=wsd", "pretrain.warmup_steps=4", "pretrain.decay_fraction=0.6") == \
+        fp("pretrain.schedule=wsd", "pretrain.warmup_steps=4", "pretrain.decay_fraction=0.9")
+    assert fp("pretrain.warmup_steps=6", "pretrain.schedule=wsd", "pretrain.min_lr=0") == fp("pretrain.warmup_steps=6")
     assert fp("pretrain.min_lr=0") != base and fp("pretrain.batch_tokens=512") != base
 
 
