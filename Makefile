@@ -7,6 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= demo
+# an extra package index for torch, e.g. https://download.pytorch.org/whl/cpu for the CPU build where
+# pip's configuration offers none (PyPI's torch is the CUDA build)
+TORCH_INDEX ?=
 # processes the suite runs on (pytest-xdist): its end-to-end tests wait on servers and
 # subprocesses, so two keep two cores busy where one process keeps about one
 TEST_WORKERS ?= 2
@@ -23,7 +26,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,stack]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[dev,stack]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in FLOW_HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
         add_config_options(sub)
-        sub.add_argument("--json", action="store_true", help="print the summary as one JSON object, the last line "
-                         "of standard output (logs go to standard error)")
+        sub.add_argument("--json", action="store_true", help="also print the summary as one JSON object, the "
+                         "last line of standard output (logs go to standard error)")
         add_workspace(sub)
         sub.set_defaults(handler=run_flow(name), resumable=True)
 
