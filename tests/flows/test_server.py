@@ -101,7 +101,8 @@ async def exercise(root):
         deployments = await deployment_ids(client, {"build-llm", "data", "pretrain", "finetune", "evaluate", "retrain"})
         retrain = deployments["retrain"]
         assert any(s.schedule.cron == "0 3 * * *" for s in retrain.schedules)
-        assert retrain.global_concurrency_limit.limit == 1  # a schedule or burst of events firing mid-retrain queues the next
+        # one retrain at a time: a schedule or burst of events firing mid-retrain queues the next
+        assert retrain.global_concurrency_limit.limit == 1
 
         # the UI's "Quick run": a flow run from the deployment with its default parameters
         run = await client.create_flow_run_from_deployment(deployments["build-llm"].id)

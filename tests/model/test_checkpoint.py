@@ -271,7 +271,8 @@ def test_a_long_error_in_one_line_keeps_a_cause():
     download = "The following failures occurred while downloading artifacts from file:///x:\n##### File m #####\n" \
                "[Errno 28] No space left on device: '/cache/m'\n"
     assert one_line(download).endswith("file:///x: [Errno 28] No space left on device: '/cache/m'")
-    html = "failures … from http://mlflow:5000/m:\n##### File m #####\nerror code 502 != 200. body: '<html>\r\n</html>\r\n'"
+    html = ("failures … from http://mlflow:5000/m:\n##### File m #####\n"
+            "error code 502 != 200. body: '<html>\r\n</html>\r\n'")
     assert one_line(html) == "failures … from http://mlflow:5000/m: error code 502 != 200. body: '<html>"
     long = one_line("Missing key(s): " + ", ".join(f'"layers.{i}.weight"' for i in range(100)))
     assert len(long) == ONE_LINE_CHARS and long.endswith("…")
