@@ -10,7 +10,6 @@ workspace), waits until both answer, serves the deployments and stops it all on 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import shutil
@@ -25,6 +24,7 @@ import httpx
 
 from flows import prefect_database
 from tasks.config import PipelineConfig
+from tasks.children import adopt_orphans
 from tasks.stage import StageError, workspace
 
 CORPUS_UPDATED = "tinyseek.corpus.updated"
@@ -238,17 +238,6 @@ def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-
-
-def adopt_orphans() -> None:
-    """Make this process the parent of its descendants whose parent dies (Linux). Prefect's
-    runner starts each flow run in a session of its own; were `tinyseek serve` killed
-    (out of memory, SIGKILL), its flow runs would go on training under init, out of reach."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def _adopted(keep: list[subprocess.Popen]) -> list:
     """This process's children other than `keep`: processes adopted from a parent that died
     (`adopt_orphans`), such as a worker pool a finished flow run left to end on its own."""
@@ -306,6 +295,8 @@ def up(root: Path, prefect_port: int, mlflow_port: int, host: str, serve_args: l
     SIGTERM or SIGHUP), which stops them all."""
     for sig in STOP_SIGNALS[1:]:
         signal.signal(sig, _interrupt)
+    # Prefect's runner starts each flow run in a session of its own: were `tinyseek serve` killed (out of
+    # memory, SIGKILL), its flow runs would go on training under init, out of reach of `up`
     adopt_orphans()
     procs = start_servers(root, prefect_port, mlflow_port, host)
     env = {**os.environ, "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
