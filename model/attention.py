@@ -4,9 +4,12 @@ Keys and values are compressed into one latent of `kv_lora_rank` numbers per tok
 plus a single shared rope key of `qk_rope_head_dim`. Training expands the latent
 with `kv_b_proj` and runs ordinary scaled-dot-product attention (the naive path).
 Generation caches only the latent and the rope key, and absorbs `kv_b_proj` into
-the query (for scores) and into the output (for values), as DeepSeek-V3's own
-inference code does, so the cache per token is `kv_lora_rank + qk_rope_head_dim`
-numbers per layer instead of `2 * heads * head_dim`.
+the query (for scores) and into the output (for values), so the cache per token is
+`kv_lora_rank + qk_rope_head_dim` numbers per layer instead of `2 * heads * head_dim`.
+A small model folds `kv_b_proj` into the query and output projections once per
+generation, as DeepSeek-V2's paper describes the absorption (`MLA.folded`); a large one
+multiplies by it at every step, as DeepSeek-V3's own inference code does, since there
+the folded matrices would be several times larger than the ones they replace.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.linear import Linear
+from model.linear import Linear, linear
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -109,6 +112,8 @@ class LatentCache:
     by side in one buffer [B, max_len, kv_lora_rank + qk_rope_head_dim]. Side by side, the
     rows are the keys of one attention. It is written and read only as that one buffer:
     torch.compile (compiled decoding) cannot take two views of one buffer that both change.
+    It also carries the layer's folded query and output weights for this generation
+    (`MLA.folded`), or None where the layer does not fold.
 
     The buffer may be narrower than the model: bf16 halves an fp32 cache, fp8 (e4m3, without
     scales) quarters it, at the price of rounding every cached key and value. (DeepSeek's
@@ -117,9 +122,11 @@ class LatentCache:
     saturates but on CUDA would turn them into NaN.
     """
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype,
+                 folded: tuple[torch.Tensor, torch.Tensor] | None = None):
         width = config.kv_lora_rank + config.qk_rope_head_dim
         self.data = torch.zeros(batch, max_len, width, device=device, dtype=dtype)
+        self.folded = folded
         # an fp8 cache on a CPU is widened by looking its 256 possible values up (`rows`)
         self.fp8_values = None
         if dtype == torch.float8_e4m3fn and self.data.is_cpu:
@@ -140,13 +147,17 @@ class LatentCache:
         rows = self.data[:batch, :end]
         if self.fp8_values is not None:
             return self.fp8_values.to(dtype).take(rows.view(torch.uint8).long())
-        return rows.to(dtype)
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
     def bytes_per_token(self) -> int:
         return self.data.shape[-1] * self.data.element_size()
 
 
 class MLA(nn.Module):
+    # decoding folds kv_b_proj into the query and output projections (`folded`) where the folded
+    # matrices hold at most this many times the numbers of those they replace
+    FOLD_MAX_GROWTH = 2.0
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.num_attention_heads
@@ -168,13 +179,17 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(self.n_heads * self.v_dim, h)
 
+    def _query_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the per-head query projection multiplies: x, or its normalised low-rank
+        compression (q_lora_rank > 0)."""
+        return x if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))
+
+    def _query_projection(self) -> Linear:
+        return self.q_proj if hasattr(self, "q_proj") else self.q_b_proj
+
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (nope, rope) query parts, each [B, T, H, d]."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*x.shape[:2], self.n_heads, self.qk_dim)
+        q = self._query_projection()(self._query_input(x)).view(*x.shape[:2], self.n_heads, self.qk_dim)
         return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
     def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +224,32 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return out[..., : self.v_dim]
 
+    @torch.no_grad()
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The query and output projections with `kv_b_proj` folded in, for decoding, or None
+        where they would hold more than `FOLD_MAX_GROWTH` times the numbers they replace.
+
+        A head's score is q_nope . (W_k c) + q_pe . k_pe for the cached latent c, with
+        q_nope = W_qn u (u: `_query_input`), that is ((W_k^T W_qn) u) . c: one matrix per head
+        [kv_rank, q_in] gives the query in latent space directly, and its rope rows follow as
+        they are. Likewise the output o_proj(W_v a_h per head) of the attended latents a_h is
+        one matrix [hidden, heads * kv_rank]. Made once per generation (`Transformer.new_caches`),
+        in fp32, they turn each step's per-head products, transposes and concatenation into
+        two linear layers; the results equal the unfolded ones up to rounding.
+        """
+        H, nope, rope, rank, v = self.n_heads, self.nope_dim, self.rope_dim, self.kv_rank, self.v_dim
+        q_weight, o_weight = self._query_projection().weight, self.o_proj.weight
+        q_in, hidden = q_weight.shape[1], o_weight.shape[0]
+        replaced = q_weight.numel() + self.kv_b_proj.weight.numel() + o_weight.numel()
+        if H * (rank + rope) * q_in + hidden * H * rank > self.FOLD_MAX_GROWTH * replaced:
+            return None
+        w = self.kv_b_proj.weight.float().view(H, nope + v, rank)
+        wq = q_weight.float().view(H, nope + rope, q_in)
+        q = torch.cat([w[:, :nope].transpose(1, 2) @ wq[:, :nope], wq[:, nope:]], dim=1)  # [H, rank + rope, q_in]
+        o = o_weight.float().view(hidden, H, v).transpose(0, 1) @ w[:, nope:]  # [H, hidden, rank]
+        q, o = q.view(H * (rank + rope), q_in), o.transpose(0, 1).reshape(hidden, H * rank)
+        return q.to(q_weight.dtype), o.to(o_weight.dtype)
+
     def forward_cached(
         self,
         x: torch.Tensor,
@@ -218,7 +259,7 @@ class MLA(nn.Module):
         start: int,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Decode path over the latent cache with `kv_b_proj` absorbed.
+        """Decode path over the latent cache with `kv_b_proj` absorbed (folded or per step).
 
         x: [B, T, hidden] new tokens written at cache slots [start, start+T);
         cos/sin: [B, T, rope] for their positions; mask: [B, T, start+T] bool, True = may attend,
@@ -226,13 +267,9 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         end = start + T
-        q_nope, q_pe = self._queries(x)
         kv, k_pe = self._latent(x)
         cache.write(start, kv, apply_rope(k_pe, cos, sin))
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        # a query in latent space: its nope part through the key half of kv_b_proj, then its rope part
-        q_latent = torch.matmul(q_nope.transpose(1, 2), w[:, : self.nope_dim]).transpose(1, 2)
-        q = torch.cat([q_latent, apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))], dim=-1)
+        q = self._latent_queries(x, cos.unsqueeze(2), sin.unsqueeze(2), cache.folded)
         # every head of every new token is one query of a single-head attention over the cached
         # rows; the values are the rows' latent part, taken as the whole rows (one head size lets
         # SDPA use its flash kernel) whose rope part of the output is dropped
@@ -241,7 +278,23 @@ class MLA(nn.Module):
             mask = mask.unsqueeze(2).expand(B, T, self.n_heads, end).reshape(B, 1, T * self.n_heads, end)
         out = F.scaled_dot_product_attention(q.view(B, 1, T * self.n_heads, -1), rows, rows, attn_mask=mask,
                                              scale=self.scale)[..., : self.kv_rank]
+        if cache.folded is not None:
+            return linear(out.reshape(B, T, self.n_heads * self.kv_rank), cache.folded[1])
         # back from latent space: the value half of kv_b_proj, per head [B, H, T, v]
-        out = torch.matmul(out.view(B, T, self.n_heads, self.kv_rank).transpose(1, 2),
-                           w[:, self.nope_dim :].transpose(1, 2))
+        w_v = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)[:, self.nope_dim :]
+        out = torch.matmul(out.view(B, T, self.n_heads, self.kv_rank).transpose(1, 2), w_v.transpose(1, 2))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def _latent_queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        folded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Queries in latent space [B, T, H, kv_rank + rope], their rope part rotated by cos/sin
+        [B, T, 1, rope]: through the folded query weight, or through the key half of kv_b_proj."""
+        if folded is not None:
+            q = linear(self._query_input(x), folded[0]).view(*x.shape[:2], self.n_heads, self.kv_rank + self.rope_dim)
+            q_pe = q[..., self.kv_rank :]
+            q_pe.copy_(apply_rope(q_pe, cos, sin))
+            return q
+        q_nope, q_pe = self._queries(x)
+        w_k = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)[:, : self.nope_dim]
+        q_latent = torch.matmul(q_nope.transpose(1, 2), w_k).transpose(1, 2)
+        return torch.cat([q_latent, apply_rope(q_pe, cos, sin)], dim=-1)

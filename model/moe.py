@@ -300,8 +300,11 @@ class Experts(nn.Module):
         batch's up to rounding."""
         out = None
         for expert, weight in zip(ids[0].tolist(), weights[0].float().unbind()):
-            gate, up = linear(x, self.gate_up_proj[expert].to(x.dtype)).chunk(2, dim=-1)
-            y = linear(swiglu(gate, up), self.down_proj[expert].to(x.dtype)).float() * weight
+            gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
+            if gate_up.dtype != x.dtype:  # (not cast when it changes nothing: a cast is a call all the same)
+                gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+            gate, up = linear(x, gate_up).chunk(2, dim=-1)
+            y = linear(swiglu(gate, up), down).float() * weight
             out = y if out is None else out + y
         return out
 

@@ -57,4 +57,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     dims): x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) for x's halves
     (x1, x2). With the sign in the table, (x2, x1) * signed_sin is x's halves swapped (one
     `roll`) times the table: the same products, bit for bit, in two ops fewer."""
-    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * signed_sin.to(x.dtype)
+    if cos.dtype != x.dtype:  # (a cast that changes nothing still costs a call: a decoded token runs 8 ropes)
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin

@@ -251,7 +251,8 @@ class Transformer(nn.Module):
     def new_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[LatentCache]:
         device = self.embed_tokens.weight.device
         dtype = dtype or self.embed_tokens.weight.dtype
-        return [LatentCache(self.config, batch, max_len, device, dtype) for _ in self.layers]
+        return [LatentCache(self.config, batch, max_len, device, dtype, layer.self_attn.folded())
+                for layer in self.layers]
 
     def forward_cached(
         self,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from model.attention import MLA
 from model.config import ConfigError, ModelConfig
 from model.generate import compiled_step, generate, sample_next, stream
 from model.moe import MoE
@@ -28,9 +29,12 @@ def test_causality(name):
     assert not torch.allclose(a[:, 15:], b[:, 15:])
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "absorbed per step"])
 @pytest.mark.parametrize("name", ["plain-q", "q-lora", "grouped", "yarn"])
-def test_latent_cache_decoding_matches_full_forward(name):
+def test_latent_cache_decoding_matches_full_forward(name, fold, monkeypatch):
+    monkeypatch.setattr(MLA, "FOLD_MAX_GROWTH", MLA.FOLD_MAX_GROWTH if fold else 0.0)
     model = make(name).eval()
+    assert all((cache.folded is not None) == fold for cache in model.new_caches(1, 1))
     ids = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
         full = model(ids).logits
@@ -44,6 +48,36 @@ def test_latent_cache_decoding_matches_full_forward(name):
             visible = torch.ones(2, 1, t + 1, dtype=torch.bool) if t % 2 else None
             steps.append(model.forward_cached(ids[:, t : t + 1], torch.full((2, 1), t), caches, t, visible))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_folds_kv_b_proj_only_where_the_folded_weights_stay_small():
+    """The folded query and output weights hold (kv_lora_rank + rope) and kv_lora_rank numbers
+    per head where the projections they replace hold (nope + rope) and v_head_dim, plus
+    kv_b_proj: a latent much wider than the heads (as DeepSeek-V3's 512 against heads of 128)
+    makes them larger than `MLA.FOLD_MAX_GROWTH` times those, and decoding then absorbs per step."""
+    demo_like = make("q-lora", hidden_size=64, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=16)
+    assert demo_like.layers[0].self_attn.folded() is not None
+    wide_latent = make("q-lora", hidden_size=64, q_lora_rank=32, kv_lora_rank=64, qk_nope_head_dim=8, v_head_dim=8)
+    assert wide_latent.layers[0].self_attn.folded() is None
+    assert all(cache.folded is None for cache in wide_latent.new_caches(1, 4))
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(cached_logits(wide_latent, ids, None), wide_latent(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["plain-q", "q-lora"])
+def test_folded_decoding_gives_the_logits_of_per_step_absorption(name, monkeypatch):
+    """With weights large enough that each head attends sharply (at the default init the
+    scores are near 0 and the attention near uniform, which would hide a wrong query)."""
+    model = make(name, initializer_range=0.3).eval()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.inference_mode():
+        folded = cached_logits(model, ids, None)
+        monkeypatch.setattr(MLA, "FOLD_MAX_GROWTH", 0.0)
+        per_step = cached_logits(model, ids, None)
+        full = model(ids).logits
+    torch.testing.assert_close(per_step, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(folded, per_step, atol=1e-4, rtol=1e-4)
 
 
 def test_latent_cache_holds_only_the_latent():
