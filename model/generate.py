@@ -63,7 +63,7 @@ def _compiled_forward_cached() -> Callable[..., torch.Tensor]:
 def compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
     """`model.forward_cached` compiled with torch.compile (inductor), for decoding.
 
-    A decoded token makes ~440 small calls; eagerly each costs a few µs of dispatch, about
+    A decoded token makes ~340 small calls; eagerly each costs a few µs of dispatch, about
     half of a demo model's token on a CPU. Compiled, they run as a few fused loops. The
     first call compiles (~15 s for the demo model on 2 cores; a few seconds once torch's
     disk cache holds the kernels). The cache position is a symbolic size; one prompt
